@@ -1,0 +1,112 @@
+"""The fixtures a test asks for: a device, a base model, a LoRA config, a LoRA model, a recorder.
+
+``model_spec``, ``quant_spec``, ``lora_spec`` and ``workload_spec`` are parameters that the plugin
+fills from the matrix (``pytest_generate_tests``); a test that asks for ``lora_model`` runs once
+per model x quantization x LoRA spec. Building a base is the expensive part, so ``base_model`` is
+session-scoped: pytest orders the tests so that each (model, quantization) base is built once and
+every LoRA spec reuses it. ``lora_model`` adds the adapter for one test and takes it off again,
+so the shared base leaves each test as it entered.
+
+torch, transformers and peft are imported inside the fixtures, never when the plugin loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+from .matrix import Matrix
+from .report.recorder import Recorder
+from .session import LoraSession
+
+SESSION_KEY = pytest.StashKey[LoraSession]()
+RECORDER_KEY = pytest.StashKey[Recorder]()
+
+
+@pytest.fixture(scope="session")
+def lora_session(pytestconfig: pytest.Config) -> LoraSession:
+    """The plugin's session state (options, matrix, results store)."""
+    return pytestconfig.stash[SESSION_KEY]
+
+
+@pytest.fixture(scope="session")
+def lora_device(lora_session: LoraSession) -> str:
+    """``"cuda"`` or ``"cpu"``, from ``--lora-device`` (auto: cuda when available)."""
+    return lora_session.device
+
+
+@pytest.fixture(scope="session")
+def lora_matrix(lora_session: LoraSession) -> Matrix:
+    """The session's configuration matrix."""
+    return lora_session.matrix
+
+
+@pytest.fixture(scope="session")
+def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSession) -> Iterator[Any]:
+    """The base model of one (model, quantization): built once per session and device, then shared.
+
+    Random weights of the real architecture, built in the target dtype on the device and quantized
+    in place; or a local checkpoint through ``from_pretrained``. Tests must not change it (use
+    ``lora_model``, which restores it).
+    """
+    from .models import build
+
+    build.free_memory()  # the previous base's last reference is gone by now
+    model = build.build_base(model_spec, quant_spec, lora_device)
+    lora_session.builds[(model_spec.id, quant_spec.id, lora_device)] += 1
+    yield model
+    del model
+    build.free_memory()
+
+
+@pytest.fixture
+def lora_config(lora_spec, model_spec) -> Any:
+    """The ``peft.LoraConfig`` of this test's LoRA spec, with the task type of the model's head."""
+    import peft
+
+    from .models import build
+
+    return peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
+
+
+@pytest.fixture
+def lora_model(base_model: Any, lora_config: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The shared base with this test's LoRA adapter (a ``peft.PeftModel``), removed after the test."""
+    from .models import adapters, build
+
+    import torch
+
+    torch.manual_seed(build.seed_for(request.node.nodeid))
+    with adapters.attached(base_model, lora_config) as peft_model:
+        yield peft_model
+
+
+@pytest.fixture
+def lora_bench(request: pytest.FixtureRequest) -> Recorder:
+    """The recorder: ``lora_bench.record(metric, value, unit)`` into the run's results."""
+    recorder = request.node.stash.get(RECORDER_KEY, None)
+    if recorder is None:  # a test called through request.getfixturevalue
+        recorder = request.node.stash[RECORDER_KEY] = new_recorder(request.node)
+    return recorder
+
+
+SUITE_MARKERS = ("params", "memory", "step_time", "merge", "forgetting")
+
+
+def new_recorder(item: pytest.Item) -> Recorder:
+    """A recorder for ``item``: its suite (marker or module name) and its matrix case."""
+    suite = next((name for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+    if suite is None:
+        suite = item.path.stem.removeprefix("test_") if item.path else item.name
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    case: dict[str, Any] = {}
+    if "model_spec" in params:
+        case["model"] = params["model_spec"].id
+    if "quant_spec" in params:
+        case["quant"] = params["quant_spec"].id
+    if "lora_spec" in params:
+        case["lora"] = params["lora_spec"].as_record()
+    if "workload_spec" in params:
+        case["workload"] = params["workload_spec"].as_record()
+    return Recorder(suite, item.nodeid, case)

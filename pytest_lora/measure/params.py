@@ -1,0 +1,214 @@
+"""Trainable and total parameters of a LoRA model, three ways.
+
+1. ``count_parameters(model, lora)``: peft's own ``get_nb_trainable_parameters`` on the model built
+   on the meta device: the numbers ``print_trainable_parameters`` shows for the published model,
+   in seconds and with no memory even for 176B parameters.
+2. ``closed_form(base, lora)``: from the base's module shapes alone, without peft. LoRA adds
+   A (r x in) and B (out x r) to every adapted layer: r x (in + out) parameters (LoRA paper §4;
+   §5.1 writes it 2 x L x d_model x r for square matrices). DoRA adds a magnitude vector of
+   ``out`` per layer; ``bias="all"`` trains every parameter whose name contains "bias"
+   (peft's rule, which on T5 includes ``relative_attention_bias``), ``"lora_only"`` the biases of
+   adapted layers; ``modules_to_save`` trains a full copy of each named module.
+3. ``count_model(model)``: a plain walk over a built (possibly quantized) model's parameters.
+
+bitsandbytes packs two 4-bit weights per byte, so a ``Params4bit`` reports half its weights as
+``numel``; counts here use ``numel x 2 x element size`` as peft does (peft #1020, #1594).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, Mapping
+
+import peft
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..models import build, registry
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Trainable and total parameter counts (ints); ``pct`` is trainable as a percentage of total."""
+
+    trainable: int
+    total: int
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.pct:.4f}"
+
+
+ModelLike = str | PathLike | Mapping[str, Any] | transformers.PretrainedConfig
+LoraLike = peft.LoraConfig | Mapping[str, Any]
+
+
+def count_parameters(model: ModelLike, lora: LoraLike) -> ParamCount:
+    """Trainable and total parameters of ``model`` with the LoRA adapter ``lora``, as peft counts them.
+
+    ``model``: a registry name (``"flan-t5-xxl"``), a path to a config.json or a checkpoint
+    directory, a config dict or a ``transformers.PretrainedConfig``. ``lora``: a ``peft.LoraConfig``
+    or a dict of its arguments. Counting runs on the meta device: no weights, no memory. The counts
+    do not depend on quantization (a quantized base counts the same; see the module docstring).
+    """
+    config_dict = config_dict_of(model)
+    lora_config = lora_config_of(lora, config_dict)
+    with torch.device("meta"):
+        peft_model = peft.get_peft_model(build.build_meta(config_dict), lora_config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return ParamCount(trainable, total)
+
+
+def config_dict_of(model: ModelLike) -> dict[str, Any]:
+    """Any accepted model description as a config dict."""
+    if isinstance(model, transformers.PretrainedConfig):
+        config_dict = model.to_dict()
+        config_dict.setdefault("architectures", model.architectures)
+        return config_dict
+    if isinstance(model, Mapping):
+        return dict(model)
+    return registry.load_config_dict(model if isinstance(model, str) and registry.is_known(model) else str(model))
+
+
+def lora_config_of(lora: LoraLike, config_dict: dict[str, Any]) -> peft.LoraConfig:
+    """A ``peft.LoraConfig``, with the task type of the model's head when the caller gave none."""
+    if isinstance(lora, peft.LoraConfig):
+        return lora
+    kwargs = dict(lora)
+    kwargs.setdefault("task_type", build.task_type(config_dict))
+    return peft.LoraConfig(**kwargs)
+
+
+def count_model(model: nn.Module) -> ParamCount:
+    """Count a built model's parameters directly: each tensor once, 4-bit packing undone."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = weights_in(parameter)
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def weights_in(parameter: torch.Tensor) -> int:
+    """The number of weights a tensor holds: a 4-bit ``Params4bit`` stores two per byte."""
+    if type(parameter).__name__ == "Params4bit":
+        return parameter.numel() * 2 * parameter.element_size()
+    return parameter.numel()
+
+
+# --------------------------------------------------------------------------- closed form
+
+
+class ClosedFormUnsupported(NotImplementedError):
+    """The LoRA config uses an option the closed form does not model."""
+
+
+_UNMODELLED = ("layers_to_transform", "exclude_modules", "target_parameters", "alpha_pattern")
+
+
+def closed_form(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> ParamCount:
+    """The counts a LoRA config must give on ``base`` (an unadapted model), from shapes alone."""
+    _refuse_unmodelled(lora)
+    adapted = adapted_layers(base, lora, model_type or base.config.model_type)
+    added = sum(_rank(name, lora) * (fan_in + fan_out) for name, (fan_in, fan_out) in adapted.items())
+    if lora.use_dora:
+        added += sum(fan_out for _, fan_out in adapted.values())
+    saved = _modules_to_save_weights(base, lora)
+    base_count = count_model(base).total
+    return ParamCount(added + saved + _trainable_biases(base, lora, adapted), base_count + added + saved)
+
+
+def _refuse_unmodelled(lora: peft.LoraConfig) -> None:
+    for option in _UNMODELLED:
+        if getattr(lora, option, None):
+            raise ClosedFormUnsupported(f"the closed form does not model LoraConfig.{option}")
+
+
+def adapted_layers(base: nn.Module, lora: peft.LoraConfig, model_type: str) -> dict[str, tuple[int, int]]:
+    """Name -> (fan_in, fan_out) of every layer that the LoRA config adapts, by peft's matching rules."""
+    match = target_matcher(base, lora.target_modules, model_type)
+    layers = {}
+    for name, module in base.named_modules():
+        if name and match(name, module):
+            layers[name] = layer_shape(module)
+    return layers
+
+
+def target_matcher(base: nn.Module, targets: Any, model_type: str):
+    """A predicate (name, module) -> adapted?, for peft's three ways of naming targets.
+
+    A list matches a module whose full name is an entry or ends with ``.`` + entry; a string is a
+    regular expression matched against the full name; ``all-linear`` is every Linear and Conv1D
+    except the output layer; ``None`` is peft's default list for the architecture.
+    """
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        if model_type not in defaults:
+            raise ClosedFormUnsupported(f"peft has no default LoRA targets for model_type {model_type!r}")
+        targets = defaults[model_type]
+    if targets == "all-linear":
+        output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        return lambda name, module: _is_linear(module) and module is not output
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return lambda name, module: pattern.fullmatch(name) is not None and _is_adaptable(module)
+    names = set(targets)
+    return lambda name, module: (name in names or _suffix_in(name, names)) and _is_adaptable(module)
+
+
+def _suffix_in(name: str, names: set[str]) -> bool:
+    return any(name.endswith("." + target) for target in names)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Linear, a Conv1D or an Embedding (LoRA's A is r x fan_in)."""
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.in_features, module.out_features
+
+
+def _rank(name: str, lora: peft.LoraConfig) -> int:
+    """The rank of one layer: ``rank_pattern`` keys match the name's tail, else ``r``."""
+    for pattern, rank in (lora.rank_pattern or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return rank
+    return lora.r
+
+
+def _trainable_biases(base: nn.Module, lora: peft.LoraConfig, adapted: dict[str, tuple[int, int]]) -> int:
+    if lora.bias == "all":
+        return sum(weights_in(p) for name, p in base.named_parameters() if "bias" in name)
+    if lora.bias == "lora_only":
+        modules = dict(base.named_modules())
+        return sum(modules[name].bias.numel() for name in adapted if getattr(modules[name], "bias", None) is not None)
+    return 0
+
+
+def _modules_to_save_weights(base: nn.Module, lora: peft.LoraConfig) -> int:
+    """Weights of the trainable copies of ``modules_to_save`` (each counted in total too)."""
+    names = set(lora.modules_to_save or ())
+    if not names:
+        return 0
+    return sum(
+        sum(weights_in(p) for p in module.parameters())
+        for name, module in base.named_modules()
+        if name in names or _suffix_in(name, names)
+    )

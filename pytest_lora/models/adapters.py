@@ -1,0 +1,100 @@
+"""Putting a LoRA adapter on a shared base and taking it off again, leaving the base as it was.
+
+``peft.get_peft_model`` changes the base in place: it swaps target layers for LoRA layers, wraps
+``modules_to_save``, and sets ``requires_grad`` on every parameter (``bias="all"`` makes the
+base's biases trainable). ``attached`` records the base's state, lets peft do its work, then
+unloads with peft's own ``unload()`` and puts every ``requires_grad`` flag and the training mode
+back. If peft fails half-way it strips whatever it had injected. ``BaseState.differences`` says
+what, if anything, still differs; a non-empty answer is an error, because every later test
+would measure a different model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import peft
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BaseState:
+    """What must be the same after a test: the modules, the parameter tensors and their flags."""
+
+    modules: tuple[tuple[str, type], ...]
+    parameters: tuple[tuple[str, int, bool], ...]
+    training: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "BaseState":
+        return cls(
+            modules=tuple((name, type(module)) for name, module in model.named_modules()),
+            parameters=tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters()),
+            training=model.training,
+        )
+
+    def restore_flags(self, model: nn.Module) -> None:
+        wanted = {name: requires_grad for name, _, requires_grad in self.parameters}
+        for name, parameter in model.named_parameters():
+            if name in wanted:
+                parameter.requires_grad_(wanted[name])
+        model.train(self.training)
+
+    def differences(self, model: nn.Module) -> list[str]:
+        now = BaseState.of(model)
+        found = []
+        if now.modules != self.modules:
+            changed = sorted(set(now.modules) ^ set(self.modules))
+            found.append(f"modules differ: {changed[:3]}")
+        if now.parameters != self.parameters:
+            changed = sorted(set(now.parameters) ^ set(self.parameters))
+            found.append(f"parameters differ (name, tensor, requires_grad): {changed[:3]}")
+        if now.training != self.training:
+            found.append(f"training mode {now.training} instead of {self.training}")
+        return found
+
+
+class BaseModelChanged(RuntimeError):
+    """A shared base model is not what it was before a test; later measurements would be wrong."""
+
+
+@contextlib.contextmanager
+def attached(base: nn.Module, lora_config: peft.LoraConfig) -> Iterator[peft.PeftModel]:
+    """``base`` with a LoRA adapter, for the duration of the ``with`` block."""
+    state = BaseState.of(base)
+    peft_model = None
+    try:
+        peft_model = peft.get_peft_model(base, lora_config)
+        yield peft_model
+    finally:
+        detach(base, peft_model, state)
+
+
+def detach(base: nn.Module, peft_model: Any, state: BaseState) -> None:
+    """Remove the adapter and restore ``base`` to ``state``; raise if that is impossible."""
+    if peft_model is not None:
+        peft_model.unload()
+    strip_adapters(base)
+    state.restore_flags(base)
+    problems = state.differences(base)
+    if problems:
+        raise BaseModelChanged("the shared base model was changed by the test: " + "; ".join(problems))
+
+
+def strip_adapters(model: nn.Module) -> None:
+    """Replace any LoRA layer or modules_to_save wrapper left in ``model`` by the module it wraps."""
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue  # inside a wrapper already taken out
+        if isinstance(module, ModulesToSaveWrapper):
+            model.set_submodule(name, module.original_module)
+        elif isinstance(module, BaseTunerLayer):
+            model.set_submodule(name, module.get_base_layer())
+        else:
+            continue
+        replaced.append(name)

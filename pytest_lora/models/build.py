@@ -1,0 +1,140 @@
+"""Building base models: on the meta device for counting, with random weights for measuring,
+or from a local checkpoint.
+
+Random-weight models are built directly in their target dtype on the target device: building in
+float32 and casting afterwards makes the build's own peak bigger than a whole 4-bit training step
+(31 GiB for the Llama-3-8B shape on an H200). Quantized bases are built in the compute dtype and
+then quantized in place (``quantize.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import zlib
+from typing import Any, Iterator
+
+import torch
+import transformers
+from torch import nn
+
+from ..matrix import ModelSpec, QuantSpec
+from . import quantize
+
+# peft task types by the head a published config names; others get peft's generic PeftModel.
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+_DROPPED_KEYS = ("architectures", "transformers_version", "_name_or_path", "quantization_config")
+
+
+def transformers_config(config_dict: dict[str, Any]) -> transformers.PretrainedConfig:
+    """The transformers config object of a published config.json."""
+    kwargs = {key: value for key, value in config_dict.items() if key not in _DROPPED_KEYS and key != "model_type"}
+    config = transformers.AutoConfig.for_model(config_dict["model_type"], **kwargs)
+    config.architectures = config_dict.get("architectures")
+    return config
+
+
+def model_class(config_dict: dict[str, Any]) -> type[transformers.PreTrainedModel]:
+    """The class the config.json names in ``architectures`` (the published model's head)."""
+    for name in config_dict.get("architectures") or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    config = transformers_config(config_dict)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    raise ValueError(f"transformers has no model class for model_type {config_dict['model_type']!r}")
+
+
+def task_type(config_dict: dict[str, Any]) -> str | None:
+    """peft's task type for the model's head: CAUSAL_LM, SEQ_2_SEQ_LM, or None."""
+    cls_name = model_class(config_dict).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if cls_name.endswith(suffix)), None)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def config_dtype(config_dict: dict[str, Any]) -> torch.dtype:
+    """The dtype the published checkpoint is stored in (float32 when the config doesn't say)."""
+    name = config_dict.get("torch_dtype") or config_dict.get("dtype") or "float32"
+    return getattr(torch, name)
+
+
+def instantiate(config_dict: dict[str, Any], device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model of a config dict, with random weights, built in ``dtype`` on ``device``."""
+    cls = model_class(config_dict)
+    with torch.device(device), _default_dtype(dtype):
+        model = cls(transformers_config(config_dict))
+    untie_published_output(model, config_dict)
+    return model
+
+
+def build_meta(config_dict: dict[str, Any]) -> nn.Module:
+    """The architecture on the meta device: real shapes and counts, no memory, no time."""
+    return instantiate(config_dict, "meta", config_dtype(config_dict))
+
+
+def untie_published_output(model: nn.Module, config_dict: dict[str, Any]) -> None:
+    """Give the output layer its own weight when the published checkpoint has one.
+
+    FLAN-T5 and mT0 ship ``tie_word_embeddings: false``: their lm_head is a separate matrix
+    (the FLAN-T5-XXL total of 11,154,206,720 with LoRA counts it). transformers 5 forces T5's
+    config to tie it to the shared embedding and keeps the published flag only as
+    ``scale_decoder_outputs``, so a model built from the config has one matrix too few.
+    """
+    published_untied = config_dict.get("tie_word_embeddings") is False or config_dict.get("scale_decoder_outputs") is False
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if not published_untied or output is None or inputs is None or output.weight is not inputs.weight:
+        return
+    output.weight = nn.Parameter(inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+
+
+def seed_for(*parts: str) -> int:
+    """A stable seed from names (``zlib.crc32``; Python's ``hash`` changes between runs)."""
+    return zlib.crc32("::".join(parts).encode())
+
+
+def build_base(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
+    """The base model of one (model, quantization, device), seeded by that key."""
+    torch.manual_seed(seed_for(model.id, quant.id))
+    config_dict = model.config_dict()
+    if model.kind == "checkpoint":
+        return load_checkpoint(model.path, quant, device, config_dict)
+    dtype = getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
+    base = instantiate(config_dict, device, dtype)
+    if quant.is_quantized:
+        quantize.quantize_model(base, quant)
+    return base
+
+
+def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[str, Any]) -> nn.Module:
+    """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader."""
+    cls = model_class(config_dict)
+    dtype = getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if quant.is_quantized:
+        kwargs["quantization_config"] = quantize.bnb_config(quant)
+    model = cls.from_pretrained(path, **kwargs)
+    quantize.keep_cpu_layout(model)
+    return model
+
+
+def free_memory() -> None:
+    """After the last reference to a model is dropped: collect cycles, return cached device memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,192 @@
+"""pytest-lora's hooks, and nothing else: options, markers, parametrization from the matrix,
+collection, recording, the terminal summary and xdist. The work lives in ``options``,
+``session``, ``fixtures``, ``matrix``, ``models``, ``measure`` and ``report``.
+
+Importing this module (pytest does it in every project where pytest-lora is installed) imports
+neither torch nor transformers; they load when a test first needs a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from . import options
+from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
+    RECORDER_KEY,
+    SESSION_KEY,
+    SUITE_MARKERS,
+    base_model,
+    lora_bench,
+    lora_config,
+    lora_device,
+    lora_matrix,
+    lora_model,
+    lora_session,
+    new_recorder,
+)
+from .session import LoraSession
+
+MARKERS = {
+    "params": "benchmark suite: trainable and total parameters (runs with --lora-bench)",
+    "memory": "benchmark suite: memory of a training step (runs with --lora-bench)",
+    "step_time": "benchmark suite: training step time (runs with --lora-bench)",
+    "merge": "benchmark suite: correctness of weight merging (runs with --lora-bench)",
+    "forgetting": "benchmark suite: forgetting and learning (runs with --lora-bench)",
+    "lora_matrix(**keys)": "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8])",
+}
+DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
+SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
+WORKER_RECORDS = "pytest_lora_records"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    options.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{marker}: {text}")
+    lora = LoraSession(config)
+    config.stash[SESSION_KEY] = lora
+    if lora.configured:
+        lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
+    if lora.bench and config.args_source != pytest.Config.ArgsSource.ARGS:
+        suites = lora.path_setting("suites")
+        if not suites.is_dir():
+            raise pytest.UsageError(f"{lora.settings['suites'].describe()}: {str(suites)!r} is not a directory of suites")
+        config.args = [str(suites)]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return options.header_lines(config.stash[SESSION_KEY].settings)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize every test that asks for a spec (directly or through a fixture) by the matrix."""
+    wanted = [name for name in DIMENSIONS if name in metafunc.fixturenames]
+    if not wanted:
+        return
+    lora = metafunc.config.stash[SESSION_KEY]
+    marker = metafunc.definition.get_closest_marker("lora_matrix")
+    if marker is not None:
+        matrix = lora.build_matrix(marker.kwargs, where=f"lora_matrix marker of {metafunc.definition.nodeid}")
+    else:
+        matrix = lora.matrix
+    for name in wanted:
+        values = getattr(matrix, DIMENSIONS[name])
+        scope = "session" if name in SESSION_SCOPED else "function"
+        metafunc.parametrize(name, values, ids=[value.id for value in values], scope=scope)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    lora = config.stash[SESSION_KEY]
+    if not lora.bench:
+        skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
+        for item in items:
+            if _suite_of(item):
+                item.add_marker(skip)
+    _check_targets(lora, [item for item in items if lora.bench or not _suite_of(item)])
+
+
+def _suite_of(item: pytest.Item) -> str | None:
+    return next((name for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+
+
+def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
+    """Every (model, LoRA spec) that will run must name modules the model has: exit code 4 if not."""
+    pairs = {}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "model_spec" in params and "lora_spec" in params:
+            pairs[(params["model_spec"], params["lora_spec"])] = None
+    if not pairs:
+        return
+    from .models import validate
+
+    found = [problem for model, spec in pairs for problem in validate.problems(model, spec)]
+    if found:
+        where = lora.where_of("targets")
+        raise pytest.UsageError(f"{where}: " + "\n  ".join(dict.fromkeys(found)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "lora_bench" in getattr(item, "fixturenames", ()):
+        item.stash[RECORDER_KEY] = new_recorder(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Give the test's record its status, and hand it to the store once the test is torn down."""
+    report = yield
+    recorder = item.stash.get(RECORDER_KEY, None)
+    if recorder is None:
+        return report
+    if report.failed:
+        recorder.fail("oom" if _is_oom(call.excinfo) else "error", _error_line(call.excinfo))
+    elif report.skipped:
+        recorder.fail("skipped", _skip_reason(report))
+    if report.when == "teardown":
+        _deliver(item.config, recorder)
+    return report
+
+
+def _is_oom(excinfo: pytest.ExceptionInfo[BaseException] | None) -> bool:
+    return excinfo is not None and type(excinfo.value).__name__ == "OutOfMemoryError"
+
+
+def _error_line(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str | None:
+    if excinfo is None:
+        return None
+    return f"{excinfo.typename}: {str(excinfo.value).strip().splitlines()[0] if str(excinfo.value).strip() else ''}".rstrip(": ")
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+
+
+def _deliver(config: pytest.Config, recorder: Any) -> None:
+    """Store the record; a test skipped before it ran records nothing unless the bench is on."""
+    lora = config.stash[SESSION_KEY]
+    if recorder.status == "skipped" and not lora.bench:
+        return
+    record = recorder.to_record()
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller writes
+        lora.pending.append(record)
+    else:
+        lora.add_records(record)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    lora = session.config.stash[SESSION_KEY]
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput[WORKER_RECORDS] = list(lora.pending)
+    else:
+        lora.finish(int(exitstatus))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: the records a worker measured arrive when it finishes."""
+    records = getattr(node, "workeroutput", {}).get(WORKER_RECORDS, [])
+    if records:
+        node.config.stash[SESSION_KEY].add_records(*records)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    store = config.stash[SESSION_KEY].store
+    if store is None or not store.records:
+        return
+    from .report import table
+
+    writer = terminalreporter
+    terminal = config.get_terminal_writer()
+    width = terminal.fullwidth if terminal.hasmarkup else 200  # logs are read wide, not wrapped
+    text = table.render_terminal(store.records, width, terminal.hasmarkup)
+    writer.write_sep("=", "pytest-lora results")
+    for line in text.rstrip("\n").splitlines():
+        writer.write_line(line)
+    writer.write_line(f"pytest-lora: {len(store.records)} records in {store.run_path} (and {store.latest_path.name})")

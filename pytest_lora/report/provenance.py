@@ -1,0 +1,100 @@
+"""Where a number came from: the run (id, times, command line, git state) and the machine.
+
+A figure without its commit, library versions and device can't be compared with another, so
+every results document carries them. Versions are read from package metadata, not by importing
+the packages.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import secrets
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across parallel runs: ``20261128-155523-3fa9c2``."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def run_info(run_id: str, started: str, argv: list[str], root: Path) -> dict[str, Any]:
+    return {
+        "id": run_id,
+        "started": started,
+        "finished": None,
+        "argv": list(argv),
+        "git": git_state(root),
+        "status": "running",
+    }
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """The commit checked out at ``root`` and whether the work tree differs from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """The device and software that produced the numbers."""
+    info: dict[str, Any] = {"device": device, "gpu_name": None, "driver": None, "cuda": None}
+    info.update({name: _version(name) for name in PACKAGES})
+    info["python"] = platform.python_version()
+    info["cpu"] = _cpu_name()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["cuda"] = torch.version.cuda
+        if device == "cuda" and torch.cuda.is_available():
+            info["gpu_name"] = torch.cuda.get_device_name()
+            info["driver"] = _nvidia_driver()
+    return info
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            driver = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no permission: the driver stays unknown
+        return None
+    return driver.decode() if isinstance(driver, bytes) else driver

@@ -1,0 +1,82 @@
+"""The ``lora_bench`` recorder: what one test measured, on which case, and how it ended.
+
+A test calls ``lora_bench.record("trainable_params", 18874368, "params")``. The case (model,
+quantization, LoRA spec, workload) comes from the test's matrix parameters, or from
+``lora_bench.describe(...)`` for a test that picks its own. The plugin sets the status from the
+test's outcome (``ok``, ``error``, ``oom``, ``skipped``) and hands the record to the results store.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+STATUSES = ("ok", "oom", "skipped", "error")
+
+
+class Recorder:
+    """Metrics of one test, with units, and the case they were measured on."""
+
+    def __init__(self, suite: str, test: str, case: dict[str, Any]):
+        self.suite = suite
+        self.test = test
+        self.case = {"model": None, "quant": None, "lora": None, "workload": None, **case}
+        self.metrics: dict[str, float | int | None] = {}
+        self.units: dict[str, str] = {}
+        self.status = "ok"
+        self.error: str | None = None
+
+    def record(self, metric: str, value: Real | None, unit: str) -> None:
+        """Record one number. ``None`` means "not measurable here" (e.g. MFU on a CPU), never zero."""
+        if not isinstance(metric, str) or not metric.isidentifier():
+            raise ValueError(f"metric name {metric!r} must be an identifier such as 'trainable_params'")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
+            raise ValueError(f"metric {metric!r}: {value!r} is not a finite number (or None)")
+        if not isinstance(unit, str) or not unit:
+            raise ValueError(f"metric {metric!r}: give its unit, e.g. 'bytes', 's', 'params', '%'")
+        self.metrics[metric] = value if value is None or isinstance(value, int) else float(value)
+        self.units[metric] = unit
+
+    def describe(self, *, model: str | None = None, quant: str | None = None, lora: Any = None, workload: Any = None) -> None:
+        """Name the case for a test that is not parametrized by the matrix."""
+        given = {"model": model, "quant": quant, "lora": _as_record(lora), "workload": _as_record(workload)}
+        self.case.update({key: value for key, value in given.items() if value is not None})
+
+    def fail(self, status: str, error: str | None) -> None:
+        """Mark the record as not ``ok``; the first failure wins (a teardown error doesn't hide an OOM)."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r}; allowed: {', '.join(STATUSES)}")
+        if self.status == "ok":
+            self.status, self.error = status, error
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "test": self.test,
+            **self.case,
+            "status": self.status,
+            "metrics": dict(self.metrics),
+            "units": dict(self.units),
+            "error": self.error,
+        }
+
+
+def _as_record(spec: Any) -> Any:
+    if spec is None or isinstance(spec, dict):
+        return spec
+    if hasattr(spec, "as_record"):
+        return spec.as_record()
+    if hasattr(spec, "to_dict"):  # a peft.LoraConfig
+        data = spec.to_dict()
+        targets = data.get("target_modules")
+        return {
+            "r": data.get("r"),
+            "alpha": data.get("lora_alpha"),
+            "targets": sorted(targets) if isinstance(targets, (set, list)) else targets or "default",
+            "dropout": data.get("lora_dropout"),
+            "variant": "dora" if data.get("use_dora") else "rslora" if data.get("use_rslora") else "lora",
+            "bias": data.get("bias"),
+            "modules_to_save": list(data.get("modules_to_save") or []),
+        }
+    raise TypeError(f"cannot describe {spec!r}; pass a dict, a LoraSpec / WorkloadSpec or a peft.LoraConfig")

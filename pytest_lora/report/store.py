@@ -1,0 +1,80 @@
+"""The results store: one JSON document per run, rewritten atomically after every record.
+
+``<dir>/<run-id>.json`` and ``<dir>/latest.json`` hold the same document (schema in DESIGN.md):
+run provenance, the machine, and one record per measured test. Each write goes to a temporary
+file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
+run killed half-way) only ever sees a complete document with the records measured so far.
+
+The store is created at the first record: a run that records nothing (a usage error, a plain
+test run) writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class ResultsStore:
+    """Records of one run and the files they are written to."""
+
+    def __init__(self, directory: Path, run: dict[str, Any], machine: dict[str, Any]):
+        self.directory = Path(directory)
+        self.run = run
+        self.machine = machine
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    def run_path(self) -> Path:
+        return self.directory / f"{self.run['id']}.json"
+
+    @property
+    def latest_path(self) -> Path:
+        return self.directory / "latest.json"
+
+    def document(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "run": self.run, "machine": self.machine, "records": self.records}
+
+    def add(self, *records: dict[str, Any]) -> None:
+        """Append records and write the document at once: nothing measured is lost."""
+        self.records.extend(records)
+        self.write()
+
+    def finish(self, status: str, finished: str) -> None:
+        self.run["status"] = status
+        self.run["finished"] = finished
+        self.write()
+
+    def write(self) -> None:
+        document = self.document()
+        atomic_write_json(self.run_path, document)
+        atomic_write_json(self.latest_path, document)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so that ``path`` holds either the old document or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=1, allow_nan=False)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a results document, checking its schema version."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    if document.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {document.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    return document

@@ -1,0 +1,138 @@
+"""The plugin's state for one pytest session, kept in ``config.stash``.
+
+It resolves the options, the device and the matrix lazily: a pytest run that never touches a
+LoRA fixture or the bench never imports torch. It owns the results store and counts base-model
+builds (so that tests can prove each base is built once).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import matrix as matrix_module
+from . import options
+from .matrix import Matrix, MatrixError, RawValue
+from .report import provenance
+from .report.store import ResultsStore
+
+MATRIX_OPTIONS = ("models", "quant", "ranks", "targets")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class LoraSession:
+    """Options, device, matrix, results store and build counts of one pytest session."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.settings = options.resolve(config)
+        self.run_id = provenance.new_run_id()
+        self.started = provenance.now()
+        self.builds: Counter[tuple[str, str, str]] = Counter()
+        self.store: ResultsStore | None = None
+        self.pending: list[dict[str, Any]] = []  # an xdist worker's records, sent at the end
+        self._device: str | None = None
+        self._layers: list[dict[str, RawValue]] | None = None
+        self._matrix: Matrix | None = None
+        self._check_device_name()
+
+    # ----------------------------------------------------------------- options
+
+    @property
+    def bench(self) -> bool:
+        return bool(self.settings["bench"].value)
+
+    @property
+    def configured(self) -> bool:
+        """Whether the user asked for pytest-lora at all (bench or any option of the matrix)."""
+        names = (*MATRIX_OPTIONS, "matrix", "device")
+        return self.bench or any(self.settings[name].is_set for name in names)
+
+    def path_setting(self, name: str) -> Path:
+        """A directory option: relative to the rootdir by default and in ini, else to the invocation dir."""
+        setting = self.settings[name]
+        path = Path(str(setting.value)).expanduser()
+        if path.is_absolute():
+            return path
+        if setting.source in ("default", "ini"):
+            base = self.config.inipath.parent if setting.source == "ini" and self.config.inipath else self.config.rootpath
+            return base / path
+        return self.config.invocation_params.dir / path
+
+    # ----------------------------------------------------------------- device
+
+    def _check_device_name(self) -> None:
+        setting = self.settings["device"]
+        if str(setting.value).lower() not in DEVICES:
+            raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a device; allowed: {', '.join(DEVICES)}")
+
+    @property
+    def device(self) -> str:
+        """``cpu`` or ``cuda``; ``auto`` picks cuda when torch sees one (this imports torch)."""
+        if self._device is None:
+            import torch
+
+            wanted = str(self.settings["device"].value).lower()
+            available = torch.cuda.is_available()
+            if wanted == "cuda" and not available:
+                setting = self.settings["device"]
+                raise pytest.UsageError(f"{setting.describe()}: 'cuda' but torch sees no CUDA device; allowed here: auto, cpu")
+            self._device = "cuda" if wanted == "cuda" or (wanted == "auto" and available) else "cpu"
+        return self._device
+
+    # ----------------------------------------------------------------- matrix
+
+    def layers(self) -> list[dict[str, RawValue]]:
+        """Default matrix for the device, then the --lora-matrix file, then single options."""
+        if self._layers is None:
+            layers = [matrix_module.default_layer(self.device)]
+            file_setting = self.settings["matrix"]
+            if file_setting.value:
+                layers.append(matrix_module.file_layer(self.path_setting("matrix"), file_setting.describe()))
+            singles = {
+                name: (str(self.settings[name].value), self.settings[name].describe())
+                for name in MATRIX_OPTIONS
+                if self.settings[name].is_set
+            }
+            layers.append(matrix_module.option_layer(singles))
+            self._layers = layers
+        return self._layers
+
+    def where_of(self, key: str) -> str:
+        """Where the value of a matrix key came from (the last layer that set it)."""
+        wheres = [layer[key].where for layer in self.layers() if key in layer]
+        return wheres[-1] if wheres else key
+
+    @property
+    def matrix(self) -> Matrix:
+        """The session's matrix; a bad value is a ``pytest.UsageError`` (exit code 4)."""
+        if self._matrix is None:
+            self._matrix = self.build_matrix()
+        return self._matrix
+
+    def build_matrix(self, overrides: dict[str, Any] | None = None, where: str = "") -> Matrix:
+        """The session's matrix, with some keys replaced (a test's ``lora_matrix`` marker)."""
+        try:
+            layers = list(self.layers())
+            if overrides:
+                layers.append(matrix_module.mapping_layer(overrides, where))
+            return matrix_module.build(layers, base_dir=self.config.invocation_params.dir)
+        except MatrixError as error:
+            raise pytest.UsageError(str(error)) from None
+
+    # ----------------------------------------------------------------- results
+
+    def add_records(self, *records: dict[str, Any]) -> None:
+        if self.store is None:
+            argv = ["pytest", *self.config.invocation_params.args]
+            run = provenance.run_info(self.run_id, self.started, argv, self.config.rootpath)
+            self.store = ResultsStore(self.path_setting("results"), run, provenance.machine_info(self._device or "cpu"))
+        self.store.add(*records)
+
+    def finish(self, exitstatus: int) -> None:
+        if self.store is not None:
+            status = "passed" if exitstatus == 0 else "interrupted" if exitstatus == 2 else "failed"
+            self.store.finish(status, provenance.now())
