@@ -2,9 +2,10 @@
 
 ``peft.get_peft_model`` changes the base in place: it swaps target layers for LoRA layers, wraps
 ``modules_to_save``, and sets ``requires_grad`` on every parameter (``bias="all"`` makes the
-base's biases trainable). ``attached`` records the base's state, lets peft do its work, then
-unloads with peft's own ``unload()`` and puts every ``requires_grad`` flag and the training mode
-back. If peft fails half-way it strips whatever it had injected. ``BaseState.differences`` says
+base's biases trainable, and a training step then changes them in place). ``attached`` records
+the base's state, lets peft do its work, keeps a copy of every base parameter that peft made
+trainable, then unloads with peft's own ``unload()``, writes those values back and puts every
+``requires_grad`` flag and the training mode back. If peft fails half-way it strips whatever it had injected. ``BaseState.differences`` says
 what, if anything, still differs; a non-empty answer is an error, because every later test
 would measure a different model.
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import peft
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
@@ -48,11 +50,11 @@ class BaseState:
         now = BaseState.of(model)
         found = []
         if now.modules != self.modules:
-            changed = sorted(set(now.modules) ^ set(self.modules))
+            changed = sorted({name for name, _ in set(now.modules) ^ set(self.modules)})
             found.append(f"modules differ: {changed[:3]}")
         if now.parameters != self.parameters:
-            changed = sorted(set(now.parameters) ^ set(self.parameters))
-            found.append(f"parameters differ (name, tensor, requires_grad): {changed[:3]}")
+            changed = sorted({name for name, _, _ in set(now.parameters) ^ set(self.parameters)})
+            found.append(f"parameters differ (tensor or requires_grad): {changed[:3]}")
         if now.training != self.training:
             found.append(f"training mode {now.training} instead of {self.training}")
         return found
@@ -67,30 +69,41 @@ def attached(base: nn.Module, lora_config: peft.LoraConfig) -> Iterator[peft.Pef
     """``base`` with a LoRA adapter, for the duration of the ``with`` block."""
     state = BaseState.of(base)
     peft_model = None
+    trained_base: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     try:
+        base_parameters = {id(p): p for p in base.parameters()}
         peft_model = peft.get_peft_model(base, lora_config)
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad and id(parameter) in base_parameters:
+                trained_base[id(parameter)] = (parameter, parameter.detach().clone())
         yield peft_model
     finally:
-        detach(base, peft_model, state)
+        detach(base, peft_model, state, trained_base.values())
 
 
-def detach(base: nn.Module, peft_model: Any, state: BaseState) -> None:
+def detach(base: nn.Module, peft_model: Any, state: BaseState, trained_base: Iterable[tuple[nn.Parameter, torch.Tensor]] = ()) -> None:
     """Remove the adapter and restore ``base`` to ``state``; raise if that is impossible."""
+    strip_adapters(base, ModulesToSaveWrapper)  # peft's unload() would keep the trained copies
     if peft_model is not None:
         peft_model.unload()
     strip_adapters(base)
+    with torch.no_grad():
+        for parameter, original in trained_base:
+            parameter.copy_(original)
     state.restore_flags(base)
     problems = state.differences(base)
     if problems:
         raise BaseModelChanged("the shared base model was changed by the test: " + "; ".join(problems))
 
 
-def strip_adapters(model: nn.Module) -> None:
-    """Replace any LoRA layer or modules_to_save wrapper left in ``model`` by the module it wraps."""
+def strip_adapters(model: nn.Module, kinds: type | tuple[type, ...] = (ModulesToSaveWrapper, BaseTunerLayer)) -> None:
+    """Replace every LoRA layer or modules_to_save wrapper (of ``kinds``) in ``model`` by the original module."""
     replaced: list[str] = []
     for name, module in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in replaced):
             continue  # inside a wrapper already taken out
+        if not isinstance(module, kinds):
+            continue
         if isinstance(module, ModulesToSaveWrapper):
             model.set_submodule(name, module.original_module)
         elif isinstance(module, BaseTunerLayer):

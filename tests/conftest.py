@@ -1,0 +1,53 @@
+"""Helpers for the plugin's tests: a clean environment and small benchmark suites in pytester."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+# pytester's in-process runs restore sys.modules afterwards; a C extension such as torch can't be
+# imported a second time, so everything heavy is imported once here, before any inner run.
+import bitsandbytes  # noqa: F401,E402
+import peft  # noqa: F401,E402
+import torch  # noqa: F401,E402
+import transformers  # noqa: F401,E402
+
+# A tiny matrix that runs in a second: one tiny model, one quantization, one rank, two targets.
+TINY = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=8", "--lora-targets=q_proj,v_proj")
+
+COUNTING_SUITE = """
+import pytest
+
+pytestmark = pytest.mark.params
+
+
+def test_count(lora_model, lora_bench):
+    trainable, total = lora_model.get_nb_trainable_parameters()
+    lora_bench.record("trainable_params", trainable, "params")
+    lora_bench.record("total_params", total, "params")
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_lora_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's own PYTEST_LORA_* variables must not leak into the tests' pytest runs."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PYTEST_LORA_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester):
+    """Write a benchmark suite file under ``suites/`` of the pytester directory."""
+
+    def write(body: str = COUNTING_SUITE, name: str = "test_suite.py"):
+        directory = pytester.path / "suites"
+        directory.mkdir(exist_ok=True)
+        path = directory / name
+        path.write_text(textwrap.dedent(body))
+        return path
+
+    return write
