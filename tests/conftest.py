@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
+from hypothesis import settings
+
+# CI runs the same examples every time (a red build must be reproducible); set
+# HYPOTHESIS_PROFILE=explore to search new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # pytester's in-process runs restore sys.modules afterwards; a C extension such as torch can't be
 # imported a second time, so everything heavy is imported once here, before any inner run.
@@ -32,8 +40,6 @@ def test_count(lora_model, lora_bench):
 @pytest.fixture(autouse=True)
 def no_lora_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner's own PYTEST_LORA_* variables must not leak into the tests' pytest runs."""
-    import os
-
     for name in list(os.environ):
         if name.startswith("PYTEST_LORA_"):
             monkeypatch.delenv(name)

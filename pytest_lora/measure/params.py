@@ -114,9 +114,13 @@ _UNMODELLED = ("layers_to_transform", "exclude_modules", "target_parameters", "a
 
 
 def closed_form(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> ParamCount:
-    """The counts a LoRA config must give on ``base`` (an unadapted model), from shapes alone."""
+    """The counts a LoRA config must give on ``base`` (an unadapted model), from shapes alone.
+
+    ``base`` may be any ``nn.Module``; ``model_type`` is needed only for peft's default targets
+    of a module that has no transformers config.
+    """
     _refuse_unmodelled(lora)
-    adapted = adapted_layers(base, lora, model_type or base.config.model_type)
+    adapted = adapted_layers(base, lora, model_type)
     added = sum(_rank(name, lora) * (fan_in + fan_out) for name, (fan_in, fan_out) in adapted.items())
     if lora.use_dora:
         added += sum(fan_out for _, fan_out in adapted.values())
@@ -131,7 +135,7 @@ def _refuse_unmodelled(lora: peft.LoraConfig) -> None:
             raise ClosedFormUnsupported(f"the closed form does not model LoraConfig.{option}")
 
 
-def adapted_layers(base: nn.Module, lora: peft.LoraConfig, model_type: str) -> dict[str, tuple[int, int]]:
+def adapted_layers(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> dict[str, tuple[int, int]]:
     """Name -> (fan_in, fan_out) of every layer that the LoRA config adapts, by peft's matching rules."""
     match = target_matcher(base, lora.target_modules, model_type)
     layers = {}
@@ -141,7 +145,7 @@ def adapted_layers(base: nn.Module, lora: peft.LoraConfig, model_type: str) -> d
     return layers
 
 
-def target_matcher(base: nn.Module, targets: Any, model_type: str):
+def target_matcher(base: nn.Module, targets: Any, model_type: str | None = None):
     """A predicate (name, module) -> adapted?, for peft's three ways of naming targets.
 
     A list matches a module whose full name is an entry or ends with ``.`` + entry; a string is a
@@ -151,6 +155,7 @@ def target_matcher(base: nn.Module, targets: Any, model_type: str):
     if targets is None:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
+        model_type = model_type or getattr(getattr(base, "config", None), "model_type", None)
         if model_type not in defaults:
             raise ClosedFormUnsupported(f"peft has no default LoRA targets for model_type {model_type!r}")
         targets = defaults[model_type]
