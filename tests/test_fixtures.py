@@ -84,6 +84,18 @@ def test_lora_model_restores_the_base_even_after_training_its_biases():
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4-dq"])
+def test_dora_on_a_quantized_base_leaves_the_original_weights_in_place(quant):
+    """DoRA re-creates the base's ``Int8Params``; the originals (equal values) are put back."""
+    base = build.build_base(resolve_model("llama-3.2-1b-tiny", "test"), QUANTIZATIONS[quant], "cpu")
+    weight = base.model.layers[0].self_attn.q_proj.weight
+    state = adapters.BaseState.of(base)
+    with adapters.attached(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)):
+        pass
+    assert base.model.layers[0].self_attn.q_proj.weight is weight
+    assert state.differences(base) == []
+
+
 def test_a_test_that_changes_the_base_is_an_error():
     spec = resolve_model("llama-3.2-1b-tiny", "test")
     base = build.build_base(spec, QUANTIZATIONS["fp32"], "cpu")

@@ -97,14 +97,28 @@ def test_closed_form_matches_peft_on_random_architectures(config, targets, r, do
     layers=st.integers(1, 3),
     targets=st.lists(st.sampled_from(["c_attn", "c_proj", "c_fc"]), min_size=1, max_size=3, unique=True),
     r=st.integers(1, 32),
+    bias=st.sampled_from(["none", "lora_only", "all"]),
 )
-def test_gpt2_conv1d_counts_match_a_count_by_hand(width, heads, layers, targets, r):
+def test_gpt2_conv1d_counts_match_a_count_by_hand(width, heads, layers, targets, r, bias):
+    """GPT-2 has biases everywhere: ``bias`` trains those of adapted layers, or all of them."""
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": width, "n_head": heads, "n_layer": layers, "n_positions": 64, "vocab_size": 100}
     shapes = {"c_attn": [(width, 3 * width)], "c_proj": [(width, width), (4 * width, width)], "c_fc": [(width, 4 * width)]}
     lora = layers * sum(r * (i + o) for t in targets for i, o in shapes[t])
-    counts = count_parameters(config, {"r": r, "target_modules": targets})
-    assert counts.trainable == lora
-    assert counts == closed_form(build.build_meta(config), peft.LoraConfig(r=r, target_modules=targets))
+    adapted_biases = layers * sum(o for t in targets for _, o in shapes[t])
+    all_biases = layers * (3 * width + width + 4 * width + width + 2 * width) + width  # 4 projections, 2 LayerNorms; ln_f
+    trained = {"none": 0, "lora_only": adapted_biases, "all": all_biases}[bias]
+    counts = count_parameters(config, {"r": r, "target_modules": targets, "bias": bias})
+    assert counts.trainable == lora + trained
+    assert counts == closed_form(build.build_meta(config), peft.LoraConfig(r=r, target_modules=targets, bias=bias))
+
+
+def test_bias_all_trains_biases_not_t5_relative_attention_bias():
+    """``bias="all"`` trains parameters named ``bias``; T5 has none. Its relative position table,
+    ``relative_attention_bias.weight``, is an embedding and stays frozen (peft releases that matched
+    "bias" anywhere in a name trained it: the closed form would then disagree, as it should)."""
+    lora = {"r": 8, "target_modules": ["q", "v"], "bias": "all"}
+    assert count_parameters("flan-t5-base", lora) == count_parameters("flan-t5-base", {**lora, "bias": "none"})
+    assert count_parameters("flan-t5-base", lora) == closed_form(build.build_meta(registry.load_config_dict("flan-t5-base")), peft.LoraConfig(**lora))
 
 
 class RandomMLP(nn.Module):

@@ -6,9 +6,9 @@
 2. ``closed_form(base, lora)``: from the base's module shapes alone, without peft. LoRA adds
    A (r x in) and B (out x r) to every adapted layer: r x (in + out) parameters (LoRA paper §4;
    §5.1 writes it 2 x L x d_model x r for square matrices). DoRA adds a magnitude vector of
-   ``out`` per layer; ``bias="all"`` trains every parameter whose name contains "bias"
-   (peft's rule, which on T5 includes ``relative_attention_bias``), ``"lora_only"`` the biases of
-   adapted layers; ``modules_to_save`` trains a full copy of each named module.
+   ``out`` per layer; ``bias="all"`` trains every parameter named ``bias`` (not T5's
+   ``relative_attention_bias.weight``, an embedding), ``"lora_only"`` the biases of adapted
+   layers; ``modules_to_save`` trains a full copy of each named module.
 3. ``count_model(model)``: a plain walk over a built (possibly quantized) model's parameters.
 
 bitsandbytes packs two 4-bit weights per byte, so a ``Params4bit`` reports half its weights as
@@ -200,7 +200,7 @@ def _rank(name: str, lora: peft.LoraConfig) -> int:
 
 def _trainable_biases(base: nn.Module, lora: peft.LoraConfig, adapted: dict[str, tuple[int, int]]) -> int:
     if lora.bias == "all":
-        return sum(weights_in(p) for name, p in base.named_parameters() if "bias" in name)
+        return sum(weights_in(p) for name, p in base.named_parameters() if name == "bias" or name.endswith(".bias"))
     if lora.bias == "lora_only":
         modules = dict(base.named_modules())
         return sum(modules[name].bias.numel() for name in adapted if getattr(modules[name], "bias", None) is not None)

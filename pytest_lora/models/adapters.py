@@ -25,39 +25,61 @@ from torch import nn
 
 @dataclass(frozen=True)
 class BaseState:
-    """What must be the same after a test: the modules, the parameter tensors and their flags."""
+    """What must be the same after a test: the modules, the parameter objects and their flags.
+
+    It holds references to the parameters (not copies: no memory), so that a parameter peft
+    replaced by an equal object (DoRA on an LLM.int8 base re-creates each ``Int8Params``) can be
+    put back, and one it replaced by different values is reported.
+    """
 
     modules: tuple[tuple[str, type], ...]
-    parameters: tuple[tuple[str, int, bool], ...]
+    parameters: tuple[tuple[str, nn.Parameter, bool], ...]
     training: bool
 
     @classmethod
     def of(cls, model: nn.Module) -> "BaseState":
         return cls(
             modules=tuple((name, type(module)) for name, module in model.named_modules()),
-            parameters=tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters()),
+            parameters=tuple((name, p, p.requires_grad) for name, p in model.named_parameters()),
             training=model.training,
         )
 
-    def restore_flags(self, model: nn.Module) -> None:
-        wanted = {name: requires_grad for name, _, requires_grad in self.parameters}
-        for name, parameter in model.named_parameters():
-            if name in wanted:
-                parameter.requires_grad_(wanted[name])
+    def restore(self, model: nn.Module) -> None:
+        """Put back the original parameter objects (where the values are equal), flags and mode."""
+        current = dict(model.named_parameters())
+        for name, original, requires_grad in self.parameters:
+            now = current.get(name)
+            if now is not None and now is not original and _same_values(now, original):
+                owner, _, attribute = name.rpartition(".")
+                model.get_submodule(owner)._parameters[attribute] = original
+            original.requires_grad_(requires_grad)
         model.train(self.training)
 
     def differences(self, model: nn.Module) -> list[str]:
-        now = BaseState.of(model)
         found = []
-        if now.modules != self.modules:
-            changed = sorted({name for name, _ in set(now.modules) ^ set(self.modules)})
+        modules = tuple((name, type(module)) for name, module in model.named_modules())
+        if modules != self.modules:
+            changed = sorted({name for name, _ in set(modules) ^ set(self.modules)})
             found.append(f"modules differ: {changed[:3]}")
-        if now.parameters != self.parameters:
-            changed = sorted({name for name, _, _ in set(now.parameters) ^ set(self.parameters)})
-            found.append(f"parameters differ (tensor or requires_grad): {changed[:3]}")
-        if now.training != self.training:
-            found.append(f"training mode {now.training} instead of {self.training}")
+        current = dict(model.named_parameters())
+        changed = [
+            name
+            for name, original, requires_grad in self.parameters
+            if current.get(name) is not original or original.requires_grad != requires_grad
+        ]
+        if changed or len(current) != len(self.parameters):
+            found.append(f"parameters differ (tensor or requires_grad): {(changed or sorted(current))[:3]}")
+        if model.training != self.training:
+            found.append(f"training mode {model.training} instead of {self.training}")
         return found
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype, values, and LLM.int8 row scales where there are any."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a.data, b.data):
+        return False
+    scales_a, scales_b = getattr(a, "SCB", None), getattr(b, "SCB", None)
+    return (scales_a is None) == (scales_b is None) and (scales_a is None or torch.equal(scales_a, scales_b))
 
 
 class BaseModelChanged(RuntimeError):
@@ -90,7 +112,7 @@ def detach(base: nn.Module, peft_model: Any, state: BaseState, trained_base: Ite
     with torch.no_grad():
         for parameter, original in trained_base:
             parameter.copy_(original)
-    state.restore_flags(base)
+    state.restore(base)
     problems = state.differences(base)
     if problems:
         raise BaseModelChanged("the shared base model was changed by the test: " + "; ".join(problems))
