@@ -138,9 +138,11 @@ def _is_oom(excinfo: pytest.ExceptionInfo[BaseException] | None) -> bool:
 
 
 def _error_line(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str | None:
+    """``TypeName: first line of the message``, for the record's ``error`` field."""
     if excinfo is None:
         return None
-    return f"{excinfo.typename}: {str(excinfo.value).strip().splitlines()[0] if str(excinfo.value).strip() else ''}".rstrip(": ")
+    message = str(excinfo.value).strip()
+    return f"{excinfo.typename}: {message.splitlines()[0]}" if message else excinfo.typename
 
 
 def _skip_reason(report: pytest.TestReport) -> str:

@@ -16,7 +16,8 @@ device. A quantized base has the same totals as the unquantized one; bitsandbyte
 Published figures. ``count_parameters`` reproduces, digit for digit, the counts printed for
 published models: the FLAN-T5-XXL seed article (8-bit base, r=16 on q and v), peft's README
 (mt0-large; Qwen2.5-3B), peft's int8 OPT-6.7B notebook, and the LoRA paper's closed form
-2 x L x d_model x r on Llama-2-7B's q and v projections.
+2 x L x d_model x r on Llama-2-7B's q and v projections. The 176B-parameter BLOOM is counted
+too, with the time each count takes (``count_time_s``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ PUBLISHED = (
         2 * 64 * 4096 * 8,
         6_738_415_616 + 2 * 64 * 4096 * 8,
         "LoRA paper §5.1: 2 x L x d_model x r with L = 64 adapted 4096 x 4096 matrices, r = 8",
+    ),
+    Published(
+        "bloom-176b",
+        dict(r=16, task_type="CAUSAL_LM"),
+        70 * 16 * (14336 + 3 * 14336),
+        176_247_271_424 + 70 * 16 * (14336 + 3 * 14336),
+        "BLOOM's published 176,247,271,424 parameters plus r x (in + out) on its 70 fused query_key_value layers",
     ),
 )
 

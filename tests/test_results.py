@@ -43,6 +43,17 @@ def test_bench_writes_run_file_and_latest_with_the_contract_schema(pytester, sui
     result.stdout.fnmatch_lines(["*pytest-lora results*", "*test_count*llama-3.2-1b-tiny*none*r8 a16 q_proj,v_proj*ok*", "pytest-lora: 1 records in *latest.json)"])
 
 
+def test_the_run_publishes_its_tables_as_markdown(pytester, suite):
+    suite()
+    pytester.runpytest("--lora-bench", *TINY).assert_outcomes(passed=1)
+    latest, _ = read_results(pytester)
+    markdown = (pytester.path / "results" / "latest.md").read_text()
+    assert markdown == (pytester.path / "results" / f"{latest['run']['id']}.md").read_text()
+    assert "| test | model | quant | lora | status | trainable_params [params] | total_params [params] |" in markdown
+    trainable = latest["records"][0]["metrics"]["trainable_params"]
+    assert f"| test_count | llama-3.2-1b-tiny | none | r8 a16 q_proj,v_proj | ok | {trainable:,d} |" in markdown
+
+
 def test_results_directory_option(pytester, suite):
     suite()
     pytester.runpytest("--lora-bench", "--lora-results=elsewhere/out", *TINY).assert_outcomes(passed=1)

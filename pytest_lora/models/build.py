@@ -39,16 +39,20 @@ def transformers_config(config_dict: dict[str, Any]) -> transformers.PretrainedC
 
 
 def model_class(config_dict: dict[str, Any]) -> type[transformers.PreTrainedModel]:
-    """The class the config.json names in ``architectures`` (the published model's head)."""
-    for name in config_dict.get("architectures") or ():
+    """The class the config.json names in ``architectures`` (the published model's head), else the
+    causal-LM, seq2seq-LM or bare model class transformers registers for its ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    model_type = config_dict["model_type"]
+    candidates = list(config_dict.get("architectures") or ())
+    for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
+        name = getattr(modeling_auto, mapping).get(model_type)
+        candidates.extend(name if isinstance(name, (list, tuple)) else [name] if name else [])
+    for name in candidates:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    config = transformers_config(config_dict)
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM, transformers.AutoModel):
-        if type(config) in auto._model_mapping:
-            return auto._model_mapping[type(config)]
-    raise ValueError(f"transformers has no model class for model_type {config_dict['model_type']!r}")
+    raise ValueError(f"transformers has no model class for model_type {model_type!r}")
 
 
 def task_type(config_dict: dict[str, Any]) -> str | None:

@@ -1,7 +1,8 @@
 """The results store: one JSON document per run, rewritten atomically after every record.
 
 ``<dir>/<run-id>.json`` and ``<dir>/latest.json`` hold the same document (schema in DESIGN.md):
-run provenance, the machine, and one record per measured test. Each write goes to a temporary
+run provenance, the machine, and one record per measured test. When the run ends, the tables
+go next to them as markdown (``<run-id>.md``, ``latest.md``), ready to publish. Each write goes to a temporary
 file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
 run killed half-way) only ever sees a complete document with the records measured so far.
 
@@ -46,9 +47,14 @@ class ResultsStore:
         self.write()
 
     def finish(self, status: str, finished: str) -> None:
+        from .table import render_markdown
+
         self.run["status"] = status
         self.run["finished"] = finished
         self.write()
+        tables = f"# pytest-lora run {self.run['id']}\n\n{_machine_line(self.machine)}\n\n{render_markdown(self.records)}"
+        atomic_write_text(self.run_path.with_suffix(".md"), tables)
+        atomic_write_text(self.latest_path.with_suffix(".md"), tables)
 
     def write(self) -> None:
         document = self.document()
@@ -56,14 +62,28 @@ class ResultsStore:
         atomic_write_json(self.latest_path, document)
 
 
+def _machine_line(machine: dict[str, Any]) -> str:
+    device = machine.get("gpu_name") or machine.get("cpu") or machine.get("device")
+    versions = ", ".join(f"{name} {machine.get(name)}" for name in ("torch", "transformers", "peft", "bitsandbytes"))
+    return f"{machine.get('device')}: {device}; {versions}; Python {machine.get('python')}"
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON so that ``path`` holds either the old document or the new one, never a part."""
+    _atomic_write(path, lambda stream: (json.dump(data, stream, indent=1, allow_nan=False), stream.write("\n")))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda stream: stream.write(text))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write to a temporary file in the same directory, flush it to disk, rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, allow_nan=False)
-            stream.write("\n")
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
