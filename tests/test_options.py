@@ -98,31 +98,21 @@ def assert_usage_error(pytester, result, message):
     assert not (pytester.path / "results").exists(), "a usage error must write nothing"
 
 
-def test_malformed_matrix_file(pytester, suite):
+MATRIX_FILES = [
+    ("bad.toml", "ranks = [8,\n", "--lora-matrix: '*bad.toml' is not valid TOML (*"),
+    ("nowhere.toml", None, "--lora-matrix: '*nowhere.toml' does not exist; allowed: a path to a TOML file"),
+    ("m.toml", "ranks = [8]\nrank_dropout = 0.1\n", "--lora-matrix (m.toml): 'rank_dropout' is not a matrix key; allowed: models, quant, ranks, *"),
+    ("m.toml", 'dropout = [1.5]\n', "--lora-matrix (m.toml): dropout: 1.5 is not a valid dropout; allowed: a number in [[]0, 1)"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", MATRIX_FILES, ids=["malformed", "missing", "unknown key", "bad value"])
+def test_bad_matrix_file(pytester, suite, name, content, message):
     suite()
-    (pytester.path / "bad.toml").write_text("ranks = [8,\n")
-    result = pytester.runpytest("--lora-bench", "--lora-matrix=bad.toml")
-    assert_usage_error(pytester, result, "--lora-matrix: '*bad.toml' is not valid TOML (*")
-
-
-def test_missing_matrix_file(pytester, suite):
-    suite()
-    result = pytester.runpytest("--lora-bench", "--lora-matrix=nowhere.toml")
-    assert_usage_error(pytester, result, "--lora-matrix: '*nowhere.toml' does not exist; allowed: a path to a TOML file")
-
-
-def test_unknown_matrix_key(pytester, suite):
-    suite()
-    (pytester.path / "m.toml").write_text("ranks = [8]\nrank_dropout = 0.1\n")
-    result = pytester.runpytest("--lora-bench", "--lora-matrix=m.toml")
-    assert_usage_error(pytester, result, "--lora-matrix (m.toml): 'rank_dropout' is not a matrix key; allowed: models, quant, ranks, *")
-
-
-def test_bad_value_in_matrix_file_names_the_file_and_key(pytester, suite):
-    suite()
-    (pytester.path / "m.toml").write_text('models = ["llama-3.2-1b-tiny"]\ndropout = [1.5]\n')
-    result = pytester.runpytest("--lora-bench", "--lora-matrix=m.toml")
-    assert_usage_error(pytester, result, "--lora-matrix (m.toml): dropout: 1.5 is not a valid dropout; allowed: a number in [[]0, 1)")
+    if content is not None:
+        (pytester.path / name).write_text(content)
+    result = pytester.runpytest("--lora-bench", f"--lora-matrix={name}")
+    assert_usage_error(pytester, result, message)
 
 
 def test_bad_environment_value_names_the_variable(pytester, suite, monkeypatch):
