@@ -53,6 +53,10 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
     from .models import build
 
     build.free_memory()  # the previous base's last reference is gone by now
+    if lora_device == "cuda":  # what is left before each build shows a base that was not released
+        import torch
+
+        lora_session.allocated_before_build.append(torch.cuda.memory_allocated())
     model = build.build_base(model_spec, quant_spec, lora_device)
     lora_session.builds[(model_spec.id, quant_spec.id, lora_device)] += 1
     yield model

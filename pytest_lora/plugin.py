@@ -124,8 +124,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     recorder = item.stash.get(RECORDER_KEY, None)
     if recorder is None:
         return report
-    if report.failed:
-        recorder.fail("oom" if _is_oom(call.excinfo) else "error", _error_line(call.excinfo))
+    if report.failed and _is_oom(call.excinfo):
+        recorder.fail("oom", _error_line(call.excinfo))
+        _report_as_skipped(report, item, f"out of memory: {_error_line(call.excinfo)}")
+    elif report.failed:
+        recorder.fail("error", _error_line(call.excinfo))
     elif report.skipped:
         recorder.fail("skipped", _skip_reason(report))
     if report.when == "teardown":
@@ -135,6 +138,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _is_oom(excinfo: pytest.ExceptionInfo[BaseException] | None) -> bool:
     return excinfo is not None and type(excinfo.value).__name__ == "OutOfMemoryError"
+
+
+def _report_as_skipped(report: pytest.TestReport, item: pytest.Item, reason: str) -> None:
+    """A config that does not fit is a result (status ``oom``), not a broken test: the run goes on green."""
+    if report.when in ("setup", "call"):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {reason}")
 
 
 def _error_line(excinfo: pytest.ExceptionInfo[BaseException] | None) -> str | None:

@@ -34,6 +34,7 @@ class LoraSession:
         self.builds: Counter[tuple[str, str, str]] = Counter()
         self.store: ResultsStore | None = None
         self.pending: list[dict[str, Any]] = []  # an xdist worker's records, sent at the end
+        self.allocated_before_build: list[int] = []  # CUDA bytes allocated before each base build
         self._device: str | None = None
         self._layers: list[dict[str, RawValue]] | None = None
         self._matrix: Matrix | None = None

@@ -40,7 +40,7 @@ def test_bench_writes_run_file_and_latest_with_the_contract_schema(pytester, sui
     # llama-3.2-1b-tiny: two layers, q_proj 64 -> 64 and v_proj 64 -> 16 (one of four heads for keys/values)
     assert record["metrics"]["trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 16))
     assert record["units"] == {"trainable_params": "params", "total_params": "params"}
-    result.stdout.fnmatch_lines(["*pytest-lora results*", "*test_count*llama-3.2-1b-tiny*none*r8 a16 q_proj,v_proj*ok*", "pytest-lora: 1 records in *latest.json)"])
+    result.stdout.fnmatch_lines(["*pytest-lora results*", "*pytest-lora params: test_count*", "*llama-3.2-1b-tiny*none*r8 a16 q_proj,v_proj*ok*", "pytest-lora: 1 records in *latest.json)"])
 
 
 def test_the_run_publishes_its_tables_as_markdown(pytester, suite):
@@ -49,9 +49,10 @@ def test_the_run_publishes_its_tables_as_markdown(pytester, suite):
     latest, _ = read_results(pytester)
     markdown = (pytester.path / "results" / "latest.md").read_text()
     assert markdown == (pytester.path / "results" / f"{latest['run']['id']}.md").read_text()
-    assert "| test | model | quant | lora | status | trainable_params [params] | total_params [params] |" in markdown
+    assert "### params: test_count" in markdown
+    assert "| model | quant | lora | status | trainable_params [params] | total_params [params] |" in markdown
     trainable = latest["records"][0]["metrics"]["trainable_params"]
-    assert f"| test_count | llama-3.2-1b-tiny | none | r8 a16 q_proj,v_proj | ok | {trainable:,d} |" in markdown
+    assert f"| llama-3.2-1b-tiny | none | r8 a16 q_proj,v_proj | ok | {trainable:,d} |" in markdown
 
 
 def test_results_directory_option(pytester, suite):
@@ -107,8 +108,9 @@ def test_passes(lora_bench):
 
 def test_each_record_carries_the_test_outcome_and_the_run_goes_on(pytester, suite):
     suite(STATUS_SUITE)
-    result = pytester.runpytest("--lora-bench")
-    result.assert_outcomes(passed=1, failed=2, skipped=1)
+    result = pytester.runpytest("--lora-bench", "-rs")
+    result.assert_outcomes(passed=1, failed=1, skipped=2)
+    result.stdout.fnmatch_lines(["SKIPPED*out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"])
     records = {r["test"].rsplit("::", 1)[1]: r for r in read_results(pytester)[0]["records"]}
     assert records["test_fails_after_measuring"]["status"] == "error"
     assert records["test_fails_after_measuring"]["error"].startswith("AssertionError: the config is broken")

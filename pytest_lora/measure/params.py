@@ -121,12 +121,27 @@ def closed_form(base: nn.Module, lora: peft.LoraConfig, model_type: str | None =
     """
     _refuse_unmodelled(lora)
     adapted = adapted_layers(base, lora, model_type)
-    added = sum(_rank(name, lora) * (fan_in + fan_out) for name, (fan_in, fan_out) in adapted.items())
+    added = sum(rank_of(name, lora) * (fan_in + fan_out) for name, (fan_in, fan_out) in adapted.items())
     if lora.use_dora:
         added += sum(fan_out for _, fan_out in adapted.values())
     saved = _modules_to_save_weights(base, lora)
     base_count = count_model(base).total
     return ParamCount(added + saved + _trainable_biases(base, lora, adapted), base_count + added + saved)
+
+
+def trainable_tensor_count(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> int:
+    """How many trainable tensors the LoRA config creates or unfreezes (optimizers keep state per tensor)."""
+    _refuse_unmodelled(lora)
+    adapted = adapted_layers(base, lora, model_type)
+    tensors = len(adapted) * (3 if lora.use_dora else 2)
+    modules = dict(base.named_modules())
+    if lora.bias == "all":
+        tensors += sum(1 for name, _ in base.named_parameters() if name == "bias" or name.endswith(".bias"))
+    elif lora.bias == "lora_only":
+        tensors += sum(1 for name in adapted if getattr(modules[name], "bias", None) is not None)
+    names = set(lora.modules_to_save or ())
+    tensors += sum(len(list(m.parameters())) for n, m in modules.items() if n and (n in names or _suffix_in(n, names)))
+    return tensors
 
 
 def _refuse_unmodelled(lora: peft.LoraConfig) -> None:
@@ -190,7 +205,7 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def _rank(name: str, lora: peft.LoraConfig) -> int:
+def rank_of(name: str, lora: peft.LoraConfig) -> int:
     """The rank of one layer: ``rank_pattern`` keys match the name's tail, else ``r``."""
     for pattern, rank in (lora.rank_pattern or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", name):

@@ -22,6 +22,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from . import quantize
+
 
 @dataclass(frozen=True)
 class BaseState:
@@ -29,12 +31,14 @@ class BaseState:
 
     It holds references to the parameters (not copies: no memory), so that a parameter peft
     replaced by an equal object (DoRA on an LLM.int8 base re-creates each ``Int8Params``) can be
-    put back, and one it replaced by different values is reported.
+    put back, and one it replaced by different values is reported. It also keeps the LLM.int8
+    row scales, which bitsandbytes moves from the weight into the layer on the first forward.
     """
 
     modules: tuple[tuple[str, type], ...]
     parameters: tuple[tuple[str, nn.Parameter, bool], ...]
     training: bool
+    int8_scales: dict[str, torch.Tensor]
 
     @classmethod
     def of(cls, model: nn.Module) -> "BaseState":
@@ -42,10 +46,12 @@ class BaseState:
             modules=tuple((name, type(module)) for name, module in model.named_modules()),
             parameters=tuple((name, p, p.requires_grad) for name, p in model.named_parameters()),
             training=model.training,
+            int8_scales=quantize.int8_scales(model),
         )
 
     def restore(self, model: nn.Module) -> None:
-        """Put back the original parameter objects (where the values are equal), flags and mode."""
+        """Put back the original parameter objects (where the values are equal), flags, mode and
+        the LLM.int8 layers' loaded state."""
         current = dict(model.named_parameters())
         for name, original, requires_grad in self.parameters:
             now = current.get(name)
@@ -54,6 +60,7 @@ class BaseState:
                 model.get_submodule(owner)._parameters[attribute] = original
             original.requires_grad_(requires_grad)
         model.train(self.training)
+        quantize.reset_int8_state(model, self.int8_scales)
 
     def differences(self, model: nn.Module) -> list[str]:
         found = []
@@ -75,11 +82,8 @@ class BaseState:
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shape, dtype, values, and LLM.int8 row scales where there are any."""
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a.data, b.data):
-        return False
-    scales_a, scales_b = getattr(a, "SCB", None), getattr(b, "SCB", None)
-    return (scales_a is None) == (scales_b is None) and (scales_a is None or torch.equal(scales_a, scales_b))
+    """Equal shape, dtype, device and values (LLM.int8 scales are restored separately)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a.data, b.data)
 
 
 class BaseModelChanged(RuntimeError):

@@ -161,6 +161,40 @@ def keep_cpu_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def int8_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The row scales of every LLM.int8 layer, wherever bitsandbytes holds them right now.
+
+    They start on the weight (``Int8Params.SCB``); the first forward moves them into the layer's
+    ``MatmulLtState`` and clears the weight's.
+    """
+    scales = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            scale = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+            if scale is not None:
+                scales[name] = scale
+    return scales
+
+
+def reset_int8_state(model: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """Put LLM.int8 layers back in the state they are in after loading, before any forward.
+
+    A layer that has run keeps its scales in its matmul state and none on the weight; peft's
+    DoRA then re-creates the weight without scales and the next forward fails (``'NoneType'
+    object has no attribute 'dtype'``). A user who runs an 8-bit model, then adds a DoRA
+    adapter, hits the same. A base shared by many tests is therefore reset after each one.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt) and name in scales:
+            old = module.state
+            module.weight.CB = module.weight.data
+            module.weight.SCB = scales[name]
+            module.state = bnb.MatmulLtState()
+            module.state.threshold = old.threshold
+            module.state.has_fp16_weights = old.has_fp16_weights
+            module.state.use_pool = old.use_pool
+
+
 def is_marked_quantized(model: nn.Module) -> bool:
     """Whether peft will treat ``model`` as a bitsandbytes-quantized model."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

@@ -13,12 +13,11 @@ from typing import Any
 
 WIDTH, LAYERS, HEADS, MLP, VOCAB, POSITIONS = 64, 2, 4, 128, 256, 512
 
-_DECODER_LM = {
+_DECODER_LM = {  # rotary positions: no parameters, and rope scaling needs the published maximum
     "hidden_size": WIDTH,
     "intermediate_size": MLP,
     "num_hidden_layers": LAYERS,
     "num_attention_heads": HEADS,
-    "max_position_embeddings": POSITIONS,
 }
 _T5 = {"d_model": WIDTH, "d_ff": MLP, "d_kv": WIDTH // HEADS, "num_heads": HEADS, "num_layers": LAYERS, "num_decoder_layers": LAYERS}
 

@@ -13,11 +13,17 @@ from typing import Any, Iterable
 CASE_COLUMNS = ("model", "quant", "lora", "workload", "status")
 
 
-def by_suite(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def by_suite(records: Iterable[dict[str, Any]], skipped: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by ``suite: test function``: each group has one set of metric columns."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        groups[record["suite"]].append(record)
+        if skipped or record["status"] != "skipped":
+            groups[f"{record['suite']}: {_test_name(record)}"].append(record)
     return dict(groups)
+
+
+def _test_name(record: dict[str, Any]) -> str:
+    return record["test"].split("[", 1)[0].rsplit("::", 1)[-1]
 
 
 def metric_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -36,13 +42,13 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int
     """
     metrics = metric_columns(records)
     case_columns = [c for c in CASE_COLUMNS if c == "status" or any(r.get(c) is not None for r in records)]
-    header = ["test", *case_columns, *(f"{metric} [{unit}]" for metric, unit in metrics)]
+    header = [*case_columns, *(f"{metric} [{unit}]" for metric, unit in metrics)]
     body = []
     for record in records:
         case = [_case_cell(column, record.get(column)) for column in case_columns]
         values = [format_value(record["metrics"].get(metric)) for metric, _ in metrics]
-        body.append([record["test"].split("[", 1)[0].rsplit("::", 1)[-1], *case, *values])
-    return header, body, 1 + len(case_columns)
+        body.append([*case, *values])
+    return header, body, len(case_columns)
 
 
 def format_value(value: Any) -> str:
@@ -66,15 +72,18 @@ def _case_cell(column: str, value: Any) -> str:
 
 
 def render_terminal(records: list[dict[str, Any]], width: int, color: bool) -> str:
-    """The records as rich tables, one per suite, as text for pytest's terminal writer."""
+    """The records as rich tables, one per suite and test, as text for pytest's terminal writer.
+
+    Skipped records (a GPU measurement on a CPU machine) stay in the JSON, not on screen.
+    """
     from rich.console import Console
     from rich.table import Table
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=max(width, 80), force_terminal=color, color_system="standard" if color else None)
-    for suite, suite_records in by_suite(records).items():
+    for suite, suite_records in by_suite(records, skipped=False).items():
         header, body, text_columns = rows(suite_records)
-        table = Table(title=f"pytest-lora: {suite}", title_justify="left")
+        table = Table(title=f"pytest-lora {suite}", title_justify="left")
         for index, name in enumerate(header):
             numeric = index >= text_columns
             table.add_column(name, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")

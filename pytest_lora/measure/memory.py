@@ -1,0 +1,386 @@
+"""Memory of a LoRA / QLoRA training step: measured, and modelled from the architecture.
+
+Measured everywhere:
+
+* ``storage_bytes``: the bytes a model's weights really occupy: every parameter and buffer, and
+  bitsandbytes' quantization constants (the 4-bit ``absmax`` per 64-weight block, the code
+  table, and under double quantization the 8-bit absmax, its fp32 second-level absmax, offset and
+  code). Each storage is counted once, however many tensors view it.
+* ``saved_activation_bytes``: what autograd keeps for the backward pass, read with
+  ``torch.autograd.graph.saved_tensors_hooks`` during the forward (storages counted once,
+  parameters excluded). This is the activation memory of the step, on any device.
+* the adapter, its gradients and AdamW's state, by summing the tensors themselves.
+
+Measured on a GPU only (``CudaMemory``): torch's allocated and reserved bytes with per-phase
+peaks, and NVML's used bytes for the whole device (the CUDA context included, which torch
+doesn't see; peft #779 and #1469 are users confusing the three).
+
+Modelled (``analytic_*``), from the architecture on the meta device and the quantization format:
+
+* weights: 4-bit formats store half a byte per weight plus, per 64-weight block, a 4-byte absmax
+  (32/64 = 0.5 extra bits per weight; QLoRA §3); double quantization stores that absmax in 8 bits
+  with an fp32 constant per 256 blocks (8/64 + 32/(64 x 256) = 0.127 bits). Each quantized
+  tensor also carries its 16-entry code table (and the 256-entry nested one, plus an offset).
+  LLM.int8 stores a byte per weight and an fp32 scale per output row. Everything else stays in the
+  base's dtype. Layers that transformers keeps in full precision are not quantized.
+* the adapter: LoRA (and DoRA) parameters in fp32 (peft upcasts adapters of 16-bit bases), their
+  fp32 gradients, AdamW's two fp32 moments and a step counter per tensor: 16 bytes per trainable
+  parameter (ZeRO §3.1 counts the same for mixed-precision Adam) plus 4 per tensor.
+* activations: ``analytic_activation_bytes``, a per-layer count of what a decoder-only
+  transformer step keeps for backward (see its docstring); ``None`` where no model exists yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..matrix import QuantSpec, WorkloadSpec
+from ..models import build
+from ..models.quantize import modules_kept_unquantized
+
+BLOCK = 64  # 4-bit quantization blocksize
+NESTED_BLOCK = 256  # double quantization's blocksize over the absmax values
+CODE_4BIT, CODE_NESTED = 16, 256  # entries of the fp32 code tables
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _quant_constants(module: nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes' constants that live beside a layer's quantized weight."""
+    weight = getattr(module, "weight", None)
+    constants = []
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        constants += [state.absmax, state.code, getattr(state, "offset", None)]
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            constants += [nested.absmax, nested.code]
+    constants.append(getattr(weight, "SCB", None))
+    matmul_state = getattr(module, "state", None)  # LLM.int8 moves the scales here on the first forward
+    constants += [getattr(matmul_state, "CB", None), getattr(matmul_state, "SCB", None)]
+    return [c for c in constants if isinstance(c, torch.Tensor)]
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct storage behind the model's parameters, buffers and quantization constants."""
+    seen: dict[tuple[str, int], int] = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        tensors.extend(_quant_constants(module))
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen.setdefault((tensor.device.type, storage.data_ptr()), storage.nbytes())
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------- analytic weights
+
+
+def quantized_tensor_bytes(weights: int, quant: QuantSpec) -> int:
+    """Bytes a quantized weight matrix of ``weights`` entries occupies, constants included."""
+    if quant.kind == "int8":
+        raise ValueError("int8 needs the row count; use int8_tensor_bytes")
+    blocks = math.ceil(weights / quant.blocksize)
+    packed = math.ceil(weights / 2)
+    if not quant.double_quant:
+        return packed + 4 * blocks + 4 * CODE_4BIT
+    nested_blocks = math.ceil(blocks / NESTED_BLOCK)
+    return packed + blocks + 4 * nested_blocks + 4 * CODE_NESTED + 4 * CODE_4BIT + 4
+
+
+def int8_tensor_bytes(rows: int, columns: int) -> int:
+    """LLM.int8: one byte per weight and an fp32 absmax per row."""
+    return rows * columns + 4 * rows
+
+
+def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec) -> int:
+    """Weight bytes of the architecture stored as ``quant``, from shapes and the format alone."""
+    dtype = getattr(torch, quant.dtype) if quant.dtype else build.config_dtype(config_dict)
+    meta = build.instantiate(config_dict, "meta", dtype)
+    quantized = {} if not quant.is_quantized else _quantized_weights(meta)
+    total = 0
+    for name, parameter in meta.named_parameters():
+        if name in quantized:
+            rows, columns = quantized[name]
+            total += int8_tensor_bytes(rows, columns) if quant.kind == "int8" else quantized_tensor_bytes(rows * columns, quant)
+        else:
+            total += parameter.numel() * parameter.element_size()
+    total += sum(buffer.numel() * buffer.element_size() for buffer in meta.buffers())
+    return total
+
+
+def _quantized_weights(meta: nn.Module) -> dict[str, tuple[int, int]]:
+    """Parameter name -> (out, in) of every weight that bitsandbytes would quantize."""
+    kept = modules_kept_unquantized(meta)
+    found = {}
+    for name, module in meta.named_modules():
+        if name in kept or not (type(module) is nn.Linear or isinstance(module, Conv1D)):
+            continue
+        rows, columns = module.weight.shape
+        found[f"{name}.weight"] = (columns, rows) if isinstance(module, Conv1D) else (rows, columns)
+    return found
+
+
+# --------------------------------------------------------------------------- adapter and optimizer
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Bytes of the trainable parameters, their gradients and the optimizer's state."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
+    """Measured: sum the trainable tensors, their ``.grad`` and every tensor in ``optimizer.state``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    parameters = sum(p.numel() * p.element_size() for p in trainable)
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    state = 0
+    if optimizer is not None:
+        for values in optimizer.state.values():
+            state += sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+    return TrainingState(parameters, gradients, state)
+
+
+def analytic_training_state(trainable_params: int, trainable_tensors: int) -> TrainingState:
+    """fp32 adapter, fp32 gradients, AdamW's two fp32 moments and a 4-byte step per tensor."""
+    return TrainingState(4 * trainable_params, 4 * trainable_params, 8 * trainable_params + 4 * trainable_tensors)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def saved_activations(model: nn.Module) -> Iterator[dict[tuple[str, int], int]]:
+    """Collect the storages autograd saves for backward while the block runs (parameters excluded)."""
+    weights = {(p.device.type, p.untyped_storage().data_ptr()) for p in model.parameters()}
+    weights |= {(b.device.type, b.untyped_storage().data_ptr()) for b in model.buffers()}
+    saved: dict[tuple[str, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.device.type, tensor.untyped_storage().data_ptr())
+        if key not in weights:
+            saved.setdefault(key, tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+def analytic_activation_bytes(config_dict: dict[str, Any], adapted: dict[str, tuple[int, int]], r_of: dict[str, int],
+                              workload: WorkloadSpec, dropout: float, dtype_bytes: int, dora: bool = False) -> int | None:
+    """What a Llama-family decoder step keeps for backward, per token, summed over the batch.
+
+    Per decoder layer, with ``p`` bytes per activation of the compute dtype:
+    two RMSNorms keep their fp32 input and an fp32 reciprocal norm (4h + 4 each); attention keeps
+    the rotated queries, keys and values and its output (p x (2 q + 2 kv)) and an fp32
+    log-sum-exp per head; the gated MLP keeps gate, up and SiLU(gate) (3 p I).
+    Per adapted layer, peft casts the input to the fp32 adapter dtype and LoRA keeps it (4 x in;
+    with dropout, the fp32 dropout output and its 1-byte mask, 5 x in) and the fp32 rank-r
+    output of A (4 r). DoRA also keeps three fp32 tensors of the layer's width for the magnitude's
+    gradient (the base output, the LoRA output and their scaled sum: 12 x out).
+    The head keeps fp32 log-probabilities for the loss (4 V) and the labels (8 bytes a token);
+    the frozen output layer and the final norm keep nothing more that autograd reports.
+    With gradient checkpointing each layer keeps only its input (p h); one layer's activations
+    are rebuilt at a time during backward.
+
+    ``None`` for architectures outside the Llama family, which have no model here yet.
+    """
+    if config_dict["model_type"] not in LLAMA_FAMILY:
+        return None
+    h, inter, layers = config_dict["hidden_size"], config_dict["intermediate_size"], config_dict["num_hidden_layers"]
+    heads = config_dict["num_attention_heads"]
+    head_dim = config_dict.get("head_dim") or h // heads
+    q, kv = heads * head_dim, config_dict.get("num_key_value_heads", heads) * head_dim
+    block = 2 * (4 * h + 4) + dtype_bytes * (2 * q + 2 * kv) + 4 * heads + 3 * dtype_bytes * inter
+    per_input = 5 if dropout > 0 else 4
+    lora = {name: per_input * fan_in + 4 * r_of[name] + (12 * fan_out if dora else 0) for name, (fan_in, fan_out) in adapted.items()}
+    lora_per_layer = sum(lora.values()) / layers
+    head = 4 * config_dict["vocab_size"] + 8
+    per_layer = block + lora_per_layer
+    if workload.grad_ckpt:
+        per_token = layers * dtype_bytes * h + per_layer + head
+    else:
+        per_token = layers * per_layer + head
+    return int(per_token * workload.batch * workload.seq_len)
+
+
+# --------------------------------------------------------------------------- the whole step
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """The analytic memory of one training step, term by term (bytes)."""
+
+    weights: int
+    training: TrainingState
+    activations: int | None
+    backward_transient: int | None
+
+    @property
+    def total(self) -> int | None:
+        """Everything at once: weights, adapter with gradients and AdamW state, saved activations,
+        and what exists beside them at the start of backward: the returned logits and their fp32
+        and 16-bit gradients."""
+        if self.activations is None or self.backward_transient is None:
+            return None
+        return self.weights + self.training.total + self.activations + self.backward_transient
+
+
+def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, workload: WorkloadSpec) -> StepEstimate:
+    """The step's memory from the architecture, the quantization, the LoRA config and the workload."""
+    from .params import adapted_layers, closed_form, rank_of, trainable_tensor_count
+
+    dtype = getattr(torch, quant.dtype) if quant.dtype else build.config_dtype(config_dict)
+    meta = build.instantiate(config_dict, "meta", dtype)
+    adapted = adapted_layers(meta, lora, config_dict["model_type"])
+    training = analytic_training_state(closed_form(meta, lora).trainable, trainable_tensor_count(meta, lora))
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    ranks = {name: rank_of(name, lora) for name in adapted}
+    activations = analytic_activation_bytes(config_dict, adapted, ranks, workload, lora.lora_dropout, dtype_bytes, lora.use_dora)
+    transient = None
+    if activations is not None:
+        transient = (4 + 2 * dtype_bytes) * config_dict["vocab_size"] * workload.batch * workload.seq_len
+    return StepEstimate(analytic_weight_bytes(config_dict, quant), training, activations, transient)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    """torch's allocated bytes after each phase of a step and the peak within it (GPU)."""
+
+    base_allocated: int
+    adapter_allocated: int | None = None
+    forward_peak: int | None = None
+    forward_allocated: int | None = None
+    backward_peak: int | None = None
+    optimizer_peak: int | None = None
+    after_step_allocated: int | None = None
+    peak_reserved: int | None = None
+    device_used: int | None = None
+    released_allocated: int | None = None
+    oom_peak: int | None = None
+    oom: str | None = None
+
+    @property
+    def peak_allocated(self) -> int | None:
+        """The step's peak (the build excluded); the peak reached when it ran out of memory."""
+        peaks = [p for p in (self.forward_peak, self.backward_peak, self.optimizer_peak, self.oom_peak) if p is not None]
+        return max(peaks) if peaks else None
+
+
+def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, memory: "CudaMemory") -> PhaseMemory:
+    """Add the adapter, run one step phase by phase, take everything off again; measure throughout.
+
+    Peaks are reset between phases. An out-of-memory error ends the step: the peak reached is kept
+    and everything is released before returning, so the next config starts clean.
+    """
+    from ..models import adapters
+
+    values: dict[str, Any] = {"base_allocated": memory.allocated()}
+    reserved: list[int] = []
+    with adapters.attached(base, lora_config) as model:
+        _measure_phases(model, batch, grad_ckpt, memory, values, reserved)
+        del model  # the PeftModel holds the adapter: nothing may outlive the block
+    build.free_memory()
+    values["released_allocated"] = memory.allocated()
+    values["peak_reserved"] = max(reserved) if reserved else None
+    return PhaseMemory(**values)
+
+
+def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt: bool, memory: "CudaMemory", values: dict[str, Any], reserved: list[int]) -> None:
+    """The phases of one step; the step (activations, gradients, optimizer) dies with this frame."""
+    from .train import TrainStep, checkpointing
+
+    step = TrainStep(model)
+    phases = (("forward", lambda: step.forward(batch)), ("backward", step.backward), ("optimizer", step.optimizer_step))
+    try:
+        with checkpointing(model, grad_ckpt):
+            values["adapter_allocated"] = memory.allocated()
+            for phase, run in phases:
+                memory.reset_peak()
+                run()
+                values[f"{phase}_peak"] = memory.peak_allocated()
+                reserved.append(memory.peak_reserved())
+                if phase == "forward":
+                    values["forward_allocated"] = memory.allocated()
+            values["after_step_allocated"] = memory.allocated()
+            values["device_used"] = memory.device_used()
+    except torch.OutOfMemoryError as error:
+        message = str(error).strip()
+        values["oom"] = message.splitlines()[0] if message else "CUDA out of memory"
+        values["oom_peak"] = memory.peak_allocated()
+        reserved.append(memory.peak_reserved())
+    finally:
+        step.close()
+
+
+class CudaMemory:
+    """torch's allocator statistics and NVML's device view, for one CUDA device."""
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        self.device = torch.device(device)
+        self._nvml = _nvml_handle(self.device)
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        self.sync()
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak_allocated(self) -> int:
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def peak_reserved(self) -> int:
+        self.sync()
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def device_used(self) -> int | None:
+        """NVML's used bytes for the whole device (all processes, the CUDA context included)."""
+        if self._nvml is None:
+            return None
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used)
+
+
+def _nvml_handle(device: torch.device) -> Any:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        properties = torch.cuda.get_device_properties(device)
+        bus = getattr(properties, "pci_bus_id", None)
+        if bus is not None:
+            domain = getattr(properties, "pci_domain_id", 0)
+            slot = getattr(properties, "pci_device_id", 0)
+            return pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{slot:02x}.0".encode())
+        return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    except Exception:  # no NVML: device-level bytes stay unknown
+        return None

@@ -1,0 +1,85 @@
+"""One LoRA training step on synthetic tokens: forward, backward, AdamW step, zero_grad.
+
+The step is split into phases so that suites can measure each (memory per phase, time per
+step). Token ids are drawn from a generator seeded by the caller: the same config gives the same
+batch. Causal and masked LMs learn to predict their own input; encoder-decoder models get the
+same ids as labels (transformers shifts them into decoder inputs).
+
+Gradient checkpointing uses transformers' non-reentrant checkpointing of each layer, switched on
+for the step and off again afterwards, because the base is shared with later tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..matrix import WorkloadSpec
+
+
+def synthetic_batch(vocab_size: int, workload: WorkloadSpec, device: str | torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """``batch`` sequences of ``seq_len`` random token ids, as input and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (workload.batch, workload.seq_len), generator=generator).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing on ``model`` for the block (non-reentrant), off again after it."""
+    if not enabled:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
+class TrainStep:
+    """A LoRA training step with AdamW over the trainable parameters, phase by phase."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4):
+        self.model = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.loss: torch.Tensor | None = None
+        self.output: Any = None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.train()
+        self.output = self.model(**batch, use_cache=False) if _accepts_cache(self.model) else self.model(**batch)
+        self.loss = self.output.loss
+        return self.loss
+
+    def backward(self) -> None:
+        self.loss.backward()
+        self.loss = None
+        self.output = None  # the logits go with it
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self, batch: dict[str, torch.Tensor]) -> None:
+        """All four phases: one full training step."""
+        self.forward(batch)
+        self.backward()
+        self.optimizer_step()
+        self.zero_grad()
+
+    def close(self) -> None:
+        """Drop gradients and optimizer state: nothing of the step survives it."""
+        self.zero_grad()
+        self.optimizer.state.clear()
+        self.output = self.loss = None
+
+
+def _accepts_cache(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "use_cache")

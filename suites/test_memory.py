@@ -1,0 +1,150 @@
+"""Memory of a LoRA / QLoRA training step, measured, and set beside an analytic model.
+
+What is measured, on every device. The bytes the base's weights occupy (``weight_bytes``): every
+parameter and buffer, with bitsandbytes' quantization constants (4-bit packed data, block absmax,
+double quantization's nested absmax and its constants, LLM.int8 row scales), each storage once.
+One training step (forward, backward, AdamW step) on ``batch`` x ``seq_len`` synthetic tokens:
+the activations autograd saves for backward (``activation_bytes``, read through saved-tensor
+hooks), and the adapter, its gradients and AdamW's state (summed from the tensors).
+
+What is measured on a GPU. torch's allocated bytes after each phase (base loaded, adapter added,
+forward, backward, optimizer step) and the peak within each, with peaks reset between phases;
+the peak reserved bytes; NVML's used bytes for the device, which include the CUDA context torch
+does not see. The build of the base is not part of the step's peak. After the step, the
+adapter, gradients and optimizer are dropped and allocated memory must be back where it was with
+the base alone; a base left behind by the previous config shows as growth before the next build.
+Both are failures. A config that runs out of memory is recorded as ``oom`` with the peak reached.
+
+Against which reference. The analytic model of ``pytest_lora.measure.memory``: weights from the
+architecture and the format (NF4 / FP4: half a byte per weight and a 4-byte absmax per 64
+weights; double quantization: 8/64 + 32/(64 x 256) = 0.127 extra bits per weight, QLoRA §3;
+LLM.int8: a byte per weight and a scale per row) must agree with ``weight_bytes`` to 0.1%.
+The adapter, gradients and AdamW state must equal 16 bytes per trainable parameter plus 4 per
+tensor, exactly. Activations and the whole step are reported as measured / analytic ratios.
+
+Figures to hold beside these (H200, plain transformers + peft + bitsandbytes, LoRA r=16 on all
+linear layers, batch 2 x 2048): Llama-3-8B shape, nf4, 47.5 GiB peak allocated in the step with
+5.37 GiB of weights; bf16 57.1 GiB; nf4 with gradient checkpointing 12.5 GiB. QLoRA §2: a 4-bit
+7B LLaMA base takes 5,048 MB.
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+from pytest_lora.measure.memory import (
+    CudaMemory,
+    analytic_step,
+    analytic_weight_bytes,
+    saved_activations,
+    step_phase_memory,
+    storage_bytes,
+    training_state_bytes,
+)
+from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec
+from pytest_lora.measure.train import TrainStep, checkpointing, synthetic_batch
+from pytest_lora.models import registry
+from pytest_lora.models.build import seed_for
+
+pytestmark = pytest.mark.memory
+
+LEAK_TOLERANCE = 64 * 2**20  # cuBLAS workspaces and similar caches that live for the process
+
+
+def test_weight_storage(base_model, model_spec, quant_spec, lora_bench):
+    """The bytes the base occupies equal the format's arithmetic on the architecture."""
+    measured = storage_bytes(base_model)
+    analytic = analytic_weight_bytes(model_spec.config_dict(), quant_spec)
+    lora_bench.record("weight_bytes", measured, "bytes")
+    lora_bench.record("analytic_weight_bytes", analytic, "bytes")
+    assert abs(measured - analytic) <= 0.001 * analytic, f"measured {measured:,d} B, analytic {analytic:,d} B"
+
+
+def test_step_memory(lora_model, model_spec, quant_spec, lora_spec, workload_spec, lora_device, lora_bench, request):
+    """One step: activations kept for backward, and the adapter's training state, on any device."""
+    config = model_spec.config_dict()
+    estimate = analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
+    batch = synthetic_batch(config["vocab_size"], workload_spec, lora_device, seed_for(request.node.nodeid))
+    step = TrainStep(lora_model)
+    try:
+        with checkpointing(lora_model, workload_spec.grad_ckpt):
+            with saved_activations(lora_model) as saved:
+                step.forward(batch)
+            activations = sum(saved.values())
+            step.backward()
+            step.optimizer_step()
+            measured = training_state_bytes(lora_model, step.optimizer)
+    finally:
+        step.close()
+
+    # Checkpointed layers save through their own hooks: only the unsaved remainder would show.
+    activation_bytes = None if workload_spec.grad_ckpt else activations
+    lora_bench.record("activation_bytes", activation_bytes, "bytes")
+    lora_bench.record("analytic_activation_bytes", estimate.activations, "bytes")
+    if activation_bytes is not None and estimate.activations:
+        lora_bench.record("activation_ratio", activation_bytes / estimate.activations, "measured/analytic")
+    lora_bench.record("adapter_bytes", measured.parameters, "bytes")
+    lora_bench.record("gradient_bytes", measured.gradients, "bytes")
+    lora_bench.record("optimizer_state_bytes", measured.optimizer, "bytes")
+    lora_bench.record("analytic_bytes", estimate.total, "bytes")
+    assert measured == estimate.training, f"measured {measured}, analytic {estimate.training}"
+
+
+def test_step_peak_memory(base_model, lora_config, model_spec, quant_spec, lora_spec, workload_spec, lora_device, lora_session, lora_bench, request):
+    """GPU: allocated, reserved and device bytes through one step; released afterwards."""
+    if lora_device != "cuda":
+        pytest.skip("needs a CUDA device: allocator peaks and NVML bytes are GPU measurements; "
+                    "weights, activations and training state are measured by the other memory tests")
+    config = model_spec.config_dict()
+    estimate = analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
+    batch = synthetic_batch(config["vocab_size"], workload_spec, lora_device, seed_for(request.node.nodeid))
+    memory = CudaMemory(lora_device)
+    phases = step_phase_memory(base_model, lora_config, batch, workload_spec.grad_ckpt, memory)
+    del batch
+
+    for name in ("base_allocated", "adapter_allocated", "forward_peak", "forward_allocated", "backward_peak", "optimizer_peak", "after_step_allocated"):
+        lora_bench.record(f"{name}_bytes", getattr(phases, name), "bytes")
+    lora_bench.record("peak_allocated_bytes", phases.peak_allocated, "bytes")
+    lora_bench.record("peak_reserved_bytes", phases.peak_reserved, "bytes")
+    lora_bench.record("peak_device_bytes", phases.device_used, "bytes")
+    lora_bench.record("analytic_bytes", estimate.total, "bytes")
+    if estimate.total and phases.peak_allocated and not phases.oom:
+        lora_bench.record("peak_over_analytic", phases.peak_allocated / estimate.total, "measured/analytic")
+    leaked = phases.released_allocated - phases.base_allocated
+    lora_bench.record("leaked_bytes", leaked, "bytes")
+    growth = lora_session.allocated_before_build[-1] - lora_session.allocated_before_build[0]
+    lora_bench.record("growth_between_bases_bytes", growth, "bytes")
+    if phases.oom:
+        raise torch.OutOfMemoryError(phases.oom)
+    assert leaked <= LEAK_TOLERANCE, f"{leaked:,d} B still allocated after the step was released"
+    assert growth <= LEAK_TOLERANCE, f"{growth:,d} B more allocated before this base's build than before the first"
+
+
+GIB = 2**30
+# H200, transformers + peft + bitsandbytes 0.50.2, random weights of the real shapes, LoRA r=16
+# alpha 32 on all linear layers, AdamW, sdpa; peak allocated over the training steps, GiB.
+H200_PEAKS = (
+    ("llama-3.2-1b", "bf16", 4, False, 34.0),
+    ("llama-3.2-1b", "nf4", 4, False, 32.7),
+    ("llama-3.1-8b", "bf16", 2, False, 57.1),
+    ("llama-3.1-8b", "nf4", 2, False, 47.5),
+    ("llama-3.1-8b", "nf4", 2, True, 12.5),
+)
+
+
+@pytest.mark.parametrize(
+    "model, quant, batch, grad_ckpt, reference_gib", H200_PEAKS, ids=[f"{m}-{q}-b{b}{'-ckpt' if c else ''}" for m, q, b, c, _ in H200_PEAKS]
+)
+def test_analytic_step_of_published_shapes(model, quant, batch, grad_ckpt, reference_gib, lora_bench):
+    """The analytic model for the real shapes, beside peaks measured on an H200 (sequence 2048)."""
+    workload = WorkloadSpec(seq_len=2048, batch=batch, grad_ckpt=grad_ckpt)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+    lora_bench.describe(model=model, quant=quant, lora=lora, workload=workload)
+    estimate = analytic_step(registry.load_config_dict(model), QUANTIZATIONS[quant], lora, workload)
+    lora_bench.record("analytic_weight_bytes", estimate.weights, "bytes")
+    lora_bench.record("analytic_activation_bytes", estimate.activations, "bytes")
+    lora_bench.record("analytic_bytes", estimate.total, "bytes")
+    lora_bench.record("reference_peak_bytes", int(reference_gib * GIB), "bytes")
+    lora_bench.record("reference_over_analytic", reference_gib * GIB / estimate.total, "measured/analytic")
