@@ -12,6 +12,7 @@ torch, transformers and peft are imported inside the fixtures, never when the pl
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -50,15 +51,20 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
     in place; or a local checkpoint through ``from_pretrained``. Tests must not change it (use
     ``lora_model``, which restores it).
     """
+    import torch
+
     from .models import build
 
     build.free_memory()  # the previous base's last reference is gone by now
     if lora_device == "cuda":  # what is left before each build shows a base that was not released
-        import torch
-
         lora_session.allocated_before_build.append(torch.cuda.memory_allocated())
+    started = time.perf_counter()
     model = build.build_base(model_spec, quant_spec, lora_device)
-    lora_session.builds[(model_spec.id, quant_spec.id, lora_device)] += 1
+    if lora_device == "cuda":
+        torch.cuda.synchronize()
+    key = (model_spec.id, quant_spec.id, lora_device)
+    lora_session.build_seconds[key] = time.perf_counter() - started
+    lora_session.builds[key] += 1
     yield model
     del model
     build.free_memory()

@@ -207,15 +207,21 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """The shape of a training step: ``batch`` sequences of ``seq_len`` tokens."""
+    """The shape of a training step: ``batch`` sequences of ``seq_len`` tokens, with or without
+    gradient checkpointing and ``torch.compile``."""
 
     seq_len: int
     batch: int
     grad_ckpt: bool = False
+    compile: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
 
     @property
     def id(self) -> str:
-        return f"b{self.batch}xs{self.seq_len}" + ("-ckpt" if self.grad_ckpt else "")
+        return f"b{self.batch}xs{self.seq_len}" + ("-ckpt" if self.grad_ckpt else "") + ("-compile" if self.compile else "")
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +257,7 @@ MATRIX_KEYS = (
     "seq_len",
     "batch",
     "grad_ckpt",
+    "compile",
 )
 
 
@@ -351,7 +358,8 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -
     seq_lens = values("seq_len", (128,), lambda v, where: _positive_int(v, where, "sequence length"))
     batches = values("batch", (1,), lambda v, where: _positive_int(v, where, "batch size"))
     ckpts = values("grad_ckpt", (False,), _parse_bool)
-    workloads = _unique(WorkloadSpec(s, b, c) for s, b, c in itertools.product(seq_lens, batches, ckpts))
+    compiles = values("compile", (False,), _parse_bool)
+    workloads = _unique(WorkloadSpec(*w) for w in itertools.product(seq_lens, batches, ckpts, compiles))
     return Matrix(models, quants, loras, workloads)
 
 

@@ -65,6 +65,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "where models are built: auto (cuda when available), cpu or cuda.", metavar="auto|cpu|cuda", default="auto"),
     Option("results", "directory for the results JSON (<run-id>.json and latest.json).", metavar="DIR", default="results"),
     Option("suites", "directory of the benchmark suites that --lora-bench runs when no path is given.", metavar="DIR", default="suites"),
+    Option("rounds", "timed training steps per config (default 10 on a GPU, 5 on the CPU).", metavar="N"),
+    Option("warmup", "untimed training steps before the timed ones (default 3 on a GPU, 1 on the CPU).", metavar="N"),
+    Option(
+        "peak",
+        "the device's dense bf16 peak for MFU: auto (a table of known GPUs, else measured), measure "
+        "(a large bf16 matrix product, once per session) or a number in TFLOP/s.",
+        metavar="auto|measure|TFLOPS",
+        default="auto",
+    ),
 )
 
 BY_NAME = {option.name: option for option in OPTIONS}

@@ -38,7 +38,10 @@ class LoraSession:
         self._device: str | None = None
         self._layers: list[dict[str, RawValue]] | None = None
         self._matrix: Matrix | None = None
+        self._peak: float | None | str = "unresolved"
+        self.build_seconds: dict[tuple[str, str, str], float] = {}
         self._check_device_name()
+        self._check_timing_options()
 
     # ----------------------------------------------------------------- options
 
@@ -62,6 +65,43 @@ class LoraSession:
             base = self.config.inipath.parent if setting.source == "ini" and self.config.inipath else self.config.rootpath
             return base / path
         return self.config.invocation_params.dir / path
+
+    # ----------------------------------------------------------------- timing
+
+    def _check_timing_options(self) -> None:
+        for name, smallest in (("rounds", 1), ("warmup", 0)):
+            setting = self.settings[name]
+            if setting.value is not None and not (str(setting.value).isdigit() and int(setting.value) >= smallest):
+                raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a step count; allowed: an integer >= {smallest}")
+        peak = self.settings["peak"]
+        if str(peak.value).lower() not in ("auto", "measure") and not _positive_float(peak.value):
+            raise pytest.UsageError(f"{peak.describe()}: {peak.value!r} is not a peak; allowed: auto, measure or TFLOP/s as a positive number")
+
+    def steps(self, name: str) -> int:
+        """Timed rounds or warm-up steps: the option, else 10 / 3 on a GPU and 5 / 1 on the CPU."""
+        value = self.settings[name].value
+        if value is not None:
+            return int(value)
+        return {"rounds": 10, "warmup": 3}[name] if self.device == "cuda" else {"rounds": 5, "warmup": 1}[name]
+
+    def peak_flops(self) -> float | None:
+        """The device's dense bf16 FLOP/s for MFU (``None`` on the CPU), resolved once per session."""
+        if self._peak == "unresolved":
+            self._peak = self._resolve_peak()
+        return self._peak
+
+    def _resolve_peak(self) -> float | None:
+        if self.device != "cuda":
+            return None
+        from .measure import timing
+
+        choice = str(self.settings["peak"].value).lower()
+        if _positive_float(choice):
+            return float(choice) * 1e12
+        import torch
+
+        known = timing.table_peak(torch.cuda.get_device_name()) if choice == "auto" else None
+        return known or timing.measured_peak(self.device)
 
     # ----------------------------------------------------------------- device
 
@@ -137,3 +177,10 @@ class LoraSession:
         if self.store is not None:
             status = "passed" if exitstatus == 0 else "interrupted" if exitstatus == 2 else "failed"
             self.store.finish(status, provenance.now())
+
+
+def _positive_float(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False

@@ -40,6 +40,19 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.gradient_checkpointing_disable()
 
 
+@contextlib.contextmanager
+def compiled(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
+    """``torch.compile(model)`` for the block when enabled; dynamo's caches are reset afterwards,
+    because their guards hold the shared base alive."""
+    if not enabled:
+        yield model
+        return
+    try:
+        yield torch.compile(model)
+    finally:
+        torch._dynamo.reset()
+
+
 class TrainStep:
     """A LoRA training step with AdamW over the trainable parameters, phase by phase."""
 

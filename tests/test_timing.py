@@ -1,0 +1,164 @@
+"""Step timing: the timer against a known sleep, the statistics against a hand computation, the
+FLOP count against a hand count and torch's own FLOP counter, pytest-benchmark's JSON loading in
+``pytest-benchmark compare``, and the timing options."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, resolve_model
+from pytest_lora.measure import flops, timing
+from pytest_lora.measure.train import TrainStep, compiled, synthetic_batch
+from pytest_lora.models import adapters, build, registry
+
+SUITE = Path(__file__).parents[1] / "suites" / "test_step_time.py"
+TINY_STEP = ("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=nf4", "--lora-ranks=4", "--lora-targets=q_proj,v_proj", "--lora-rounds=3", "--lora-warmup=1")
+
+
+def test_the_cpu_timer_measures_a_known_sleep():
+    timer = timing.StepTimer("cpu")
+    for _ in range(3):
+        timer.time(lambda: time.sleep(0.02))
+    assert len(timer.times) == 3
+    assert all(0.02 <= t < 0.02 + 0.5 for t in timer.times)  # a sleep lasts at least what it asks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to time a kernel with CUDA events")
+def test_the_cuda_timer_waits_for_the_kernel():
+    a = torch.randn(4096, 4096, device="cuda")
+    timer = timing.StepTimer("cuda")
+    timer.time(lambda: a @ a)  # warm-up
+    started = time.perf_counter()
+    timer.time(lambda: [a @ a for _ in range(20)])
+    host = time.perf_counter() - started
+    assert 0 < timer.times[-1] <= host
+
+
+def test_statistics_are_pytest_benchmarks_quartiles():
+    odd = timing.TimingStats.of([4.0, 1.0, 100.0, 3.0, 2.0])
+    assert (odd.median, odd.min, odd.rounds) == (3.0, 1.0, 5)
+    assert odd.iqr == pytest.approx((0.75 * 4 + 0.25 * 100) - (0.25 * 1 + 0.75 * 2))  # Wikipedia's method 3
+    even = timing.TimingStats.of([1.0, 2.0, 3.0, 4.0])
+    assert (even.median, even.iqr) == (2.5, 2.0)  # method 2: medians of the halves, 3.5 - 1.5
+
+
+def test_peak_table():
+    assert timing.table_peak("NVIDIA H200") == 989.4e12
+    assert timing.table_peak("NVIDIA H100 PCIe") == 756.0e12
+    assert timing.table_peak("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert timing.table_peak("NVIDIA A100-SXM4-80GB") == 312.0e12
+    assert timing.table_peak("Some Future GPU") is None
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def test_flops_by_hand_for_the_tiny_llama():
+    """llama-3.1-8b-tiny: width 64, MLP 128, two layers, four heads of 16 and one key/value head, vocabulary 256."""
+    config = registry.load_config_dict("llama-3.1-8b-tiny")
+    per_layer = 64 * 64 + 64 * 16 + 64 * 16 + 64 * 64 + 3 * 64 * 128  # q, k, v, o, gate, up, down
+    frozen = 2 * per_layer + 64 * 256  # and the untied lm_head
+    adapter = 2 * 8 * ((64 + 64) + (64 + 16))  # r = 8 on q and v, two layers
+    attention = 12 * 2 * (4 * 16) * 32  # 12 L H Q T with T = 32
+    workload = WorkloadSpec(seq_len=32, batch=3)
+    expected = (4 * frozen + 6 * adapter + attention) * 3 * 32
+    assert flops.lora_step_flops(config, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), workload) == expected
+
+
+def test_encoder_decoder_attention_counts_cross_attention():
+    config = registry.load_config_dict("flan-t5-base")
+    assert flops.attention_layers(config) == 12 + 2 * 12
+    assert flops.attention_width(config) == 12 * 64
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_matmul_flops_agree_with_torchs_flop_counter(targets):
+    """torch counts the matrix multiplies of a real step. The two differ by what autograd skips and
+    the convention keeps: the input gradient of the first block's projections, which read the
+    frozen embeddings (base weights and LoRA A alike). Attention on the CPU goes through a kernel
+    torch's counter doesn't see, so it is compared without the attention term."""
+    spec = resolve_model("llama-3.1-8b-tiny", "test")
+    config = spec.config_dict()
+    workload = WorkloadSpec(seq_len=32, batch=2)
+    lora = peft.LoraConfig(r=8, target_modules=targets, lora_dropout=0.0)
+    base = build.build_base(spec, QUANTIZATIONS["fp32"], "cpu")
+    with adapters.attached(base, lora) as model, FlopCounterMode(display=False) as counter:
+        step = TrainStep(model)
+        step.forward(synthetic_batch(256, workload, "cpu", 0))
+        step.backward()
+        step.close()
+    attention = 12 * 2 * 64 * 32 * workload.tokens
+    first_block = 64 * 64 + 64 * 16 + 64 * 16  # q, k, v read the embeddings
+    first_block_lora = 8 * 64 * (2 if isinstance(targets, list) else 3)  # the A matrices that read them
+    skipped = 2 * (first_block + first_block_lora) * workload.tokens
+    assert counter.get_total_flops() == flops.lora_step_flops(config, lora, workload) - attention - skipped
+
+
+# --------------------------------------------------------------------------- the suite end to end
+
+
+@pytest.fixture
+def step_time_suite(suite):
+    return suite(SUITE.read_text(), name="test_step_time_copy.py")
+
+
+def test_benchmark_json_loads_in_pytest_benchmark_compare(pytester, step_time_suite, tmp_path):
+    output = tmp_path / "bench.json"
+    pytester.runpytest(*TINY_STEP, "-k", "not harness and not build", f"--benchmark-json={output}").assert_outcomes(passed=1, deselected=2)
+    document = json.loads(output.read_text())
+    (bench,) = document["benchmarks"]
+    assert bench["stats"]["rounds"] == 3
+    extra = bench["extra_info"]
+    assert set(extra) >= {"step_time_median_s", "step_time_iqr_s", "tokens_per_s", "mfu", "flops_per_step"}
+    assert extra["mfu"] is None and extra["tokens_per_s"] == pytest.approx(2 * 64 / extra["step_time_median_s"])
+    command = Path(sys.executable).with_name("pytest-benchmark")  # the console script users run
+    compared = subprocess.run([str(command), "compare", str(output)], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stderr
+    assert "test_step_time" in compared.stdout
+
+    record = next(r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"] if "test_step_time" in r["test"])
+    assert record["metrics"]["step_time_rounds"] == 3
+    assert record["metrics"]["step_time_median_s"] == pytest.approx(bench["stats"]["median"], rel=0.05)
+
+
+def test_steps_are_timed_without_pytest_benchmark(pytester, step_time_suite):
+    """--benchmark-disable (and xdist) switch pytest-benchmark off; the suite still times its rounds."""
+    pytester.runpytest(*TINY_STEP, "--benchmark-disable").assert_outcomes(passed=3)
+    records = {r["test"].split("::")[1].split("[")[0]: r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"]}
+    assert records["test_step_time"]["metrics"]["step_time_rounds"] == 3
+    assert records["test_base_build_time"]["metrics"]["builds"] == 1
+    assert records["test_base_build_time"]["metrics"]["build_time_s"] > 0
+    assert records["test_harness_overhead"]["metrics"]["bare_step_time_median_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--lora-rounds=0", "--lora-rounds: '0' is not a step count; allowed: an integer >= 1"),
+        ("--lora-warmup=-1", "--lora-warmup: '-1' is not a step count; allowed: an integer >= 0"),
+        ("--lora-peak=fast", "--lora-peak: 'fast' is not a peak; allowed: auto, measure or TFLOP/s as a positive number"),
+    ],
+)
+def test_bad_timing_options(pytester, option, message):
+    result = pytester.runpytest("--lora-bench", option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+def test_compile_is_a_workload_dimension():
+    layer = torch.nn.Linear(4, 4)
+    with compiled(layer, False) as same:
+        assert same is layer
+    with compiled(layer, True) as wrapped:
+        assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
+        assert wrapped._orig_mod is layer
+    assert WorkloadSpec(128, 2, compile=True).id == "b2xs128-compile"
