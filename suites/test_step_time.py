@@ -92,6 +92,23 @@ def test_base_build_time(base_model, model_spec, quant_spec, lora_device, lora_s
     lora_bench.record("builds", lora_session.builds[(model_spec.id, quant_spec.id, lora_device)], "builds")
 
 
+def bare_steps(model, batch, timer: StepTimer, warmup: int, rounds: int) -> None:
+    """The same step written out by hand, without the harness, timed by the same timer."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    kwargs = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+    model.train()
+
+    def step():
+        model(**batch, **kwargs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    for _ in range(rounds):
+        timer.time(step)
+
+
 def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora_session, lora_bench, benchmark, request):
     """The harness's step time beside a bare loop of the same step, in the same run (first LoRA
     spec and workload of the matrix; bare rounds before and after the harness's)."""
@@ -100,30 +117,15 @@ def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora
     batch = synthetic_batch(config["vocab_size"], workload, lora_device, seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
     lora_bench.describe(lora=lora_spec, workload=workload)
-    lora_config = peft.LoraConfig(**lora_spec.peft_kwargs())
-    with adapters.attached(base_model, lora_config) as model, checkpointing(model, workload.grad_ckpt):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def bare_step():
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        bare = StepTimer(lora_device)
-        for _ in range(warmup):
-            bare_step()
-        for _ in range(rounds):
-            bare.time(bare_step)
-        optimizer.state.clear()
+    bare = StepTimer(lora_device)
+    with adapters.attached(base_model, peft.LoraConfig(**lora_spec.peft_kwargs())) as model, checkpointing(model, workload.grad_ckpt):
+        bare_steps(model, batch, bare, warmup, rounds)
         step = TrainStep(model)
         try:
             harness = timed_steps(benchmark, StepTimer(lora_device), lambda: step.run(batch), warmup, rounds)
         finally:
             step.close()
-        for _ in range(rounds):
-            bare.time(bare_step)
-        optimizer.state.clear()
-        del optimizer
+        bare_steps(model, batch, bare, warmup, rounds)
     bare_median, harness_median = TimingStats.of(bare.times).median, TimingStats.of(harness).median
     metrics = {
         "bare_step_time_median_s": (bare_median, "s"),

@@ -57,14 +57,14 @@ class TrainStep:
     """A LoRA training step with AdamW over the trainable parameters, phase by phase."""
 
     def __init__(self, model: nn.Module, lr: float = 1e-4):
-        self.model = model
+        self.model = model.train()  # once, not per step: walking thousands of modules is harness overhead
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         self.loss: torch.Tensor | None = None
         self.output: Any = None
+        self._kwargs = {"use_cache": False} if _accepts_cache(model) else {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.model.train()
-        self.output = self.model(**batch, use_cache=False) if _accepts_cache(self.model) else self.model(**batch)
+        self.output = self.model(**batch, **self._kwargs)
         self.loss = self.output.loss
         return self.loss
 
