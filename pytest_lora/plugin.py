@@ -34,7 +34,8 @@ MARKERS = {
     "step_time": "benchmark suite: training step time (runs with --lora-bench)",
     "merge": "benchmark suite: correctness of weight merging (runs with --lora-bench)",
     "forgetting": "benchmark suite: forgetting and learning (runs with --lora-bench)",
-    "lora_matrix(**keys)": "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8])",
+    "lora_matrix(**keys)": "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8]); "
+    "quantized=True / False keeps only quantized / full-precision bases",
 }
 DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
@@ -70,12 +71,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     lora = metafunc.config.stash[SESSION_KEY]
     marker = metafunc.definition.get_closest_marker("lora_matrix")
-    if marker is not None:
-        matrix = lora.build_matrix(marker.kwargs, where=f"lora_matrix marker of {metafunc.definition.nodeid}")
+    keys = dict(marker.kwargs) if marker is not None else {}
+    quantized = keys.pop("quantized", None)  # keep only quantized (True) or full-precision (False) bases
+    if keys:
+        matrix = lora.build_matrix(keys, where=f"lora_matrix marker of {metafunc.definition.nodeid}")
     else:
         matrix = lora.matrix
     for name in wanted:
         values = getattr(matrix, DIMENSIONS[name])
+        if name == "quant_spec" and quantized is not None:
+            values = tuple(q for q in values if q.is_quantized == quantized)
         scope = "session" if name in SESSION_SCOPED else "function"
         metafunc.parametrize(name, values, ids=[value.id for value in values], scope=scope)
 

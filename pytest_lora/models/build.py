@@ -113,8 +113,12 @@ def seed_for(*parts: str) -> int:
 
 
 def build_base(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
-    """The base model of one (model, quantization, device), seeded by that key."""
-    torch.manual_seed(seed_for(model.id, quant.id))
+    """The base model of one (model, quantization, device).
+
+    Seeded by the model alone: a quantized base holds the quantized weights of exactly the model
+    that ``full_precision_of`` builds, so merges can be compared with the original weights.
+    """
+    torch.manual_seed(seed_for(model.id))
     config_dict = model.config_dict()
     if model.kind == "checkpoint":
         return load_checkpoint(model.path, quant, device, config_dict)
@@ -123,6 +127,11 @@ def build_base(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
     if quant.is_quantized:
         quantize.quantize_model(base, quant)
     return base
+
+
+def full_precision_of(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
+    """The weights a quantized base was made from: the same model in its compute dtype."""
+    return build_base(model, QuantSpec(f"{quant.dtype}-original", "dtype", quant.dtype), device)
 
 
 def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[str, Any]) -> nn.Module:

@@ -1,0 +1,339 @@
+"""Merging: proof that merged weights compute what the adapter computed, and what quantization costs.
+
+What is checked. Every config of the matrix gets an adapter whose update is not the identity: B
+is drawn at random and scaled so that ||s B A|| = 1% of ||W|| in every adapted layer (the
+relative update is recorded, so each error can be read against it). Merging happens on a private
+copy of the base, never on the shared one.
+
+Full-precision bases (fp32, bf16, fp16), asserted:
+
+* peft's delta of every layer equals s B A computed in float64 from the adapter's tensors and the
+  config (alpha / r, alpha / sqrt(r) for rsLoRA, transposed for fan_in_fan_out Conv1D layers);
+* after ``merge_and_unload`` no LoRA layer is left, and each merged weight equals the formula
+  (with DoRA's magnitude rescaling) within two roundings of the base dtype;
+* ``merge_adapter`` then ``unmerge_adapter`` gives back the base weights within two roundings;
+  the drift after 1, 10 and 100 cycles of the first four adapted layers is recorded (bf16 drift
+  compounds);
+* ``safe_merge`` refuses an adapter holding a NaN;
+* in float32 the merged model's logits equal the unmerged adapter's (peft's own 1e-4);
+  ``merge_max_abs_err``, ``merge_kl`` and ``merge_top1`` are recorded for every dtype.
+
+Quantized bases (int8, nf4, fp4, nf4-dq): peft's delta is checked the same way, then three
+merges are set against the unmerged QLoRA model's logits (max error, KL, top-1 agreement):
+``requantize`` (peft's merge, re-quantizing W + s B A), ``dequantize`` (the base dequantized to the
+compute dtype and merged there) and ``original`` (merged into the full-precision weights the base
+was quantized from). Asserted: on 4-bit bases, every layer of the dequantized merge computes
+what the QLoRA layer computes, up to compute-dtype rounding. Recorded: how much of the update
+the re-quantization loses (``requant_err_over_update``).
+
+Save and reload: adapter weights through safetensors (and ``PeftModel.from_pretrained``) bit for
+bit; a merged model saved and reloaded computes the same logits. Several adapters:
+``add_weighted_adapter`` with ``cat`` and ``linear`` against their closed forms.
+
+Random deep models are chaotic (quantizing a random Llama-3-8B shape to nf4 changed its logits
+by 94% on an H200), so the weight and layer checks are the proof and the logits are context.
+``test_merge_on_a_trained_model`` repeats the comparison on a small model trained on a synthetic
+language and fine-tuned with LoRA on another, where logits mean something: there the loss of
+each merged model on the fine-tuning task is recorded beside the unmerged one's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+
+from pytest_lora.matrix import WorkloadSpec
+from pytest_lora.measure import tasks
+from pytest_lora.measure.merge import (
+    adapted_module_name,
+    delta_error_bound,
+    dequantized,
+    expected_delta,
+    expected_merged,
+    logits_agreement,
+    lora_layers,
+    merge_into,
+    requantization_error,
+    rounding_tolerance,
+    scaling,
+    set_relative_update,
+)
+from pytest_lora.measure.train import synthetic_batch
+from pytest_lora.models import build, quantize
+
+pytestmark = pytest.mark.merge
+
+RELATIVE_UPDATE = 0.01
+DRIFT_CYCLES = (1, 10, 100)
+
+
+@pytest.fixture
+def adapted_copy(base_model, model_spec, lora_spec, lora_device, request):
+    """A private copy of the shared base with this test's adapter at a 1% update."""
+    config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
+    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
+    relative = set_relative_update(model, config, RELATIVE_UPDATE, generator)
+    model.eval()
+    yield model, config, relative
+    del model
+    if lora_device == "cuda":  # return the copy's memory before the next config (a full collection is slow)
+        build.free_memory()
+
+
+def token_ids(model_spec, device, request) -> torch.Tensor:
+    vocab = model_spec.config_dict()["vocab_size"]
+    return synthetic_batch(vocab, WorkloadSpec(seq_len=32, batch=2), device, build.seed_for(request.node.nodeid))["input_ids"]
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return model(input_ids=ids, decoder_input_ids=ids).logits.float()
+    return model(input_ids=ids).logits.float()
+
+
+def assert_delta_is_the_formula(layers, config) -> None:
+    """peft's ``get_delta_weight`` against s B A in float64: a wrong scale or a transposition fails."""
+    for name, layer in layers.items():
+        delta = layer.get_delta_weight("default").double().cpu()
+        expected = expected_delta(layer, config).cpu()
+        assert delta.shape == expected.shape, f"{name}: delta {tuple(delta.shape)}, formula {tuple(expected.shape)}"
+        assert ((delta - expected).abs() <= delta_error_bound(layer, config).cpu() + 1e-30).all(), f"{name}: peft's delta is not s B A"
+
+
+def record_agreement(lora_bench, reference: torch.Tensor, logits: torch.Tensor, suffix: str = "") -> dict[str, float]:
+    agreement = logits_agreement(reference, logits)
+    lora_bench.record(f"merge_max_abs_err{suffix}", agreement["max_abs_err"], "logit")
+    lora_bench.record(f"merge_kl{suffix}", agreement["kl"], "nats")
+    lora_bench.record(f"merge_top1{suffix}", agreement["top1"], "fraction")
+    return agreement
+
+
+def weights_of(layers) -> dict[str, torch.Tensor]:
+    return {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
+
+
+DRIFT_LAYERS = 4
+
+
+def cycle_drift(layers, before: dict[str, torch.Tensor], cycles: tuple[int, ...]) -> dict[int, float]:
+    """Largest |W - W0| / max |W0| after k merge / unmerge cycles of the first few adapted layers."""
+    drift, done = {}, 0
+    sample = dict(list(layers.items())[:DRIFT_LAYERS])
+    for k in cycles:
+        for _ in range(k - done):
+            for layer in sample.values():
+                layer.merge()
+                layer.unmerge()
+        done = k
+        drift[k] = max(float((layer.get_base_layer().weight.double() - before[name].double()).abs().max() / before[name].double().abs().max()) for name, layer in sample.items())
+    return drift
+
+
+@pytest.mark.lora_matrix(quantized=False)
+def test_merge_full_precision(adapted_copy, model_spec, quant_spec, lora_device, lora_bench, request):
+    model, config, relative = adapted_copy
+    lora_bench.record("relative_update", relative, "||sBA||/||W||")
+    layers = lora_layers(model)
+    assert_delta_is_the_formula(layers, config)
+
+    before = weights_of(layers)
+    dtype = next(iter(before.values())).dtype
+    model.merge_adapter()
+    model.unmerge_adapter()
+    for name, layer in layers.items():
+        restored, delta = layer.get_base_layer().weight, expected_delta(layer, config).to(before[name].device)
+        tolerance = rounding_tolerance(dtype, before[name].double(), delta) + 2 * delta_error_bound(layer, config).to(delta.device)
+        assert ((restored.double() - before[name].double()).abs() <= tolerance).all(), f"{name}: unmerge did not restore the base"
+    for k, value in cycle_drift(layers, before, DRIFT_CYCLES).items():
+        lora_bench.record(f"merge_drift_k{k}", value, "max|W-W0|/max|W0|")
+    for name, layer in layers.items():  # the cycles drift: start the merge from the original weights
+        layer.get_base_layer().weight.data.copy_(before[name])
+
+    name, first = next(iter(layers.items()))
+    kept = first.lora_B["default"].weight[0, 0].item()
+    first.lora_B["default"].weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        first.merge(safe_merge=True)
+    first.lora_B["default"].weight.data[0, 0] = kept
+
+    ids = token_ids(model_spec, lora_device, request)
+    unmerged = logits_of(model, ids)
+    expected = {name: expected_merged(layer, config, before[name]) for name, layer in layers.items()}
+    delta_bounds = {name: delta_error_bound(layer, config) for name, layer in layers.items()}
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules()), "a LoRA layer survived merge_and_unload"
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    for name, target in expected.items():
+        weight = merged.get_submodule(adapted_module_name(name)).weight.double()
+        tolerance = (4 if config.use_dora else 1) * rounding_tolerance(dtype, before[name].double(), target - before[name].double())
+        tolerance = tolerance + delta_bounds[name].to(tolerance.device)
+        assert ((weight - target.to(weight.device)).abs() <= tolerance).all(), f"{name}: merged weight is not W + s B A"
+    agreement = record_agreement(lora_bench, unmerged, logits_of(merged, ids))
+    if dtype == torch.float32:
+        assert agreement["max_abs_err"] <= 1e-4 * (1 + float(unmerged.abs().max())), "merged float32 logits differ"
+
+
+@pytest.mark.lora_matrix(quantized=True)
+def test_merge_quantized(adapted_copy, model_spec, quant_spec, lora_device, lora_bench, request):
+    model, config, relative = adapted_copy
+    lora_bench.record("relative_update", relative, "||sBA||/||W||")
+    layers = lora_layers(model)
+    assert_delta_is_the_formula(layers, config)
+    ids = token_ids(model_spec, lora_device, request)
+    reference = logits_of(model, ids)
+    compute_dtype = getattr(torch, quant_spec.dtype)
+
+    dequantize = merge_into(build.instantiate(model_spec.config_dict(), lora_device, compute_dtype), model, config, dequantize_base=True)
+    if quant_spec.kind == "4bit":  # LLM.int8 also quantizes activations: its forward is not the compute dtype's
+        assert_layers_compute_alike(layers, dequantize, compute_dtype)
+    record_agreement(lora_bench, reference, logits_of(dequantize, ids), "_dequantize")
+    del dequantize
+
+    original = merge_into(build.full_precision_of(model_spec, quant_spec, lora_device), model, config, dequantize_base=False)
+    record_agreement(lora_bench, reference, logits_of(original, ids), "_original")
+    del original
+
+    bases = {name: dequantized(layer.get_base_layer().weight, layer.get_base_layer()) for name, layer in layers.items()}
+    expected = {name: expected_merged(layer, config, bases[name]) for name, layer in layers.items()}
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules()), "a LoRA layer survived merge_and_unload"
+    lora_bench.record("requant_err_over_update", requantization_error(merged, expected, bases), "||error||/||update||")
+    record_agreement(lora_bench, reference, logits_of(merged, ids), "_requantize")
+
+
+@torch.no_grad()
+def assert_layers_compute_alike(layers, dequantized_model, dtype) -> None:
+    """Each QLoRA layer (quantized base + adapter) against the same layer of the dequantized merge."""
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        merged_layer = dequantized_model.get_submodule(adapted_module_name(name))
+        fan_in = merged_layer.in_features if hasattr(merged_layer, "in_features") else merged_layer.nx
+        x = torch.randn(4, fan_in, generator=generator).to(merged_layer.weight.device, dtype)
+        expected, actual = layer(x).double(), merged_layer(x).double()
+        weight = merged_layer.weight.double()
+        weight = weight if weight.shape[1] == fan_in else weight.T
+        bound = 4 * torch.finfo(dtype).eps * (x.double().abs() @ weight.abs().T) + 1e-6
+        assert ((actual - expected).abs() <= bound).all(), f"{name}: dequantize-then-merge differs beyond {dtype} rounding"
+
+
+FINE_TUNE_STEPS = 60
+
+
+def task_base(trained, quant_spec, device):
+    """The trained task model stored as ``quant_spec`` (quantized in place from the trained weights)."""
+    dtype = getattr(torch, quant_spec.dtype) if quant_spec.dtype else torch.float32
+    model = build.instantiate(trained.config, device, dtype)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in trained.state.items()})
+    return quantize.quantize_model(model, quant_spec) if quant_spec.is_quantized else model
+
+
+def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, lora_bench):
+    """A model that has learnt language A, fine-tuned with LoRA on language B, then merged."""
+    trained = trained_task_model
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora_bench.describe(model="llama-3.2-1b-tiny (trained on task A)", lora=config)
+    model = peft.get_peft_model(task_base(trained, quant_spec, lora_device), config)
+    tasks.train(model, trained.task_b, FINE_TUNE_STEPS, lr=1e-3, batch=16, seq_len=64, seed=1, device=lora_device)
+    layers = lora_layers(model)
+    relative = max(float(expected_delta(l, config).norm() / dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()) for l in layers.values())
+    lora_bench.record("relative_update", relative, "||sBA||/||W||")
+    ids = trained.task_b.sample(16, 64, torch.Generator().manual_seed(7)).to(lora_device)
+    model.eval()
+    reference = logits_of(model, ids)
+    lora_bench.record("unmerged_loss_b", float(tasks.causal_loss(reference, ids)), "nats")
+
+    candidates = {}
+    if quant_spec.is_quantized:
+        original = task_base(trained, type(quant_spec)("original", "dtype", quant_spec.dtype), lora_device)
+        candidates["_original"] = merge_into(original, model, config, dequantize_base=False)
+        blank = build.instantiate(trained.config, lora_device, getattr(torch, quant_spec.dtype))
+        candidates["_dequantize"] = merge_into(blank, model, config, dequantize_base=True)
+        suffix = "_requantize"
+    else:
+        suffix = ""
+    candidates[suffix] = model.merge_and_unload()
+    for name, candidate in candidates.items():
+        logits = logits_of(candidate, ids)
+        record_agreement(lora_bench, reference, logits, name)
+        lora_bench.record(f"merged_loss_b{name}", float(tasks.causal_loss(logits, ids)), "nats")
+
+
+def first_lora(lora_matrix, model_spec):
+    """This test's adapter: the matrix's first LoRA spec (one per base is enough here)."""
+    spec = lora_matrix.loras[0]
+    return spec, peft.LoraConfig(**spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
+
+
+def test_save_and_reload(base_model, model_spec, quant_spec, lora_matrix, lora_device, lora_bench, tmp_path, request):
+    """Adapter weights survive safetensors bit for bit; a merged model saved and reloaded computes the same."""
+    from safetensors.torch import load_file
+
+    spec, config = first_lora(lora_matrix, model_spec)
+    lora_bench.describe(lora=spec)
+    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    set_relative_update(model, config, RELATIVE_UPDATE, torch.Generator().manual_seed(build.seed_for(request.node.nodeid)))
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    ours = peft.get_peft_model_state_dict(model)
+    assert saved.keys() == ours.keys() and all(torch.equal(saved[k], ours[k].cpu()) for k in saved), "adapter weights changed in safetensors"
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "adapter")
+    again = peft.get_peft_model_state_dict(reloaded)
+    assert all(torch.equal(again[k], ours[k]) for k in ours), "adapter weights changed through PeftModel.from_pretrained"
+    del reloaded
+
+    ids = token_ids(model_spec, lora_device, request)
+    merged = model.merge_and_unload()
+    merged.eval()
+    expected = logits_of(merged, ids)
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = build.model_class(model_spec.config_dict()).from_pretrained(tmp_path / "merged", dtype=merged.dtype, device_map={"": lora_device})
+    quantize.keep_cpu_layout(loaded)
+    loaded.eval()
+    ours, theirs = merged.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():  # transformers may load _keep_in_fp32_modules (T5's wo) in float32
+        assert torch.equal(theirs[key].to(value.dtype), value), f"{key} changed through save_pretrained / from_pretrained"
+    difference = float((logits_of(loaded, ids) - expected).abs().max())
+    lora_bench.record("reload_max_abs_err", difference, "logit")
+    if all(theirs[key].dtype == value.dtype for key, value in ours.items()):
+        assert difference == 0.0, f"the reloaded merged model's logits differ by {difference}"
+
+
+@pytest.mark.lora_matrix(quantized=False)
+def test_weighted_adapters(base_model, model_spec, lora_matrix, lora_bench, request):
+    """``add_weighted_adapter`` against its closed forms: ``cat`` gives sum w_i s_i B_i A_i exactly;
+    ``linear`` combines A and B separately, (sum sqrt(w_i s_i) B_i)(sum sqrt(w_i s_i) A_i), cross
+    terms included, which is not the weighted sum of the updates (recorded)."""
+    spec, config = first_lora(lora_matrix, model_spec)
+    lora_bench.describe(lora=spec)
+    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    model.add_adapter("second", config)
+    generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
+    for adapter in ("default", "second"):
+        model.set_adapter(adapter)
+        set_relative_update(model, config, RELATIVE_UPDATE, generator)
+    weights = (0.7, 0.4)
+    model.add_weighted_adapter(["default", "second"], list(weights), "cat", combination_type="cat")
+    model.add_weighted_adapter(["default", "second"], list(weights), "linear", combination_type="linear")
+    s = scaling(config)
+    worst_cross = 0.0
+    for name, layer in lora_layers(model).items():
+        a = [layer.lora_A[n].weight.double() for n in ("default", "second")]
+        b = [layer.lora_B[n].weight.double() for n in ("default", "second")]
+        weighted_sum = sum(w * s * bi @ ai for w, ai, bi in zip(weights, a, b))
+        roots = [math.sqrt(w * s) for w in weights]
+        linear = sum(r * bi for r, bi in zip(roots, b)) @ sum(r * ai for r, ai in zip(roots, a))
+        for adapter, expected in (("cat", weighted_sum), ("linear", linear)):
+            delta = layer.get_delta_weight(adapter).double()
+            delta = delta.T if config.fan_in_fan_out else delta
+            eps = torch.finfo(layer.lora_A[adapter].weight.dtype).eps  # the combined adapter is stored in its own dtype
+            assert (delta - expected).norm() <= 8 * eps * expected.norm(), f"{name}: {adapter} is not its closed form"
+        worst_cross = max(worst_cross, float((linear - weighted_sum).norm() / weighted_sum.norm()))
+    lora_bench.record("linear_vs_weighted_sum", worst_cross, "||linear - sum w dW|| / ||sum w dW||")
