@@ -136,12 +136,18 @@ def cycle_drift(layers, before: dict[str, torch.Tensor], cycles: tuple[int, ...]
     return drift
 
 
-@pytest.mark.lora_matrix(quantized=False)
-def test_merge_full_precision(adapted_copy, model_spec, quant_spec, lora_device, lora_bench, request):
+def checked_adapter(adapted_copy, lora_bench):
+    """The adapted copy's LoRA layers, once their update is recorded and peft's delta checked."""
     model, config, relative = adapted_copy
     lora_bench.record("relative_update", relative, "||sBA||/||W||")
     layers = lora_layers(model)
     assert_delta_is_the_formula(layers, config)
+    return model, config, layers
+
+
+@pytest.mark.lora_matrix(quantized=False)
+def test_merge_full_precision(adapted_copy, model_spec, quant_spec, lora_device, lora_bench, request):
+    model, config, layers = checked_adapter(adapted_copy, lora_bench)
 
     before = weights_of(layers)
     dtype = next(iter(before.values())).dtype
@@ -182,10 +188,7 @@ def test_merge_full_precision(adapted_copy, model_spec, quant_spec, lora_device,
 
 @pytest.mark.lora_matrix(quantized=True)
 def test_merge_quantized(adapted_copy, model_spec, quant_spec, lora_device, lora_bench, request):
-    model, config, relative = adapted_copy
-    lora_bench.record("relative_update", relative, "||sBA||/||W||")
-    layers = lora_layers(model)
-    assert_delta_is_the_formula(layers, config)
+    model, config, layers = checked_adapter(adapted_copy, lora_bench)
     ids = token_ids(model_spec, lora_device, request)
     reference = logits_of(model, ids)
     compute_dtype = getattr(torch, quant_spec.dtype)
