@@ -67,6 +67,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("suites", "directory of the benchmark suites that --lora-bench runs when no path is given.", metavar="DIR", default="suites"),
     Option("rounds", "timed training steps per config (default 10 on a GPU, 5 on the CPU).", metavar="N"),
     Option("warmup", "untimed training steps before the timed ones (default 3 on a GPU, 1 on the CPU).", metavar="N"),
+    Option("seeds", "seeds of the forgetting experiment (default 3).", metavar="N", default="3"),
+    Option("forget_data", "text or JSONL whose held-out loss measures forgetting (with a checkpoint in --lora-models).", metavar="PATH"),
+    Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH"),
     Option(
         "peak",
         "the device's dense bf16 peak for MFU: auto (a table of known GPUs, else measured), measure "

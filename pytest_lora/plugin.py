@@ -53,6 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = lora
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
+        lora.data_checkpoint()
     if lora.bench and config.args_source != pytest.Config.ArgsSource.ARGS:
         suites = lora.path_setting("suites")
         if not suites.is_dir():
@@ -201,7 +202,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
     writer = terminalreporter
     terminal = config.get_terminal_writer()
-    width = terminal.fullwidth if terminal.hasmarkup else 200  # logs are read wide, not wrapped
+    width = terminal.fullwidth if terminal.hasmarkup else 1000  # logs are read wide, not squeezed
     text = table.render_terminal(store.records, width, terminal.hasmarkup)
     writer.write_sep("=", "pytest-lora results")
     for line in text.rstrip("\n").splitlines():

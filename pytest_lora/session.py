@@ -42,6 +42,7 @@ class LoraSession:
         self.build_seconds: dict[tuple[str, str, str], float] = {}
         self._check_device_name()
         self._check_timing_options()
+        self._check_data_options()
 
     # ----------------------------------------------------------------- options
 
@@ -52,7 +53,7 @@ class LoraSession:
     @property
     def configured(self) -> bool:
         """Whether the user asked for pytest-lora at all (bench or any option of the matrix)."""
-        names = (*MATRIX_OPTIONS, "matrix", "device")
+        names = (*MATRIX_OPTIONS, "matrix", "device", "forget_data", "learn_data")
         return self.bench or any(self.settings[name].is_set for name in names)
 
     def path_setting(self, name: str) -> Path:
@@ -69,7 +70,7 @@ class LoraSession:
     # ----------------------------------------------------------------- timing
 
     def _check_timing_options(self) -> None:
-        for name, smallest in (("rounds", 1), ("warmup", 0)):
+        for name, smallest in (("rounds", 1), ("warmup", 0), ("seeds", 1)):
             setting = self.settings[name]
             if setting.value is not None and not (str(setting.value).isdigit() and int(setting.value) >= smallest):
                 raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a step count; allowed: an integer >= {smallest}")
@@ -102,6 +103,28 @@ class LoraSession:
 
         known = timing.table_peak(torch.cuda.get_device_name()) if choice == "auto" else None
         return known or timing.measured_peak(self.device)
+
+    # ----------------------------------------------------------------- the forgetting experiment's data
+
+    def _check_data_options(self) -> None:
+        forget, learn = self.settings["forget_data"], self.settings["learn_data"]
+        if bool(forget.value) != bool(learn.value):
+            given, missing = (forget, learn) if forget.value else (learn, forget)
+            raise pytest.UsageError(f"{given.describe()}: {given.value!r} needs {missing.option.cli} too; allowed: both or neither")
+        for setting in (forget, learn):
+            if setting.value and not self.path_setting(setting.option.name).is_file():
+                raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} does not exist; allowed: a text or JSONL file")
+
+    def data_checkpoint(self) -> str | None:
+        """The checkpoint the user's forget / learn data go with (``None`` for the synthetic tasks)."""
+        if not self.settings["forget_data"].value:
+            return None
+        checkpoints = [m for m in self.matrix.models if m.kind == "checkpoint"]
+        if len(checkpoints) != 1:
+            setting = self.settings["forget_data"]
+            raise pytest.UsageError(f"{setting.describe()}: the data need one local checkpoint in --lora-models (its tokenizer "
+                                    f"reads them); found {len(checkpoints)}; allowed: exactly one checkpoint directory")
+        return checkpoints[0].path
 
     # ----------------------------------------------------------------- device
 

@@ -1,4 +1,5 @@
-"""Fixtures shared by the suites: a small model that has really learnt a synthetic language."""
+"""Fixtures shared by the suites: a small model that has really learnt a synthetic language, and
+the forgetting experiment built on it (or on the user's own checkpoint and data)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ from typing import Any
 
 import pytest
 
+# A registry architecture small enough to train to competence in seconds: tiny on the CPU, the
+# real OPT-125M shape on a GPU.
+TASK_MODELS = {"cpu": "llama-3.2-1b-tiny", "cuda": "opt-125m"}
+TASK_VOCAB = 256
+PRETRAIN_STEPS = {"cpu": 300, "cuda": 600}
+
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A tiny Llama trained on task A: its architecture, float32 weights (on the CPU) and the tasks."""
+    """A model trained on task A: its name, architecture, float32 weights (on the CPU) and the tasks."""
 
+    name: str
     config: dict[str, Any]
     state: dict[str, Any]
     task_a: Any
@@ -21,18 +29,36 @@ class TrainedModel:
 
 @pytest.fixture(scope="session")
 def trained_task_model(lora_device: str) -> TrainedModel:
-    """``llama-3.2-1b-tiny`` trained for 300 steps on Markov language A (batch 16 x 64 tokens);
-    task B is A's dialect (the same successors, the most likely one rotated)."""
+    """The task model trained on Markov language A (batch 16 x 64 tokens, AdamW 3e-3); task B is
+    A's dialect (the same successors, the most likely one rotated)."""
     import torch
 
     from pytest_lora.measure import tasks
     from pytest_lora.models import build, registry
 
-    config = registry.load_config_dict("llama-3.2-1b-tiny")
-    torch.manual_seed(build.seed_for("trained_task_model"))
+    name = TASK_MODELS[lora_device]
+    config = registry.load_config_dict(name)
+    vocab = min(TASK_VOCAB, config["vocab_size"])
+    torch.manual_seed(build.seed_for("trained_task_model", name))
     model = build.instantiate(config, lora_device, torch.float32)
-    task_a = tasks.MarkovTask("A", config["vocab_size"], seed=1)
-    task_b = tasks.MarkovTask("B", config["vocab_size"], seed=1, rotation=1)  # A's dialect
-    losses = tasks.train(model, task_a, 300, lr=3e-3, batch=16, seq_len=64, seed=0, device=lora_device)
-    state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
-    return TrainedModel(config, state, task_a, task_b, losses)
+    task_a = tasks.MarkovTask("A", vocab, seed=1)
+    task_b = tasks.MarkovTask("B", vocab, seed=1, rotation=1)
+    losses = tasks.train(model, task_a.sampler(16, 64), PRETRAIN_STEPS[lora_device], lr=3e-3, seed=0, device=lora_device)
+    state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+    return TrainedModel(f"{name} (trained on A)", config, state, task_a, task_b, losses)
+
+
+@pytest.fixture(scope="session")
+def forgetting_experiment(lora_session, lora_device: str, request):
+    """The user's checkpoint and data when --lora-forget-data / --lora-learn-data are given, else
+    the synthetic experiment on the trained task model."""
+    from pytest_lora.measure import forgetting
+
+    checkpoint = lora_session.data_checkpoint()
+    if checkpoint is not None:
+        forget, learn = lora_session.path_setting("forget_data"), lora_session.path_setting("learn_data")
+        return forgetting.data_experiment(checkpoint, forget, learn, lora_device)
+    trained = request.getfixturevalue("trained_task_model")
+    experiment = forgetting.synthetic_experiment(trained.config, trained.state, trained.task_a, trained.task_b, lora_device)
+    experiment.name = trained.name
+    return experiment

@@ -241,9 +241,9 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
     """A model that has learnt language A, fine-tuned with LoRA on language B, then merged."""
     trained = trained_task_model
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    lora_bench.describe(model="llama-3.2-1b-tiny (trained on task A)", lora=config)
+    lora_bench.describe(model=trained.name, lora=config)
     model = peft.get_peft_model(task_base(trained, quant_spec, lora_device), config)
-    tasks.train(model, trained.task_b, FINE_TUNE_STEPS, lr=1e-3, batch=16, seq_len=64, seed=1, device=lora_device)
+    tasks.train(model, trained.task_b.sampler(16, 64), FINE_TUNE_STEPS, lr=1e-3, seed=1, device=lora_device)
     layers = lora_layers(model)
     relative = max(float(expected_delta(l, config).norm() / dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()) for l in layers.values())
     lora_bench.record("relative_update", relative, "||sBA||/||W||")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 from torch import nn
@@ -61,6 +62,10 @@ class MarkovTask:
     def best_accuracy(self) -> float:
         return max(self.probabilities)
 
+    def sampler(self, batch: int, seq_len: int) -> Callable[[torch.Generator], torch.Tensor]:
+        """Batches of this task for ``train``."""
+        return lambda generator: self.sample(batch, seq_len, generator)
+
     def sample(self, batch: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
         """``batch`` sequences of ``seq_len`` tokens, starting from uniform random tokens."""
         ids = torch.empty(batch, seq_len, dtype=torch.long)
@@ -91,14 +96,15 @@ def evaluate(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
     return float(causal_loss(logits, ids)), next_token_accuracy(logits, ids)
 
 
-def train(model: nn.Module, task: MarkovTask, steps: int, *, lr: float, batch: int, seq_len: int, seed: int, device: str) -> list[float]:
-    """AdamW on the causal loss over the trainable parameters; returns the loss of each step."""
+def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float, seed: int, device: str) -> list[float]:
+    """AdamW on the causal loss over the trainable parameters, one ``sample(generator)`` batch per
+    step; returns the loss of each step."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
     for _ in range(steps):
-        ids = task.sample(batch, seq_len, generator).to(device)
+        ids = sample(generator).to(device)
         loss = causal_loss(model(input_ids=ids).logits, ids)
         loss.backward()
         optimizer.step()

@@ -2,7 +2,8 @@
 
 ``<dir>/<run-id>.json`` and ``<dir>/latest.json`` hold the same document (schema in DESIGN.md):
 run provenance, the machine, and one record per measured test. When the run ends, the tables
-go next to them as markdown (``<run-id>.md``, ``latest.md``), ready to publish. Each write goes to a temporary
+go next to them as markdown (``<run-id>.md``, ``latest.md``), ready to publish, with the
+learning / forgetting plot when the run measured forgetting (``<run-id>-forgetting.png``). Each write goes to a temporary
 file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
 run killed half-way) only ever sees a complete document with the records measured so far.
 
@@ -55,6 +56,9 @@ class ResultsStore:
         tables = f"# pytest-lora run {self.run['id']}\n\n{_machine_line(self.machine)}\n\n{render_markdown(self.records)}"
         atomic_write_text(self.run_path.with_suffix(".md"), tables)
         atomic_write_text(self.latest_path.with_suffix(".md"), tables)
+        from .plots import write_forgetting_plot
+
+        write_forgetting_plot(self.records, [self.directory / f"{self.run['id']}-forgetting.png", self.directory / "latest-forgetting.png"])
 
     def write(self) -> None:
         document = self.document()

@@ -63,6 +63,8 @@ def _case_cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
     if column == "lora":
+        if value.get("r") is None:  # not an adapter: full fine-tuning
+            return str(value.get("variant") or value.get("targets"))
         targets = value["targets"] if isinstance(value["targets"], str) else ",".join(value["targets"])
         variant = "" if value.get("variant") in (None, "lora") else f" {value['variant']}"
         return f"r{value['r']} a{format_value(value['alpha'])} {targets}{variant}"

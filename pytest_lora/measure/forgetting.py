@@ -1,0 +1,180 @@
+"""Forgetting and learning: what fine-tuning on task B costs on task A, for LoRA and full fine-tuning.
+
+Following peft's method_comparison and Biderman et al. 2024 ("LoRA Learns Less and Forgets
+Less"): forgetting is the held-out causal loss on A after fine-tuning minus before, learning is
+the held-out loss on B before minus after. "Before" is the base itself (peft #3419 found it taken
+from a model that wasn't the base), and the loss is shifted (position t predicts t + 1).
+
+LoRA and full fine-tuning get a matched budget: the same steps, batches, tokens, optimizer
+(AdamW) and learning rate. Every run starts from the same base weights and is repeated with
+several seeds (batches and adapter initialisation), so that the difference between the methods
+comes with a spread.
+
+An experiment is either synthetic (a small model trained on a Markov language A, task B its
+dialect) or the user's: a local checkpoint, text to forget and text to learn, tokenised with the
+checkpoint's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import peft
+import torch
+from torch import nn
+
+from ..models import build, registry
+from . import tasks
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs: how to rebuild the base, held-out sets, and how to draw B batches."""
+
+    name: str
+    make_base: Callable[[], nn.Module]
+    forget_eval: torch.Tensor
+    learn_eval: torch.Tensor
+    learn_batches: Callable[[torch.Generator], torch.Tensor]
+    facts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Held-out losses and accuracies on the forget (A) and learn (B) sets, before and after."""
+
+    forget_before: float
+    forget_after: float
+    learn_before: float
+    learn_after: float
+    forget_accuracy_after: float
+    learn_accuracy_after: float
+
+    @property
+    def forgetting(self) -> float:
+        return self.forget_after - self.forget_before
+
+    @property
+    def learning(self) -> float:
+        return self.learn_before - self.learn_after
+
+
+def measure(model: nn.Module, experiment: Experiment, before: tuple[float, float]) -> Outcome:
+    forget_loss, forget_accuracy = tasks.evaluate(model, experiment.forget_eval)
+    learn_loss, learn_accuracy = tasks.evaluate(model, experiment.learn_eval)
+    return Outcome(before[0], forget_loss, before[1], learn_loss, forget_accuracy, learn_accuracy)
+
+
+def baseline(experiment: Experiment) -> tuple[float, float]:
+    """Held-out losses of the base itself on the forget and learn sets."""
+    base = experiment.make_base()
+    return tasks.evaluate(base, experiment.forget_eval)[0], tasks.evaluate(base, experiment.learn_eval)[0]
+
+
+@dataclass(frozen=True)
+class LoraRun:
+    outcome: Outcome
+    adapter_off_is_base: bool
+    base_unchanged: bool
+
+
+def run_lora(experiment: Experiment, lora_config: peft.LoraConfig, seed: int, steps: int, lr: float, device: str) -> LoraRun:
+    """Fine-tune a fresh base with LoRA on B; also check that the base underneath is untouched."""
+    torch.manual_seed(seed)
+    base = experiment.make_base()
+    base.eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=experiment.forget_eval).logits
+    weights = {name: value.detach().clone() for name, value in base.state_dict().items()}
+    model = peft.get_peft_model(base, lora_config)
+    tasks.train(model, experiment.learn_batches, steps, lr=lr, seed=seed, device=device)
+    outcome = measure(model, experiment, baseline_of(experiment))
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        adapter_off = torch.equal(model(input_ids=experiment.forget_eval).logits, base_logits)
+    after = {name.replace(".base_layer", ""): value for name, value in model.get_base_model().state_dict().items() if "lora_" not in name}
+    unchanged = after.keys() == weights.keys() and all(torch.equal(after[name], value) for name, value in weights.items())
+    return LoraRun(outcome, adapter_off, unchanged)
+
+
+def run_full(experiment: Experiment, seed: int, steps: int, lr: float, device: str) -> Outcome:
+    """Fine-tune every weight of a fresh base on B with the same budget."""
+    torch.manual_seed(seed)
+    model = experiment.make_base()
+    model.requires_grad_(True)
+    tasks.train(model, experiment.learn_batches, steps, lr=lr, seed=seed, device=device)
+    return measure(model, experiment, baseline_of(experiment))
+
+
+def baseline_of(experiment: Experiment) -> tuple[float, float]:
+    """The base's held-out losses, computed once per experiment."""
+    if "forget_before" not in experiment.facts:
+        experiment.facts["forget_before"], experiment.facts["learn_before"] = baseline(experiment)
+    return experiment.facts["forget_before"], experiment.facts["learn_before"]
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def synthetic_experiment(config: dict[str, Any], state: dict[str, torch.Tensor], task_a: tasks.MarkovTask, task_b: tasks.MarkovTask,
+                         device: str, batch: int = 16, seq_len: int = 64, held_out: int = 32) -> Experiment:
+    """A base trained on Markov language A; B is A's dialect; held-out sets drawn with their own seeds."""
+
+    def make_base() -> nn.Module:
+        model = build.instantiate(config, device, torch.float32)
+        model.load_state_dict(state)
+        return model
+
+    forget_eval = task_a.sample(held_out, seq_len, torch.Generator().manual_seed(10_001)).to(device)
+    learn_eval = task_b.sample(held_out, seq_len, torch.Generator().manual_seed(10_002)).to(device)
+    facts = {"entropy": task_a.entropy, "uniform_loss": task_a.uniform_loss, "best_accuracy": task_a.best_accuracy}
+    return Experiment(f"{task_a.name} -> {task_b.name}", make_base, forget_eval, learn_eval, task_b.sampler(batch, seq_len), facts)
+
+
+def read_texts(path: Path) -> list[str]:
+    """A JSONL file's ``text`` fields, or a text file's paragraphs (separated by blank lines)."""
+    content = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in content.splitlines() if line.strip()]
+    return [part.strip() for part in content.split("\n\n") if part.strip()]
+
+
+def blocks(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+    """The texts tokenised, concatenated and cut into ``seq_len`` token blocks."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ValueError(f"{len(ids)} tokens: too few for one block of {seq_len}")
+    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
+
+
+def data_experiment(checkpoint: str, forget_path: Path, learn_path: Path, device: str, batch: int = 8, seq_len: int = 64) -> Experiment:
+    """The user's checkpoint; held-out loss on the forget text; learn text split 90 / 10."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    forget = blocks(tokenizer, read_texts(forget_path), seq_len).to(device)
+    learn = blocks(tokenizer, read_texts(learn_path), seq_len)
+    cut = max(1, len(learn) // 10)
+    train, learn_eval = learn[cut:] if len(learn) > 1 else learn, learn[:cut].to(device)
+    config_dict = registry.load_config_dict(checkpoint)
+    cls = build.model_class(config_dict)
+
+    def make_base() -> nn.Module:
+        return cls.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": device})
+
+    def learn_batches(generator: torch.Generator) -> torch.Tensor:
+        return train[torch.randint(0, len(train), (batch,), generator=generator)]
+
+    return Experiment(f"{Path(forget_path).name} -> {Path(learn_path).name}", make_base, forget, learn_eval, learn_batches)

@@ -1,0 +1,136 @@
+"""The forgetting experiment's parts: the shifted loss against a hand computation, the synthetic
+languages against their definition, pretraining that really learns, the suite on a user's own
+checkpoint and text, and the suite failing when the adapter can't be switched off."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_lora.measure import tasks
+from pytest_lora.models import build, registry
+
+SUITE = Path(__file__).parents[1] / "suites" / "test_forgetting.py"
+CONFTEST = Path(__file__).parents[1] / "suites" / "conftest.py"
+
+
+def test_causal_loss_by_hand():
+    """Position t predicts token t + 1: two positions, vocabulary 3."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
+    ids = torch.tensor([[1, 0, 2]])  # position 0 must predict ids[1] = 0, position 1 ids[2] = 2; the last logits are unused
+    by_hand = (-(2.0 - math.log(math.exp(2) + 2)) + -(0.0 - math.log(math.exp(1) + 2))) / 2
+    assert float(tasks.causal_loss(logits, ids)) == pytest.approx(by_hand)
+    assert tasks.next_token_accuracy(logits, ids) == 0.5  # position 0 guesses 0 (right), position 1 guesses 1 (wrong)
+
+
+def test_markov_language_follows_its_definition():
+    task = tasks.MarkovTask("A", 32, seed=3)
+    assert task.entropy == pytest.approx(-sum(p * math.log(p) for p in (0.55, 0.25, 0.15, 0.05)))
+    assert torch.allclose(task.transition.sum(1), torch.ones(32, dtype=torch.float64))
+    ids = task.sample(400, 50, torch.Generator().manual_seed(0))
+    pairs = torch.stack([ids[:, :-1].reshape(-1), ids[:, 1:].reshape(-1)])
+    counts = torch.zeros(32, 32, dtype=torch.float64).index_put_((pairs[0], pairs[1]), torch.ones(pairs.shape[1], dtype=torch.float64), accumulate=True)
+    visited = counts.sum(1) >= 300  # rows seen often enough for a 0.05 tolerance
+    empirical = counts[visited] / counts[visited].sum(1, keepdim=True)
+    assert visited.sum() >= 8 and (empirical - task.transition[visited]).abs().max() < 0.05
+    dialect = tasks.MarkovTask("B", 32, seed=3, rotation=1)
+    assert torch.equal(dialect.successors.sort(1).values, task.successors.sort(1).values)
+    assert torch.equal(dialect.successors[:, 1], task.successors[:, 0])  # A's favourite is B's second
+
+
+def test_pretraining_really_learns_task_a():
+    config = registry.load_config_dict("llama-3.2-1b-tiny")
+    torch.manual_seed(0)
+    model = build.instantiate(config, "cpu", torch.float32)
+    task = tasks.MarkovTask("A", 256, seed=1)
+    losses = tasks.train(model, task.sampler(16, 64), 300, lr=3e-3, seed=0, device="cpu")
+    loss, accuracy = tasks.evaluate(model, task.sample(32, 64, torch.Generator().manual_seed(5)))
+    assert losses[0] == pytest.approx(task.uniform_loss, abs=0.3)  # starts at a uniform guess, ln 256
+    assert loss < task.entropy + 0.25 * (task.uniform_loss - task.entropy)  # well below ln 256 = 5.55, near 1.11
+    assert accuracy > 0.8 * task.best_accuracy
+
+
+@pytest.fixture
+def forgetting_suite(suite, pytester):
+    (pytester.path / "suites").mkdir(exist_ok=True)
+    (pytester.path / "suites" / "conftest.py").write_text(CONFTEST.read_text())
+    return suite(SUITE.read_text(), name="test_forgetting_copy.py")
+
+
+def records(pytester):
+    return json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+
+
+def test_the_suite_compares_lora_with_full_finetuning(pytester, forgetting_suite):
+    result = pytester.runpytest("--lora-bench", "--lora-ranks=4", "--lora-targets=all-linear", "--lora-seeds=2")
+    result.assert_outcomes(passed=4)
+    by_test = {r["test"].split("::")[1].split("[")[0] + r["test"][r["test"].find("["):]: r for r in records(pytester)}
+    lora = next(r for name, r in by_test.items() if name.startswith("test_forgetting_lora"))
+    assert lora["metrics"]["seeds"] == 2
+    assert {"forgetting_delta_loss", "learning_delta_loss", "forgetting_minus_full", "learning_minus_full"} <= set(lora["metrics"])
+    assert lora["metrics"]["learning_delta_loss"] > 0  # it learnt B
+    plot = pytester.path / "results" / "latest-forgetting.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_suite_fails_when_the_adapter_cannot_be_switched_off(pytester, forgetting_suite):
+    pytester.makeconftest(
+        """
+        import contextlib
+        import peft
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def stuck_adapter(monkeypatch):
+            monkeypatch.setattr(peft.PeftModel, "disable_adapter", lambda self: contextlib.nullcontext())
+        """
+    )
+    result = pytester.runpytest("--lora-bench", "--lora-ranks=4", "--lora-targets=all-linear", "--lora-seeds=1", "-k", "lora")
+    result.assert_outcomes(failed=1, deselected=3)
+    result.stdout.fnmatch_lines(["*disabling the adapter did not give back the base*"])
+
+
+def save_checkpoint_with_tokenizer(directory: Path) -> None:
+    """A tiny Llama and a word-level tokenizer over its 256-token vocabulary, saved offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>"] + [f"w{i}" for i in range(255)]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(directory)
+    torch.manual_seed(0)
+    build.instantiate(registry.load_config_dict("llama-3.2-1b-tiny"), "cpu", torch.float32).save_pretrained(directory)
+
+
+def test_own_checkpoint_and_data(pytester, forgetting_suite, tmp_path):
+    checkpoint = tmp_path / "my-model"
+    save_checkpoint_with_tokenizer(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    sentence = lambda: " ".join(f"w{int(i)}" for i in torch.randint(0, 60, (40,), generator=generator))  # noqa: E731
+    (tmp_path / "old.txt").write_text("\n\n".join(sentence() for _ in range(20)))
+    (tmp_path / "new.jsonl").write_text("\n".join(json.dumps({"text": sentence().replace("w1 ", "w200 ")}) for _ in range(40)))
+    args = (f"--lora-models={checkpoint}", f"--lora-forget-data={tmp_path / 'old.txt'}", f"--lora-learn-data={tmp_path / 'new.jsonl'}")
+    result = pytester.runpytest("--lora-bench", "--lora-quant=fp32", "--lora-ranks=4", "--lora-targets=q_proj,v_proj", "--lora-seeds=1", *args)
+    result.assert_outcomes(passed=4)
+    assert {r["model"] for r in records(pytester)} == {"old.txt -> new.jsonl"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora-forget-data=old.txt"], "--lora-forget-data: 'old.txt' needs --lora-learn-data too; allowed: both or neither"),
+        (["--lora-forget-data=old.txt", "--lora-learn-data=none.txt"], "--lora-learn-data: 'none.txt' does not exist; allowed: a text or JSONL file"),
+        (["--lora-forget-data=old.txt", "--lora-learn-data=old.txt"], "--lora-forget-data: the data need one local checkpoint in --lora-models*found 0*"),
+        (["--lora-seeds=0"], "--lora-seeds: '0' is not a step count; allowed: an integer >= 1"),
+    ],
+)
+def test_bad_data_options(pytester, args, message):
+    (pytester.path / "old.txt").write_text("some text")
+    result = pytester.runpytest("--lora-bench", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
