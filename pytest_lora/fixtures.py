@@ -104,9 +104,14 @@ def lora_bench(request: pytest.FixtureRequest) -> Recorder:
 SUITE_MARKERS = ("params", "memory", "step_time", "merge", "forgetting")
 
 
+def suite_of(item: pytest.Item) -> str | None:
+    """The benchmark suite an item belongs to: its suite marker, if any."""
+    return next((name for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+
+
 def new_recorder(item: pytest.Item) -> Recorder:
     """A recorder for ``item``: its suite (marker or module name) and its matrix case."""
-    suite = next((name for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+    suite = suite_of(item)
     if suite is None:
         suite = item.path.stem.removeprefix("test_") if item.path else item.name
     params = getattr(getattr(item, "callspec", None), "params", {})

@@ -16,7 +16,6 @@ from . import options
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
     SESSION_KEY,
-    SUITE_MARKERS,
     base_model,
     lora_bench,
     lora_config,
@@ -25,6 +24,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     lora_model,
     lora_session,
     new_recorder,
+    suite_of,
 )
 from .session import LoraSession
 
@@ -91,13 +91,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not lora.bench:
         skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
         for item in items:
-            if _suite_of(item):
+            if suite_of(item):
                 item.add_marker(skip)
-    _check_targets(lora, [item for item in items if lora.bench or not _suite_of(item)])
-
-
-def _suite_of(item: pytest.Item) -> str | None:
-    return next((name for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+    _check_targets(lora, [item for item in items if lora.bench or not suite_of(item)])
 
 
 def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:

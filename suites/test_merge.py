@@ -50,6 +50,7 @@ from pytest_lora.matrix import WorkloadSpec
 from pytest_lora.measure import tasks
 from pytest_lora.measure.merge import (
     adapted_module_name,
+    cycle_drift,
     delta_error_bound,
     dequantized,
     expected_delta,
@@ -117,23 +118,6 @@ def record_agreement(lora_bench, reference: torch.Tensor, logits: torch.Tensor, 
 
 def weights_of(layers) -> dict[str, torch.Tensor]:
     return {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
-
-
-DRIFT_LAYERS = 4
-
-
-def cycle_drift(layers, before: dict[str, torch.Tensor], cycles: tuple[int, ...]) -> dict[int, float]:
-    """Largest |W - W0| / max |W0| after k merge / unmerge cycles of the first few adapted layers."""
-    drift, done = {}, 0
-    sample = dict(list(layers.items())[:DRIFT_LAYERS])
-    for k in cycles:
-        for _ in range(k - done):
-            for layer in sample.values():
-                layer.merge()
-                layer.unmerge()
-        done = k
-        drift[k] = max(float((layer.get_base_layer().weight.double() - before[name].double()).abs().max() / before[name].double().abs().max()) for name, layer in sample.items())
-    return drift
 
 
 def checked_adapter(adapted_copy, lora_bench):

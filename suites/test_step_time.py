@@ -32,24 +32,12 @@ import pytest
 import torch
 
 from pytest_lora.measure.flops import lora_step_flops
-from pytest_lora.measure.timing import StepTimer, TimingStats
+from pytest_lora.measure.timing import StepTimer, TimingStats, timing_metrics
 from pytest_lora.measure.train import TrainStep, checkpointing, compiled, synthetic_batch
 from pytest_lora.models import adapters
 from pytest_lora.models.build import seed_for
 
 pytestmark = pytest.mark.step_time
-
-
-def timing_metrics(stats: TimingStats, tokens: int, flops: int, peak: float | None) -> dict[str, tuple[float | None, str]]:
-    return {
-        "step_time_median_s": (stats.median, "s"),
-        "step_time_iqr_s": (stats.iqr, "s"),
-        "step_time_min_s": (stats.min, "s"),
-        "step_time_rounds": (stats.rounds, "steps"),
-        "tokens_per_s": (tokens / stats.median, "tokens/s"),
-        "flops_per_step": (flops, "FLOP"),
-        "mfu": (flops / stats.median / peak if peak else None, "fraction of peak"),
-    }
 
 
 def record(lora_bench, benchmark, metrics: dict[str, tuple[float | None, str]]) -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from pytest_lora.measure import merge
 from pytest_lora.measure.merge import delta_error_bound, expected_delta, expected_merged, rounding_tolerance
 
 SUITE = Path(__file__).parents[1] / "suites" / "test_merge.py"
@@ -102,3 +103,72 @@ def test_the_merge_suite_fails_on_a_wrong_merge(pytester, merge_suite, wrong):
     result = pytester.runpytest(*ARGS)
     result.assert_outcomes(failed=2, deselected=5)
     result.stdout.fnmatch_lines(["FAILED*test_merge_full_precision[[]llama-3.2-1b-tiny-fp32-*", "FAILED*test_merge_quantized[[]llama-3.2-1b-tiny-nf4-*"])
+
+
+# --------------------------------------------------------------------------- the recorded metrics
+
+
+def test_logits_agreement_by_hand():
+    reference = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
+    other = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])
+    p, q = torch.softmax(torch.tensor([2.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    kl_second = float((p * (p.log() - q.log())).sum())  # the first position agrees exactly: KL 0
+    agreement = merge.logits_agreement(reference, other)
+    assert agreement["max_abs_err"] == 2.0
+    assert agreement["kl"] == pytest.approx(kl_second / 2)
+    assert agreement["top1"] == 0.5  # position 0 ties (argmax 0 both), position 1 disagrees
+
+
+def adapted_pair(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = OneLayer(nn.Linear(32, 24).to(dtype))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"])
+    return peft.get_peft_model(model, config), config
+
+
+def test_relative_update_is_what_was_asked():
+    model, config = adapted_pair()
+    largest = merge.set_relative_update(model, config, 0.01, torch.Generator().manual_seed(1))
+    layer = model.base_model.model.proj
+    by_hand = (config.lora_alpha / config.r) * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+    assert float(by_hand.norm() / layer.get_base_layer().weight.norm()) == pytest.approx(0.01, rel=1e-5)
+    assert largest == pytest.approx(0.01, rel=1e-5)
+
+
+def test_requantization_error_reads_what_the_merge_lost():
+    model, config = adapted_pair()
+    merge.set_relative_update(model, config, 0.01, torch.Generator().manual_seed(1))
+    layer = model.base_model.model.proj
+    name = "base_model.model.proj"
+    original = layer.get_base_layer().weight.detach().clone()
+    expected = {name: merge.expected_merged(layer, config, original)}
+    merged = model.merge_and_unload()
+    assert merge.requantization_error(merged, expected, {name: original}) < 1e-5  # float32: nothing lost
+    update = expected[name] - original.double()
+    with torch.no_grad():
+        merged.proj.weight += (0.5 * update).float()  # as if half the update were rounded away twice over
+    assert merge.requantization_error(merged, expected, {name: original}) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_cycle_drift_reads_what_unmerging_leaves():
+    model, config = adapted_pair()
+    merge.set_relative_update(model, config, 0.01, torch.Generator().manual_seed(1))
+    layers = merge.lora_layers(model)
+    before = {n: l.get_base_layer().weight.detach().clone() for n, l in layers.items()}
+    assert max(merge.cycle_drift(layers, before, (1, 10)).values()) < 1e-6  # float32 merges and unmerges cleanly
+    layer = next(iter(layers.values()))
+    real_unmerge = type(layer).unmerge
+
+    def leaky_unmerge(self):
+        real_unmerge(self)
+        with torch.no_grad():
+            self.get_base_layer().weight += 1e-3  # leaves a residue each cycle
+
+    type(layer).unmerge = leaky_unmerge
+    try:
+        drift = merge.cycle_drift(layers, {n: w.clone() for n, w in before.items()}, (1, 10))
+    finally:
+        type(layer).unmerge = real_unmerge
+    scale = float(before[next(iter(before))].abs().max())
+    assert drift[1] == pytest.approx(1e-3 / scale, rel=0.01)
+    assert drift[10] == pytest.approx(10e-3 / scale, rel=0.01)

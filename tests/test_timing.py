@@ -162,3 +162,12 @@ def test_compile_is_a_workload_dimension():
         assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
         assert wrapped._orig_mod is layer
     assert WorkloadSpec(128, 2, compile=True).id == "b2xs128-compile"
+
+
+def test_tokens_per_second_and_mfu_from_the_median():
+    stats = timing.TimingStats.of([0.5, 0.25, 0.75])
+    metrics = timing.timing_metrics(stats, tokens=4096, flops=2 * 10**14, peak=989.4e12)
+    assert metrics["step_time_median_s"] == (0.5, "s")
+    assert metrics["tokens_per_s"] == (8192.0, "tokens/s")
+    assert metrics["mfu"][0] == pytest.approx(2e14 / 0.5 / 989.4e12)  # 0.404
+    assert timing.timing_metrics(stats, 4096, 2 * 10**14, None)["mfu"][0] is None  # no peak on the CPU: empty, not zero

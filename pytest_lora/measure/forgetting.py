@@ -40,7 +40,8 @@ class Experiment:
     forget_eval: torch.Tensor
     learn_eval: torch.Tensor
     learn_batches: Callable[[torch.Generator], torch.Tensor]
-    facts: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, float] = field(default_factory=dict)  # what is known of the tasks (entropy, ...)
+    before: tuple[float, float] | None = None  # the base's held-out losses, measured once
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ def run_full(experiment: Experiment, seed: int, steps: int, lr: float, device: s
 
 def baseline_of(experiment: Experiment) -> tuple[float, float]:
     """The base's held-out losses, computed once per experiment."""
-    if "forget_before" not in experiment.facts:
-        experiment.facts["forget_before"], experiment.facts["learn_before"] = baseline(experiment)
-    return experiment.facts["forget_before"], experiment.facts["learn_before"]
+    if experiment.before is None:
+        experiment.before = baseline(experiment)
+    return experiment.before
 
 
 def summary(values: list[float]) -> tuple[float, float]:

@@ -23,6 +23,7 @@ import bitsandbytes as bnb
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -98,6 +99,24 @@ def set_relative_update(model: nn.Module, lora_config: Any, relative: float, gen
     return largest
 
 
+def cycle_drift(layers: dict[str, LoraLayer], before: dict[str, torch.Tensor], cycles: tuple[int, ...], sample: int = 4) -> dict[int, float]:
+    """Largest |W - W0| / max |W0| after k merge / unmerge cycles of the first ``sample`` layers,
+    for each k in ``cycles`` (increasing; the cycles accumulate)."""
+    drift, done = {}, 0
+    chosen = dict(list(layers.items())[:sample])
+    for k in cycles:
+        for _ in range(k - done):
+            for layer in chosen.values():
+                layer.merge()
+                layer.unmerge()
+        done = k
+        drift[k] = max(
+            float((layer.get_base_layer().weight.double() - before[name].double()).abs().max() / before[name].double().abs().max())
+            for name, layer in chosen.items()
+        )
+    return drift
+
+
 def logits_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     """Largest absolute logit difference, mean KL(reference || other) of next-token distributions,
     and how often the top-1 token agrees."""
@@ -125,8 +144,6 @@ def merge_into(target: nn.Module, qlora: nn.Module, lora_config: Any, dequantize
     (the ``original`` strategy: the full-precision weights the base was quantized from). The merge
     is the float64 formula, rounded once to the compute dtype.
     """
-    from transformers.pytorch_utils import Conv1D
-
     base = qlora.get_base_model()
     if dequantize_base:
         for name, module in target.named_modules():
@@ -147,8 +164,6 @@ def merge_into(target: nn.Module, qlora: nn.Module, lora_config: Any, dequantize
 
 def _assign(module: nn.Module, weight_out_in: torch.Tensor) -> None:
     """Write an (out, in) weight into a Linear, or transposed into a Conv1D."""
-    from transformers.pytorch_utils import Conv1D
-
     value = weight_out_in.t() if isinstance(module, Conv1D) else weight_out_in
     module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
 

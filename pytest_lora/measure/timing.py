@@ -77,6 +77,20 @@ class TimingStats:
         return cls(stats.median, stats.iqr, stats.min, stats.mean, stats.stddev, stats.rounds)
 
 
+def timing_metrics(stats: TimingStats, tokens: int, flops: int, peak: float | None) -> dict[str, tuple[float | None, str]]:
+    """What a step-time record carries: the step's statistics, tokens/s = tokens / median, and
+    MFU = FLOPs per step / median / peak (``None`` without a peak, i.e. on the CPU)."""
+    return {
+        "step_time_median_s": (stats.median, "s"),
+        "step_time_iqr_s": (stats.iqr, "s"),
+        "step_time_min_s": (stats.min, "s"),
+        "step_time_rounds": (stats.rounds, "steps"),
+        "tokens_per_s": (tokens / stats.median, "tokens/s"),
+        "flops_per_step": (flops, "FLOP"),
+        "mfu": (flops / stats.median / peak if peak else None, "fraction of peak"),
+    }
+
+
 def table_peak(device_name: str) -> float | None:
     """The data-sheet dense bf16 peak of a known GPU, else ``None``."""
     return next((peak for name, peak in DENSE_BF16_PEAK if name in device_name), None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .table import _case_cell
+from .table import case_cell
 
 
 def forgetting_points(records: list[dict[str, Any]]) -> list[tuple[str, float, float, float, float]]:
@@ -21,7 +21,7 @@ def forgetting_points(records: list[dict[str, Any]]) -> list[tuple[str, float, f
         metrics = record["metrics"]
         if record["suite"] != "forgetting" or "forgetting_delta_loss" not in metrics or record["status"] != "ok":
             continue
-        label = _case_cell("lora", record["lora"]) if record.get("lora") else record["test"]
+        label = case_cell("lora", record["lora"]) if record.get("lora") else record["test"]
         points.append((label, metrics["learning_delta_loss"], metrics.get("learning_delta_loss_std", 0.0),
                        metrics["forgetting_delta_loss"], metrics.get("forgetting_delta_loss_std", 0.0)))
     return points

@@ -45,7 +45,7 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int
     header = [*case_columns, *(f"{metric} [{unit}]" for metric, unit in metrics)]
     body = []
     for record in records:
-        case = [_case_cell(column, record.get(column)) for column in case_columns]
+        case = [case_cell(column, record.get(column)) for column in case_columns]
         values = [format_value(record["metrics"].get(metric)) for metric, _ in metrics]
         body.append([*case, *values])
     return header, body, len(case_columns)
@@ -59,7 +59,8 @@ def format_value(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def _case_cell(column: str, value: Any) -> str:
+def case_cell(column: str, value: Any) -> str:
+    """How a record's model, quant, lora, workload or status reads in a table cell."""
     if value is None:
         return "-"
     if column == "lora":
