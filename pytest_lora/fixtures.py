@@ -38,6 +38,13 @@ def lora_device(lora_session: LoraSession) -> str:
 
 
 @pytest.fixture(scope="session")
+def lora_gpu(lora_session: LoraSession) -> Any:
+    """The GPU the bench measures on (``pytest_lora.measure.gpu.Gpu``: events, allocator
+    statistics, NVML), or ``None`` on the CPU, where GPU-only measurements skip."""
+    return lora_session.gpu
+
+
+@pytest.fixture(scope="session")
 def lora_matrix(lora_session: LoraSession) -> Matrix:
     """The session's configuration matrix."""
     return lora_session.matrix
@@ -51,23 +58,25 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
     in place; or a local checkpoint through ``from_pretrained``. Tests must not change it (use
     ``lora_model``, which restores it).
     """
-    import torch
-
     from .models import build
 
-    build.free_memory()  # the previous base's last reference is gone by now
-    if lora_device == "cuda":  # what is left before each build shows a base that was not released
-        lora_session.allocated_before_build.append(torch.cuda.memory_allocated())
-    started = time.perf_counter()
+    gpu = lora_session.gpu
+    build.free_memory(gpu)  # the previous base's last reference is gone by now
+    if gpu is not None:  # what is left before each build shows a base that was not released
+        if not lora_session.allocated_before_build:
+            gpu.warm_up()  # cuBLAS's per-thread workspaces belong in the first "before" too
+        lora_session.allocated_before_build.append(gpu.allocated())
+    clock = gpu.clock if gpu is not None else time.perf_counter
+    started = clock()
     model = build.build_base(model_spec, quant_spec, lora_device)
-    if lora_device == "cuda":
-        torch.cuda.synchronize()
+    if gpu is not None:
+        gpu.synchronize()
     key = (model_spec.id, quant_spec.id, lora_device)
-    lora_session.build_seconds[key] = time.perf_counter() - started
+    lora_session.build_seconds[key] = clock() - started
     lora_session.builds[key] += 1
     yield model
     del model
-    build.free_memory()
+    build.free_memory(gpu)
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ neither torch nor transformers; they load when a test first needs a model.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
 
-from . import options
+from . import hooks, options
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
     SESSION_KEY,
@@ -20,6 +21,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     lora_bench,
     lora_config,
     lora_device,
+    lora_gpu,
     lora_matrix,
     lora_model,
     lora_session,
@@ -44,6 +46,18 @@ WORKER_RECORDS = "pytest_lora_records"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     options.add_options(parser)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hooks)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_lora_gpu(config: pytest.Config) -> Any:
+    """The current CUDA device, when torch sees one."""
+    from .measure import gpu
+
+    return gpu.cuda_gpu()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -115,8 +129,27 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):
         item.stash[RECORDER_KEY] = new_recorder(item)
+
+
+def _forget_last_failure() -> None:
+    """Drop the previous test's exception before this test's fixtures build and measure.
+
+    pytest keeps a failed test's exception in ``sys.last_value`` / ``sys.last_exc`` (and its
+    traceback, with every frame's tensors) until the next test's *call* starts, after that test's
+    setup. A test that ran out of memory would otherwise keep its activations allocated while the
+    next base is built and its "before" bytes are read, and could make it run out of memory too.
+    """
+    if not any(hasattr(sys, name) for name in ("last_value", "last_exc", "last_traceback")):
+        return
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    import gc
+
+    gc.collect()  # the traceback and its frames form cycles
 
 
 @pytest.hookimpl(wrapper=True)
@@ -139,7 +172,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def _is_oom(excinfo: pytest.ExceptionInfo[BaseException] | None) -> bool:
-    return excinfo is not None and type(excinfo.value).__name__ == "OutOfMemoryError"
+    if excinfo is None:
+        return False
+    from .measure.gpu import is_out_of_memory
+
+    return is_out_of_memory(excinfo.value)
 
 
 def _report_as_skipped(report: pytest.TestReport, item: pytest.Item, reason: str) -> None:

@@ -35,10 +35,11 @@ class LoraSession:
         self.store: ResultsStore | None = None
         self.pending: list[dict[str, Any]] = []  # an xdist worker's records, sent at the end
         self.allocated_before_build: list[int] = []  # CUDA bytes allocated before each base build
-        self._device: str | None = None
+        self._gpu: Any = "unresolved"
         self._layers: list[dict[str, RawValue]] | None = None
         self._matrix: Matrix | None = None
         self._peak: float | None | str = "unresolved"
+        self.peak_source: str | None = None
         self.build_seconds: dict[tuple[str, str, str], float] = {}
         self._check_device_name()
         self._check_timing_options()
@@ -83,7 +84,7 @@ class LoraSession:
         value = self.settings[name].value
         if value is not None:
             return int(value)
-        return {"rounds": 10, "warmup": 3}[name] if self.device == "cuda" else {"rounds": 5, "warmup": 1}[name]
+        return {"rounds": 10, "warmup": 3}[name] if self.gpu is not None else {"rounds": 5, "warmup": 1}[name]
 
     def peak_flops(self) -> float | None:
         """The device's dense bf16 FLOP/s for MFU (``None`` on the CPU), resolved once per session."""
@@ -92,17 +93,22 @@ class LoraSession:
         return self._peak
 
     def _resolve_peak(self) -> float | None:
-        if self.device != "cuda":
+        """The option's number, the data sheet of a known GPU, or a measured bf16 matrix product;
+        ``peak_source`` says which."""
+        if self.gpu is None:
             return None
         from .measure import timing
 
         choice = str(self.settings["peak"].value).lower()
         if _positive_float(choice):
+            self.peak_source = f"{self.settings['peak'].describe()}"
             return float(choice) * 1e12
-        import torch
-
-        known = timing.table_peak(torch.cuda.get_device_name()) if choice == "auto" else None
-        return known or timing.measured_peak(self.device)
+        known = timing.table_peak(self.gpu.name) if choice == "auto" else None
+        if known:
+            self.peak_source = f"data sheet, dense bf16: {timing.gpu_model(self.gpu.name)}"
+            return known
+        self.peak_source = "measured: bf16 8192^3 matrix product"
+        return timing.measured_peak(self.gpu)
 
     # ----------------------------------------------------------------- the forgetting experiment's data
 
@@ -134,25 +140,37 @@ class LoraSession:
             raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a device; allowed: {', '.join(DEVICES)}")
 
     @property
-    def device(self) -> str:
-        """``cpu`` or ``cuda``; ``auto`` picks cuda when torch sees one (this imports torch)."""
-        if self._device is None:
-            import torch
+    def gpu(self) -> Any:
+        """The GPU the bench measures on (a ``measure.gpu.Gpu``), or ``None`` on the CPU.
 
-            wanted = str(self.settings["device"].value).lower()
-            available = torch.cuda.is_available()
-            if wanted == "cuda" and not available:
-                setting = self.settings["device"]
+        ``auto`` asks the ``pytest_lora_gpu`` hook (the current CUDA device, unless a plugin hands
+        another); ``cuda`` requires one; ``cpu`` never asks. This imports torch.
+        """
+        if self._gpu == "unresolved":
+            setting = self.settings["device"]
+            wanted = str(setting.value).lower()
+            found = None if wanted == "cpu" else self.config.hook.pytest_lora_gpu(config=self.config)
+            if wanted == "cuda" and found is None:
                 raise pytest.UsageError(f"{setting.describe()}: 'cuda' but torch sees no CUDA device; allowed here: auto, cpu")
-            self._device = "cuda" if wanted == "cuda" or (wanted == "auto" and available) else "cpu"
-        return self._device
+            self._gpu = found
+        return self._gpu
+
+    @property
+    def device(self) -> str:
+        """Where tensors go: ``cuda`` with a GPU (a fake GPU keeps them on the CPU), else ``cpu``."""
+        return self.gpu.placement if self.gpu is not None else "cpu"
+
+    @property
+    def device_kind(self) -> str:
+        """``cuda`` or ``cpu``: which default matrix, which defaults, which measurements."""
+        return "cpu" if self.gpu is None else "cuda"
 
     # ----------------------------------------------------------------- matrix
 
     def layers(self) -> list[dict[str, RawValue]]:
         """Default matrix for the device, then the --lora-matrix file, then single options."""
         if self._layers is None:
-            layers = [matrix_module.default_layer(self.device)]
+            layers = [matrix_module.default_layer(self.device_kind)]
             file_setting = self.settings["matrix"]
             if file_setting.value:
                 layers.append(matrix_module.file_layer(self.path_setting("matrix"), file_setting.describe()))
@@ -193,7 +211,11 @@ class LoraSession:
         if self.store is None:
             argv = ["pytest", *self.config.invocation_params.args]
             run = provenance.run_info(self.run_id, self.started, argv, self.config.rootpath)
-            self.store = ResultsStore(self.path_setting("results"), run, provenance.machine_info(self._device or "cpu"))
+            gpu = None if self._gpu == "unresolved" else self._gpu
+            self.store = ResultsStore(self.path_setting("results"), run, provenance.machine_info(gpu))
+        if self.peak_source is not None:
+            self.store.machine["mfu_peak_tflops"] = self._peak / 1e12
+            self.store.machine["mfu_peak_source"] = self.peak_source
         self.store.add(*records)
 
     def finish(self, exitstatus: int) -> None:

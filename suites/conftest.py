@@ -28,7 +28,7 @@ class TrainedModel:
 
 
 @pytest.fixture(scope="session")
-def trained_task_model(lora_device: str) -> TrainedModel:
+def trained_task_model(lora_session, lora_device: str) -> TrainedModel:
     """The task model trained on Markov language A (batch 16 x 64 tokens, AdamW 3e-3); task B is
     A's dialect (the same successors, the most likely one rotated)."""
     import torch
@@ -36,14 +36,14 @@ def trained_task_model(lora_device: str) -> TrainedModel:
     from pytest_lora.measure import tasks
     from pytest_lora.models import build, registry
 
-    name = TASK_MODELS[lora_device]
+    name = TASK_MODELS[lora_session.device_kind]
     config = registry.load_config_dict(name)
     vocab = min(TASK_VOCAB, config["vocab_size"])
     torch.manual_seed(build.seed_for("trained_task_model", name))
     model = build.instantiate(config, lora_device, torch.float32)
     task_a = tasks.MarkovTask("A", vocab, seed=1)
     task_b = tasks.MarkovTask("B", vocab, seed=1, rotation=1)
-    losses = tasks.train(model, task_a.sampler(16, 64), PRETRAIN_STEPS[lora_device], lr=3e-3, seed=0, device=lora_device)
+    losses = tasks.train(model, task_a.sampler(16, 64), PRETRAIN_STEPS[lora_session.device_kind], lr=3e-3, seed=0, device=lora_device)
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     return TrainedModel(f"{name} (trained on A)", config, state, task_a, task_b, losses)
 

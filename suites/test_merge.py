@@ -73,7 +73,7 @@ DRIFT_CYCLES = (1, 10, 100)
 
 
 @pytest.fixture
-def adapted_copy(base_model, model_spec, lora_spec, lora_device, request):
+def adapted_copy(base_model, model_spec, lora_spec, lora_gpu, request):
     """A private copy of the shared base with this test's adapter at a 1% update."""
     config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
     model = peft.get_peft_model(copy.deepcopy(base_model), config)
@@ -82,8 +82,8 @@ def adapted_copy(base_model, model_spec, lora_spec, lora_device, request):
     model.eval()
     yield model, config, relative
     del model
-    if lora_device == "cuda":  # return the copy's memory before the next config (a full collection is slow)
-        build.free_memory()
+    if lora_gpu is not None:  # return the copy's memory before the next config (a full collection is slow)
+        build.free_memory(lora_gpu)
 
 
 def token_ids(model_spec, device, request) -> torch.Tensor:

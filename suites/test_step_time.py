@@ -57,12 +57,12 @@ def timed_steps(benchmark, timer: StepTimer, step, warmup: int, rounds: int) -> 
     return timer.times[warmup:]
 
 
-def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device, lora_session, lora_bench, benchmark, request):
+def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device, lora_gpu, lora_session, lora_bench, benchmark, request):
     """Median time of a full training step, tokens/s and MFU."""
     config = model_spec.config_dict()
     batch = synthetic_batch(config["vocab_size"], workload_spec, lora_device, seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
-    timer = StepTimer(lora_device)
+    timer = StepTimer(lora_gpu)
     benchmark.group = model_spec.id
     with compiled(lora_model, workload_spec.compile) as model, checkpointing(lora_model, workload_spec.grad_ckpt):
         step = TrainStep(model)
@@ -71,7 +71,12 @@ def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device
         finally:
             step.close()
     flops = lora_step_flops(config, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
-    record(lora_bench, benchmark, timing_metrics(TimingStats.of(times), workload_spec.tokens, flops, lora_session.peak_flops()))
+    metrics = timing_metrics(TimingStats.of(times), workload_spec.tokens, flops, lora_session.peak_flops())
+    if lora_gpu is not None:  # the events against the host clock read after waiting for them
+        host = TimingStats.of(timer.host_times[warmup:]).median
+        metrics["host_step_time_median_s"] = (host, "s")
+        metrics["event_over_host"] = (metrics["step_time_median_s"][0] / host, "CUDA event / host clock")
+    record(lora_bench, benchmark, metrics)
 
 
 def test_base_build_time(base_model, model_spec, quant_spec, lora_device, lora_session, lora_bench):
@@ -97,7 +102,7 @@ def bare_steps(model, batch, timer: StepTimer, warmup: int, rounds: int) -> None
         timer.time(step)
 
 
-def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora_session, lora_bench, benchmark, request):
+def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora_gpu, lora_session, lora_bench, benchmark, request):
     """The harness's step time beside a bare loop of the same step, in the same run (first LoRA
     spec and workload of the matrix; bare rounds before and after the harness's)."""
     lora_spec, workload = lora_matrix.loras[0], lora_matrix.workloads[0]
@@ -105,12 +110,12 @@ def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora
     batch = synthetic_batch(config["vocab_size"], workload, lora_device, seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
     lora_bench.describe(lora=lora_spec, workload=workload)
-    bare = StepTimer(lora_device)
+    bare = StepTimer(lora_gpu)
     with adapters.attached(base_model, peft.LoraConfig(**lora_spec.peft_kwargs())) as model, checkpointing(model, workload.grad_ckpt):
         bare_steps(model, batch, bare, warmup, rounds)
         step = TrainStep(model)
         try:
-            harness = timed_steps(benchmark, StepTimer(lora_device), lambda: step.run(batch), warmup, rounds)
+            harness = timed_steps(benchmark, StepTimer(lora_gpu), lambda: step.run(batch), warmup, rounds)
         finally:
             step.close()
         bare_steps(model, batch, bare, warmup, rounds)

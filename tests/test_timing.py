@@ -25,22 +25,11 @@ TINY_STEP = ("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=nf
 
 
 def test_the_cpu_timer_measures_a_known_sleep():
-    timer = timing.StepTimer("cpu")
+    timer = timing.StepTimer(None)
     for _ in range(3):
         timer.time(lambda: time.sleep(0.02))
     assert len(timer.times) == 3
     assert all(0.02 <= t < 0.02 + 0.5 for t in timer.times)  # a sleep lasts at least what it asks
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to time a kernel with CUDA events")
-def test_the_cuda_timer_waits_for_the_kernel():
-    a = torch.randn(4096, 4096, device="cuda")
-    timer = timing.StepTimer("cuda")
-    timer.time(lambda: a @ a)  # warm-up
-    started = time.perf_counter()
-    timer.time(lambda: [a @ a for _ in range(20)])
-    host = time.perf_counter() - started
-    assert 0 < timer.times[-1] <= host
 
 
 def test_statistics_are_pytest_benchmarks_quartiles():
@@ -49,14 +38,6 @@ def test_statistics_are_pytest_benchmarks_quartiles():
     assert odd.iqr == pytest.approx((0.75 * 4 + 0.25 * 100) - (0.25 * 1 + 0.75 * 2))  # Wikipedia's method 3
     even = timing.TimingStats.of([1.0, 2.0, 3.0, 4.0])
     assert (even.median, even.iqr) == (2.5, 2.0)  # method 2: medians of the halves, 3.5 - 1.5
-
-
-def test_peak_table():
-    assert timing.table_peak("NVIDIA H200") == 989.4e12
-    assert timing.table_peak("NVIDIA H100 PCIe") == 756.0e12
-    assert timing.table_peak("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert timing.table_peak("NVIDIA A100-SXM4-80GB") == 312.0e12
-    assert timing.table_peak("Some Future GPU") is None
 
 
 # --------------------------------------------------------------------------- FLOPs

@@ -11,8 +11,8 @@ Measured everywhere:
   parameters excluded). This is the activation memory of the step, on any device.
 * the adapter, its gradients and AdamW's state, by summing the tensors themselves.
 
-Measured on a GPU only (``CudaMemory``): torch's allocated and reserved bytes with per-phase
-peaks, and NVML's used bytes for the whole device (the CUDA context included, which torch
+Measured on a GPU only (``step_phase_memory``, through ``gpu.Gpu``): torch's allocated and
+reserved bytes with per-phase peaks, and NVML's used bytes for the whole device (the CUDA context included, which torch
 doesn't see; peft #779 and #1469 are users confusing the three).
 
 Modelled (``analytic_*``), from the architecture on the meta device and the quantization format:
@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ from transformers.pytorch_utils import Conv1D
 from ..matrix import QuantSpec, WorkloadSpec
 from ..models import build
 from ..models.quantize import modules_kept_unquantized
+from .gpu import is_out_of_memory
+
+if TYPE_CHECKING:
+    from .gpu import Gpu
 
 BLOCK = 64  # 4-bit quantization blocksize
 NESTED_BLOCK = 256  # double quantization's blocksize over the absmax values
@@ -289,98 +293,83 @@ class PhaseMemory:
         return max(peaks) if peaks else None
 
 
-def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, memory: "CudaMemory") -> PhaseMemory:
+def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu") -> PhaseMemory:
     """Add the adapter, run one step phase by phase, take everything off again; measure throughout.
 
-    Peaks are reset between phases. An out-of-memory error ends the step: the peak reached is kept
-    and everything is released before returning, so the next config starts clean.
+    The cache is emptied first, so that reserved bytes are the step's and not what the build or
+    earlier configs left cached. Peaks are reset at the start of each phase. NVML's bytes are
+    sampled after each phase (reserved bytes only grow within a step, so the largest sample is
+    this process's peak; other processes on the device are in it too). The measured step is the
+    second: the first creates AdamW's state, which every later step carries. An out-of-memory error
+    ends the step: the peak reached is kept and everything is released before returning, so the
+    next config starts clean.
     """
     from ..models import adapters
 
-    values: dict[str, Any] = {"base_allocated": memory.allocated()}
+    gpu.warm_up()  # cuBLAS's workspaces are the process's, not this step's: they must not show as a leak
+    build.free_memory(gpu)
+    values: dict[str, Any] = {"base_allocated": gpu.allocated()}
     reserved: list[int] = []
+    device: list[int] = []
     with adapters.attached(base, lora_config) as model:
-        _measure_phases(model, batch, grad_ckpt, memory, values, reserved)
+        _measure_phases(model, batch, grad_ckpt, gpu, values, reserved, device)
         del model  # the PeftModel holds the adapter: nothing may outlive the block
-    build.free_memory()
-    values["released_allocated"] = memory.allocated()
+    build.free_memory(gpu)
+    values["released_allocated"] = gpu.allocated()
     values["peak_reserved"] = max(reserved) if reserved else None
+    values["device_used"] = max(device) if device else None
     return PhaseMemory(**values)
 
 
-def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt: bool, memory: "CudaMemory", values: dict[str, Any], reserved: list[int]) -> None:
+def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu", values: dict[str, Any],
+                    reserved: list[int], device: list[int]) -> None:
     """The phases of one step; the step (activations, gradients, optimizer) dies with this frame."""
     from .train import TrainStep, checkpointing
 
     step = TrainStep(model)
     phases = (("forward", lambda: step.forward(batch)), ("backward", step.backward), ("optimizer", step.optimizer_step))
+
+    def sample() -> None:
+        reserved.append(gpu.peak_reserved())
+        used = gpu.device_used()
+        if used is not None:
+            device.append(used)
+
     try:
         with checkpointing(model, grad_ckpt):
-            values["adapter_allocated"] = memory.allocated()
+            values["adapter_allocated"] = gpu.allocated()
+            step.run(batch)  # a first step creates AdamW's state: the measured one is a steady-state step
+            step.zero_grad()
             for phase, run in phases:
-                memory.reset_peak()
-                run()
-                values[f"{phase}_peak"] = memory.peak_allocated()
-                reserved.append(memory.peak_reserved())
+                values[f"{phase}_peak"] = phase_peak(gpu, run)
+                sample()
                 if phase == "forward":
-                    values["forward_allocated"] = memory.allocated()
-            values["after_step_allocated"] = memory.allocated()
-            values["device_used"] = memory.device_used()
-    except torch.OutOfMemoryError as error:
+                    values["forward_allocated"] = gpu.allocated()
+            values["after_step_allocated"] = gpu.allocated()
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
         message = str(error).strip()
-        values["oom"] = message.splitlines()[0] if message else "CUDA out of memory"
-        values["oom_peak"] = memory.peak_allocated()
-        reserved.append(memory.peak_reserved())
+        values["oom"] = message.splitlines()[0] if message else type(error).__name__
+        values["oom_peak"] = gpu.peak_allocated()
+        sample()
+        drop_frames(error)
     finally:
         step.close()
 
 
-class CudaMemory:
-    """torch's allocator statistics and NVML's device view, for one CUDA device."""
-
-    def __init__(self, device: torch.device | str = "cuda"):
-        self.device = torch.device(device)
-        self._nvml = _nvml_handle(self.device)
-
-    def sync(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def reset_peak(self) -> None:
-        self.sync()
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def allocated(self) -> int:
-        self.sync()
-        return torch.cuda.memory_allocated(self.device)
-
-    def peak_allocated(self) -> int:
-        self.sync()
-        return torch.cuda.max_memory_allocated(self.device)
-
-    def peak_reserved(self) -> int:
-        self.sync()
-        return torch.cuda.max_memory_reserved(self.device)
-
-    def device_used(self) -> int | None:
-        """NVML's used bytes for the whole device (all processes, the CUDA context included)."""
-        if self._nvml is None:
-            return None
-        import pynvml
-
-        return int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used)
+def drop_frames(error: BaseException) -> None:
+    """Cut an error (and those it was raised from) loose from its traceback: the frames hold the
+    failed step's tensors, and whoever keeps the error (a logger, a test) would keep them alive."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
-def _nvml_handle(device: torch.device) -> Any:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        properties = torch.cuda.get_device_properties(device)
-        bus = getattr(properties, "pci_bus_id", None)
-        if bus is not None:
-            domain = getattr(properties, "pci_domain_id", 0)
-            slot = getattr(properties, "pci_device_id", 0)
-            return pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{slot:02x}.0".encode())
-        return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-    except Exception:  # no NVML: device-level bytes stay unknown
-        return None
+def phase_peak(gpu: "Gpu", run: Any) -> int:
+    """The peak allocated bytes while ``run`` runs: reset first, read after."""
+    gpu.reset_peak()
+    run()
+    return gpu.peak_allocated()

@@ -17,45 +17,64 @@ sheet says 989).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from pytest_benchmark.stats import Stats
 
-# Dense bf16 peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
-DENSE_BF16_PEAK = (
-    ("H200", 989.4e12),
-    ("H100 PCIe", 756.0e12),
-    ("H100", 989.4e12),
-    ("A100", 312.0e12),
-    ("L40S", 362.1e12),
-    ("L4", 121.0e12),
-    ("A10", 125.0e12),
-)
+if TYPE_CHECKING:
+    from .gpu import Gpu
+
+# Dense bf16 tensor-core peak FLOP/s (no sparsity), from the vendors' data sheets, by model name.
+# A name matches only as a whole: "H200" is not "H200 NVL", "L4" is not "L40", "A10" is not "A10G".
+DENSE_BF16_PEAK = {
+    "H200": 989.4e12,  # H200 SXM
+    "H200 NVL": 835.5e12,
+    "H100": 989.4e12,  # H100 SXM ("H100 80GB HBM3")
+    "H100 PCIe": 756.0e12,
+    "H100 NVL": 835.5e12,
+    "A100": 312.0e12,  # SXM, 40 and 80 GB
+    "A100 PCIe": 312.0e12,
+    "L40S": 362.05e12,
+    "L40": 181.05e12,
+    "L4": 121.0e12,
+    "A10": 125.0e12,
+}
+# Words of a device name that say its memory, not which chip it is.
+_MEMORY_WORDS = re.compile(r"^(\d+GB|HBM\d?e?|SXM\d?)$", re.IGNORECASE)
 
 
 class StepTimer:
-    """Times each call of a step with CUDA events (GPU) or the host's performance counter (CPU)."""
+    """Times each call of a step with CUDA events (GPU) or the host's performance counter (CPU).
 
-    def __init__(self, device: str):
-        self.cuda = torch.device(device).type == "cuda"
+    On a GPU it also reads the host clock around each step, after waiting for the end event
+    (``host_times``): the two must agree, or the events measure something else than the step.
+    """
+
+    def __init__(self, gpu: "Gpu | None"):
+        self.gpu = gpu
         self.times: list[float] = []
+        self.host_times: list[float] = []
 
     def time(self, step: Callable[[], object]) -> None:
         """Run ``step`` once and record its duration in seconds; returns after the work is done."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            self.times.append(start.elapsed_time(end) / 1000.0)
-        else:
+        if self.gpu is None:
             started = time.perf_counter()
             step()
             self.times.append(time.perf_counter() - started)
+            self.host_times.append(self.times[-1])
+            return
+        start, end = self.gpu.event(), self.gpu.event()
+        host_started = self.gpu.clock()
+        start.record()
+        step()
+        end.record()
+        end.synchronize()  # elapsed_time is undefined until the end event has completed
+        self.host_times.append(self.gpu.clock() - host_started)
+        self.times.append(start.elapsed_time(end) / 1000.0)
 
 
 @dataclass(frozen=True)
@@ -92,15 +111,27 @@ def timing_metrics(stats: TimingStats, tokens: int, flops: int, peak: float | No
 
 
 def table_peak(device_name: str) -> float | None:
-    """The data-sheet dense bf16 peak of a known GPU, else ``None``."""
-    return next((peak for name, peak in DENSE_BF16_PEAK if name in device_name), None)
+    """The data-sheet dense bf16 peak of a known GPU, else ``None``.
+
+    ``torch.cuda.get_device_name()`` says e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
+    "NVIDIA A100-SXM4-80GB" or "NVIDIA H200 NVL": the vendor and the memory words are dropped and
+    what is left must be a whole entry of the table.
+    """
+    return DENSE_BF16_PEAK.get(gpu_model(device_name))
 
 
-def measured_peak(device: str = "cuda", size: int = 8192, rounds: int = 10) -> float:
+def gpu_model(device_name: str) -> str:
+    """The chip and its variant in a device name: "NVIDIA A100-SXM4-80GB" -> "A100",
+    "NVIDIA H100 PCIe" -> "H100 PCIe", "NVIDIA H200 NVL" -> "H200 NVL"."""
+    words = [w for w in re.split(r"[\s\-_]+", device_name) if w and w.upper() not in ("NVIDIA", "TESLA")]
+    return " ".join(words[:1] + [w for w in words[1:] if not _MEMORY_WORDS.match(w)])
+
+
+def measured_peak(gpu: "Gpu", size: int = 8192, rounds: int = 10) -> float:
     """FLOP/s of a bf16 ``size``-cubed matrix product: the median of ``rounds`` after warm-up."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    timer = StepTimer(device)
+    a = torch.randn(size, size, device=gpu.placement, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=gpu.placement, dtype=torch.bfloat16)
+    timer = StepTimer(gpu)
     for _ in range(3):
         timer.time(lambda: a @ b)
     timer.times.clear()

@@ -146,8 +146,9 @@ def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[
     return model
 
 
-def free_memory() -> None:
-    """After the last reference to a model is dropped: collect cycles, return cached device memory."""
+def free_memory(gpu: Any = None) -> None:
+    """After the last reference to a model is dropped: collect cycles, return cached device memory
+    (``gpu``: a ``measure.gpu.Gpu``, or ``None`` on the CPU)."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if gpu is not None:
+        gpu.empty_cache()

@@ -54,18 +54,18 @@ def git_state(root: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    """The device and software that produced the numbers."""
-    info: dict[str, Any] = {"device": device, "gpu_name": None, "driver": None, "cuda": None}
+def machine_info(gpu: Any = None) -> dict[str, Any]:
+    """The device and software that produced the numbers (``gpu``: a ``measure.gpu.Gpu`` or ``None``)."""
+    info: dict[str, Any] = {"device": "cpu" if gpu is None else "cuda", "gpu_name": None, "driver": None, "cuda": None}
     info.update({name: _version(name) for name in PACKAGES})
     info["python"] = platform.python_version()
     info["cpu"] = _cpu_name()
     torch = sys.modules.get("torch")
     if torch is not None:
         info["cuda"] = torch.version.cuda
-        if device == "cuda" and torch.cuda.is_available():
-            info["gpu_name"] = torch.cuda.get_device_name()
-            info["driver"] = _nvidia_driver()
+    if gpu is not None:
+        info["gpu_name"] = gpu.name
+        info["driver"] = gpu.driver()
     return info
 
 
@@ -84,17 +84,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            driver = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML library, no permission: the driver stays unknown
-        return None
-    return driver.decode() if isinstance(driver, bytes) else driver

@@ -1,0 +1,258 @@
+"""Every GPU code path, run on the CPU through the fakes of ``tests/fakes.py``: the timer, the
+allocator statistics, NVML, the device name, out-of-memory errors, and ``make gpu-check`` end to
+end, including the faults it must catch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fakes import FakeCudaRuntime, FakeGpuPlugin, FakeNvml, fake_gpu
+from pytest_lora import gpucheck
+from pytest_lora.measure import gpu as gpu_module
+from pytest_lora.measure import memory, timing, train  # imported here, so that the inner runs see the patched modules
+
+SUITES = Path(__file__).parents[1] / "suites"
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------- the seam
+
+
+def test_nvml_device_is_found_by_pci_bus_id_not_by_index():
+    """cuda:0 is the device on PCI bus 0x40, which NVML numbers 1: its bytes, not device 0's."""
+    gpu = fake_gpu()
+    nvml = gpu._nvml
+    assert nvml.devices[0].bus_id.endswith(":30:00.0") and nvml.devices[1].bus_id.endswith(":40:00.0")
+    assert gpu.device_used() == nvml.context + 1 * 100 * MiB  # device 1's other processes, not device 0's 200 MiB
+
+
+def test_nvml_device_falls_back_to_the_uuid_and_never_to_an_index():
+    runtime = FakeCudaRuntime()
+    gpu = fake_gpu(runtime)
+    runtime.properties[0].pci_bus_id = 0x99  # a bus NVML does not know: only the UUID can find it
+    assert gpu.device_used() == gpu._nvml.context + 100 * MiB
+    runtime.properties[0].uuid = "unknown"
+    assert gpu_module.nvml_handle(gpu._nvml, runtime.properties[0]) is None  # unknown, not another device's bytes
+
+
+def test_no_nvml_means_unknown_device_bytes():
+    class Broken(FakeNvml):
+        def nvmlInit(self):
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    assert fake_gpu(nvml=Broken()).device_used() is None
+    assert fake_gpu(nvml=Broken()).driver() is None
+    assert gpu_module.Gpu(FakeCudaRuntime(), None).device_used() is None
+    assert fake_gpu().driver() == "580.95.05"
+
+
+def test_statistics_are_read_on_the_models_device_after_a_synchronise():
+    runtime = FakeCudaRuntime(current=1)
+    gpu = fake_gpu(runtime)
+    gpu.reset_peak()
+    gpu.peak_allocated()
+    gpu.allocated()
+    asked = [call for call in runtime.calls if call[0] != "synchronize"]
+    assert asked == [("reset_peak_memory_stats", 1), ("max_memory_allocated", 1), ("memory_allocated", 1)]
+    for position, call in enumerate(runtime.calls):
+        if call[0] != "synchronize":
+            assert runtime.calls[position - 1] == ("synchronize", 1)
+
+
+def test_the_fake_allocator_counts_live_storages_and_runs_out():
+    runtime = FakeCudaRuntime(capacity=8 * MiB)
+    gpu = fake_gpu(runtime)
+    with runtime.device:
+        x = torch.ones(MiB // 4)  # 1 MiB of float32
+        view = x[10:]
+        assert gpu.allocated() == MiB
+        del x
+        assert gpu.allocated() == MiB  # the view keeps the storage
+        del view
+        assert gpu.allocated() == 0 and gpu.peak_allocated() == MiB
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.ones(3 * MiB)
+        assert gpu.reserved() >= gpu.allocated()
+
+
+@pytest.mark.parametrize(
+    "error, oom",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (torch.AcceleratorError("CUDA error: out of memory") if hasattr(torch, "AcceleratorError") else RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("CUDA driver error: CUDA_ERROR_OUT_OF_MEMORY"), True),
+        (ValueError("wrong shape"), False),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (None, False),
+    ],
+)
+def test_out_of_memory_in_every_form(error, oom):
+    assert gpu_module.is_out_of_memory(error) is oom
+
+
+def test_out_of_memory_raised_from_another_error():
+    try:
+        try:
+            raise RuntimeError("CUDA error: out of memory")
+        except RuntimeError as inner:
+            raise ValueError("building the base failed") from inner
+    except ValueError as outer:
+        assert gpu_module.is_out_of_memory(outer)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def test_the_cuda_timer_waits_for_its_end_event_and_agrees_with_the_host_clock():
+    runtime = FakeCudaRuntime(kernel_s=1e-3)
+    timer = timing.StepTimer(fake_gpu(runtime))
+    with runtime.device:
+        a = torch.ones(8, 8)
+        timer.time(lambda: [a @ a for _ in range(5)])
+    assert timer.times == [pytest.approx(5e-3)]  # five kernels of 1 ms
+    assert timer.host_times == [pytest.approx(5e-3)]
+
+
+def test_an_event_read_before_its_end_completes_is_an_error():
+    """CUDA's contract, kept by the fake: a timer that does not wait gets no time."""
+    gpu = fake_gpu()
+    start, end = gpu.event(), gpu.event()
+    start.record()
+    end.record()
+    with pytest.raises(RuntimeError, match="device not ready"):
+        start.elapsed_time(end)
+    gpu.synchronize()
+    assert start.elapsed_time(end) == 0.0
+
+
+def test_measured_peak_on_a_small_product():
+    runtime = FakeCudaRuntime(kernel_s=1e-3)
+    with runtime.device:
+        peak = timing.measured_peak(fake_gpu(runtime), size=16, rounds=3)
+    assert peak == pytest.approx(2 * 16**3 / 1e-3)  # one matrix product, one kernel of 1 ms
+
+
+@pytest.mark.parametrize(
+    "name, model, peak",
+    [
+        ("NVIDIA H200", "H200", 989.4e12),
+        ("NVIDIA H200 NVL", "H200 NVL", 835.5e12),
+        ("NVIDIA H100 80GB HBM3", "H100", 989.4e12),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0e12),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.5e12),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0e12),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe", 312.0e12),
+        ("NVIDIA L4", "L4", 121.0e12),
+        ("NVIDIA L40", "L40", 181.05e12),
+        ("NVIDIA L40S", "L40S", 362.05e12),
+        ("NVIDIA A10", "A10", 125.0e12),
+        ("NVIDIA A10G", "A10G", None),
+        ("Some Future GPU", "Some Future GPU", None),
+    ],
+)
+def test_peak_table_matches_whole_model_names(name, model, peak):
+    assert timing.gpu_model(name) == model
+    assert timing.table_peak(name) == peak
+
+
+# --------------------------------------------------------------------------- make gpu-check, end to end
+
+TINY_RUNS = (
+    {"name": "tiny-1b", "models": ["llama-3.2-1b-tiny"], "quant": ["bf16", "nf4"], "batch": [2], "grad_ckpt": [False], "seq_len": [64]},
+    {"name": "tiny-8b", "models": ["llama-3.1-8b-tiny"], "quant": ["nf4"], "batch": [2], "grad_ckpt": [False, True], "seq_len": [64]},
+)
+
+
+def gpu_check(pytester, monkeypatch, runs=TINY_RUNS, plant=None):
+    """gpu-check's runs and verdict on tiny shapes, on the fake GPU; ``plant`` breaks something first."""
+    directory = pytester.path / "suites"
+    directory.mkdir(exist_ok=True)
+    for name in ("test_memory.py", "test_step_time.py"):
+        (directory / name).write_text((SUITES / name).read_text())
+    if plant:
+        plant(monkeypatch)
+    records = []
+    for run in runs:
+        where = pytester.path / "results" / run["name"]
+        args = gpucheck.pytest_args(run, where, suites=str(directory))
+        pytester.runpytest(*args, "--lora-rounds=3", "--lora-warmup=1", "-k", "not published", plugins=[FakeGpuPlugin()])
+        records += json.loads((where / "latest.json").read_text())["records"]
+    return gpucheck.verdict(records)
+
+
+def failed(checks):
+    return sorted({c.name for c in checks if c.ok is False})
+
+
+def test_gpu_check_passes_on_a_healthy_fake_gpu(pytester, monkeypatch):
+    checks = gpu_check(pytester, monkeypatch)
+    # At width 64 the checkpointed step's analytic model overestimates by more than its 15% (0.83
+    # here; 0.88 on the 8B shape against the H200 figure, test_memory_accounting): the one
+    # check that does not carry over from the real shapes to the tiny ones.
+    tiny_ckpt = [c for c in checks if c.name == "peak vs analytic step" and c.subject.endswith("-ckpt")]
+    assert len(tiny_ckpt) == 1 and 0.75 <= float(tiny_ckpt[0].value.split()[0]) <= 1.0
+    checks = [c for c in checks if c not in tiny_ckpt]
+    assert failed(checks) == []
+    names = {c.name for c in checks}
+    assert {"base ready", "harness overhead", "peak vs analytic step", "CUDA events vs host clock", "released after the config",
+            "no growth between bases", "NVML >= reserved >= allocated", "phase peaks cover their phase"} <= names
+    assert sum(c.name == "peak vs analytic step" for c in checks) == 3
+    text = gpucheck.render(checks)
+    assert text.splitlines()[-1].startswith("gpu-check: ") and text.splitlines()[-1].endswith(" passed, 0 failed")
+
+
+def plant_leak(monkeypatch):
+    """Every step keeps 128 MiB alive."""
+    kept = []
+    original = train.TrainStep.optimizer_step
+
+    def leaky(self):
+        original(self)
+        kept.append(torch.empty(128 * MiB, dtype=torch.uint8))
+
+    monkeypatch.setattr(train.TrainStep, "optimizer_step", leaky)
+
+
+def plant_impatient_timer(monkeypatch):
+    """The timer reads its events without waiting for the end one."""
+
+    def time_without_waiting(self, step):
+        start, end = self.gpu.event(), self.gpu.event()
+        start.record()
+        step()
+        end.record()
+        self.times.append(start.elapsed_time(end) / 1000.0)
+
+    monkeypatch.setattr(timing.StepTimer, "time", time_without_waiting)
+
+
+def plant_peak_before_reset(monkeypatch):
+    """Each phase's peak is read before its reset: the previous phase's peak."""
+
+    def stale(gpu, run):
+        peak = gpu.peak_allocated()
+        gpu.reset_peak()
+        run()
+        return peak
+
+    monkeypatch.setattr(memory, "phase_peak", stale)
+
+
+@pytest.mark.parametrize(
+    "plant, fails",
+    [
+        (plant_leak, {"released after the config", "peak vs analytic step", "test passed"}),
+        (plant_impatient_timer, {"test passed", "CUDA events vs host clock", "harness overhead"}),
+        (plant_peak_before_reset, {"phase peaks cover their phase"}),
+    ],
+    ids=["leak", "timer-not-waiting", "peak-read-before-reset"],
+)
+def test_gpu_check_fails_on_a_planted_fault(pytester, monkeypatch, plant, fails):
+    checks = gpu_check(pytester, monkeypatch, runs=TINY_RUNS[:1], plant=plant)
+    assert fails <= set(failed(checks)), gpucheck.render(checks)
+
