@@ -39,8 +39,9 @@ each merged model on the fine-tuning task is recorded beside the unmerged one's.
 
 from __future__ import annotations
 
-import copy
 import math
+import tempfile
+from pathlib import Path
 
 import peft
 import pytest
@@ -76,7 +77,7 @@ DRIFT_CYCLES = (1, 10, 100)
 def adapted_copy(base_model, model_spec, lora_spec, lora_gpu, request):
     """A private copy of the shared base with this test's adapter at a 1% update."""
     config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
-    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    model = peft.get_peft_model(quantize.private_copy(base_model), config)
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
     relative = set_relative_update(model, config, RELATIVE_UPDATE, generator)
     model.eval()
@@ -258,19 +259,27 @@ def first_lora(lora_matrix, model_spec):
     return spec, peft.LoraConfig(**spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
 
 
-def test_save_and_reload(base_model, model_spec, quant_spec, lora_matrix, lora_device, lora_bench, tmp_path, request):
-    """Adapter weights survive safetensors bit for bit; a merged model saved and reloaded computes the same."""
+def test_save_and_reload(base_model, model_spec, quant_spec, lora_matrix, lora_device, lora_bench, request):
+    """Adapter weights survive safetensors bit for bit; a merged model saved and reloaded computes the same.
+
+    The files go to a directory removed when the test ends, not to pytest's ``tmp_path``, which
+    keeps three runs: 16 GB per merged 8B bf16 base would fill a GPU host's disk."""
+    with tempfile.TemporaryDirectory(prefix="pytest-lora-save-") as directory:
+        save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench, Path(directory), request)
+
+
+def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench, tmp_path, request):
     from safetensors.torch import load_file
 
     spec, config = first_lora(lora_matrix, model_spec)
     lora_bench.describe(lora=spec)
-    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    model = peft.get_peft_model(quantize.private_copy(base_model), config)
     set_relative_update(model, config, RELATIVE_UPDATE, torch.Generator().manual_seed(build.seed_for(request.node.nodeid)))
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     ours = peft.get_peft_model_state_dict(model)
     assert saved.keys() == ours.keys() and all(torch.equal(saved[k], ours[k].cpu()) for k in saved), "adapter weights changed in safetensors"
-    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(quantize.private_copy(base_model), tmp_path / "adapter")
     again = peft.get_peft_model_state_dict(reloaded)
     assert all(torch.equal(again[k], ours[k]) for k in ours), "adapter weights changed through PeftModel.from_pretrained"
     del reloaded
@@ -300,7 +309,7 @@ def test_weighted_adapters(base_model, model_spec, lora_matrix, lora_bench, requ
     terms included, which is not the weighted sum of the updates (recorded)."""
     spec, config = first_lora(lora_matrix, model_spec)
     lora_bench.describe(lora=spec)
-    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    model = peft.get_peft_model(quantize.private_copy(base_model), config)
     model.add_adapter("second", config)
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
     for adapter in ("default", "second"):

@@ -6,7 +6,7 @@ batch. Causal and masked LMs learn to predict their own input; encoder-decoder m
 same ids as labels (transformers shifts them into decoder inputs).
 
 Gradient checkpointing uses transformers' non-reentrant checkpointing of each layer, switched on
-for the step and off again afterwards, because the base is shared with later tests.
+for the step and off again afterwards (hooks included), because the base is shared with later tests.
 """
 
 from __future__ import annotations
@@ -29,15 +29,30 @@ def synthetic_batch(vocab_size: int, workload: WorkloadSpec, device: str | torch
 
 @contextlib.contextmanager
 def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Gradient checkpointing on ``model`` for the block (non-reentrant), off again after it."""
+    """Gradient checkpointing on ``model`` for the block, off again after it, leaving no hook behind.
+
+    Non-reentrant checkpointing, with gradients required at the input embeddings' output (with
+    the reentrant variant and a frozen base, no gradient would reach the adapters of checkpointed
+    layers); ``TrainStep`` turns the KV cache off. transformers registers that embedding hook in
+    ``gradient_checkpointing_enable`` but removes it in ``gradient_checkpointing_disable`` only
+    when the model says peft loaded it (``_hf_peft_config_loaded``, which ``get_peft_model`` never
+    sets): on a shared base the hooks would pile up, one per checkpointed test, and change every
+    later step. They are removed here unless they were there before.
+    """
     if not enabled:
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    had_hooks = bool(getattr(base, "_require_grads_hooks", None))
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        base.gradient_checkpointing_disable()
+        if not had_hooks:
+            base.disable_input_require_grads()
 
 
 @contextlib.contextmanager

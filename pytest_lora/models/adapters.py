@@ -39,10 +39,12 @@ class BaseState:
     parameters: tuple[tuple[str, nn.Parameter, bool], ...]
     training: bool
     int8_scales: dict[str, torch.Tensor]
+    hooks: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> "BaseState":
         return cls(
+            hooks=hooks_of(model),
             modules=tuple((name, type(module)) for name, module in model.named_modules()),
             parameters=tuple((name, p, p.requires_grad) for name, p in model.named_parameters()),
             training=model.training,
@@ -78,7 +80,21 @@ class BaseState:
             found.append(f"parameters differ (tensor or requires_grad): {(changed or sorted(current))[:3]}")
         if model.training != self.training:
             found.append(f"training mode {model.training} instead of {self.training}")
+        hooks = hooks_of(model)
+        if hooks != self.hooks:
+            changed = sorted({name for name, _ in set(hooks) ^ set(self.hooks)})
+            found.append(f"hooks differ (forward, pre-forward or backward): {changed[:3]}")
         return found
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooks_of(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """(module name, number of hooks) for every module that has any: a hook left on a shared base
+    (gradient checkpointing's input hook, say) changes every later step."""
+    counts = ((name, sum(len(getattr(module, d, {})) for d in _HOOK_DICTS)) for name, module in model.named_modules())
+    return tuple((name, count) for name, count in counts if count)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
