@@ -231,4 +231,4 @@ def test_an_error_that_is_not_out_of_memory_is_raised(monkeypatch):
 
     monkeypatch.setattr(TrainStep, "backward", broken)
     with pytest.raises(ValueError, match="a bug"):
-        memory.step_phase_memory(base, peft.LoraConfig(r=4, target_modules="q_proj"), synthetic_batch(256, WorkloadSpec(16, 2), "cpu", 0), False, fake_gpu())
+        memory.step_phase_memory(base, peft.LoraConfig(r=4, target_modules=["q_proj"]), synthetic_batch(256, WorkloadSpec(16, 2), "cpu", 0), False, fake_gpu())
