@@ -1,19 +1,36 @@
-# One command each: `make bench` runs the benchmark suites, `make test` runs the plugin's tests.
-# Both create .venv on first use and install what they need. TORCH picks the torch build:
-# the default is the CPU build of torch 2.13.0; on a GPU machine use e.g. TORCH="torch" (CUDA build).
+# One command each: `make bench` runs the benchmark suites, `make test` runs the plugin's tests,
+# `make gpu-check` proves a GPU run. They create .venv on first use and install what they need.
+# TORCH picks the torch build: the default is the CPU build of torch 2.13.0. A host whose Python
+# already has torch (a GPU image) keeps its own stack: the venv sees it, and pip only adds what is
+# missing, upgrading nothing that satisfies the requirements.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo --system-site-packages)
 
-.PHONY: bench test install clean
+# The library versions of the GPU host we know (shared/device/README.md), tested on the CPU.
+# PyPI has no CPU-only torch 2.11 for Linux; its CUDA build runs on the CPU.
+HOST_VENV ?= .venv-gpu-host
+HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50.2
+
+# Every line of measure/ and models/ runs in the tests, or says why it can't (# pragma: no cover - why).
+COVERAGE := --cov=pytest_lora/measure --cov=pytest_lora/models --cov-report=term-missing:skip-covered --cov-fail-under=100
+
+.PHONY: bench test test-gpu-host-stack gpu-check install clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(SYSTEM_TORCH) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(HOST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(HOST_VENV)
+	$(HOST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(HOST_VENV)/bin/python -m pip install --quiet $(HOST_STACK) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,7 +39,19 @@ bench: $(VENV)/.installed
 	$(PY) -m pytest --lora-bench $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(COVERAGE) $(ARGS)
+
+test-gpu-host-stack: $(HOST_VENV)/.installed
+	$(HOST_VENV)/bin/python -m pytest $(ARGS)
+
+# On an offline GPU host with the checkout on PYTHONPATH (.gpu/run-on-gpu.sh): make gpu-check OFFLINE=1
+ifdef OFFLINE
+gpu-check:
+	$(PYTHON) -m pytest_lora.gpucheck $(ARGS)
+else
+gpu-check: $(VENV)/.installed
+	$(PY) -m pytest_lora.gpucheck $(ARGS)
+endif
 
 clean:
-	rm -rf $(VENV) .hypothesis .pytest_cache
+	rm -rf $(VENV) $(HOST_VENV) .hypothesis .pytest_cache .coverage

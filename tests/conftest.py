@@ -45,6 +45,20 @@ def no_lora_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+class CpuOnly:
+    """A plugin of every inner run: it sees no GPU, so that the tests expect the same on a GPU
+    host as on the CPU (a test that wants a GPU hands the inner run a fake one)."""
+
+    def pytest_lora_gpu(self, config):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def inner_runs_see_no_gpu(request: pytest.FixtureRequest) -> None:
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester").plugins.append(CpuOnly())
+
+
 @pytest.fixture
 def suite(pytester: pytest.Pytester):
     """Write a benchmark suite file under ``suites/`` of the pytester directory."""

@@ -266,6 +266,7 @@ class FakeGpuPlugin:
     def runtime(self) -> FakeCudaRuntime:
         return self.gpu.runtime
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_lora_gpu(self, config):
         return self.gpu
 

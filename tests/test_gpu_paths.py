@@ -256,3 +256,47 @@ def test_gpu_check_fails_on_a_planted_fault(pytester, monkeypatch, plant, fails)
     checks = gpu_check(pytester, monkeypatch, runs=TINY_RUNS[:1], plant=plant)
     assert fails <= set(failed(checks)), gpucheck.render(checks)
 
+
+
+# --------------------------------------------------------------------------- on a GPU host
+
+
+def test_the_plugins_tests_expect_the_cpu_even_on_a_gpu_host(pytester, suite, monkeypatch):
+    """The default GPU discovery finds a GPU here (as on a GPU host); inner runs still use the CPU."""
+    monkeypatch.setattr(gpu_module, "cuda_gpu", lambda: fake_gpu())
+    suite()
+    pytester.runpytest("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=4", "--lora-targets=q_proj").assert_outcomes(passed=1)
+    assert json.loads((pytester.path / "results" / "latest.json").read_text())["machine"]["device"] == "cpu"
+
+
+def test_a_fake_gpu_is_recorded_as_the_machine(pytester, suite):
+    suite()
+    plugin = FakeGpuPlugin()
+    pytester.runpytest("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=4", "--lora-targets=q_proj",
+                       "--lora-peak=auto", plugins=[plugin]).assert_outcomes(passed=1)
+    machine = json.loads((pytester.path / "results" / "latest.json").read_text())["machine"]
+    assert (machine["device"], machine["gpu_name"], machine["driver"]) == ("cuda", "NVIDIA H200", "580.95.05")
+
+
+H200_BYTES = 139 * 2**30  # what the lent H200 offers to a process (shared/device)
+
+
+def test_the_default_gpu_matrix_fits_one_h200():
+    """Every step of the embedded [cuda] matrix, by the analytic model (within 1.5-12% of H200
+    peaks, test_memory_accounting), with a fifth to spare; and the merge suite's largest
+    full-precision check, which holds the base, its private copy and one layer's float64 terms."""
+    import peft
+
+    from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, default_layer, build as build_matrix
+    from pytest_lora.models import registry
+
+    matrix = build_matrix([default_layer("cuda")])
+    for model in matrix.models:
+        config = registry.load_config_dict(model.name)
+        for quant in matrix.quants:
+            for spec in matrix.loras:
+                for workload in matrix.workloads:
+                    estimate = memory.analytic_step(config, quant, peft.LoraConfig(**spec.peft_kwargs()), workload)
+                    assert estimate.total <= 0.8 * H200_BYTES, (model.id, quant.id, workload.id, estimate.total / 2**30)
+            weights = memory.analytic_weight_bytes(config, quant)
+            assert 2 * weights + 8 * config["intermediate_size"] * config["hidden_size"] * 4 <= 0.8 * H200_BYTES

@@ -16,7 +16,7 @@ from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, resolve_model
 from pytest_lora.measure import memory
 from pytest_lora.measure.merge import lora_layers
 from pytest_lora.measure.train import TrainStep, checkpointing, synthetic_batch
-from pytest_lora.models import adapters, build, quantize
+from pytest_lora.models import adapters, build, quantize, registry
 
 SUITES = Path(__file__).parents[1] / "suites"
 
@@ -159,3 +159,22 @@ def test_a_failed_tests_frames_are_gone_before_the_next_setup(pytester, suite):
     assert (pytester.path / "alive_at_setup.txt").read_text() == "False"
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     assert [r["status"] for r in records] == ["oom", "ok"]
+
+
+def test_the_full_precision_merge_check_holds_one_layer_at_a_time(pytester, suite):
+    """The check's own peak (the test's call, after the base and its private copy exist) stays
+    under the base's size plus the logits it compares; holding every layer's float64 formula
+    would be four times the base's bf16 weights."""
+    suite((SUITES / "test_merge.py").read_text(), name="test_merge_copy.py")
+    (pytester.path / "suites" / "conftest.py").write_text((SUITES / "conftest.py").read_text())
+    plugin = FakeGpuPlugin()
+    args = ("--lora-bench", "--lora-models=llama-3.1-8b-tiny", "--lora-quant=bf16", "--lora-ranks=4", "--lora-targets=all-linear",
+            "-k", "merge_full_precision")
+    pytester.runpytest(*args, plugins=[plugin]).assert_outcomes(passed=1)
+    (before, peak), = plugin.peaks.values()
+    config = registry.load_config_dict("llama-3.1-8b-tiny")
+    base = memory.analytic_weight_bytes(config, QUANTIZATIONS["bf16"])
+    logits = 2 * 32 * config["vocab_size"]  # token_ids: batch 2 x 32 tokens
+    # logits_agreement holds up to eight float64 tensors of the logits' size; on the tiny model they
+    # outweigh the layers (this check held 1.05 MB; with every layer's float64 terms at once, 2.76 MB)
+    assert peak - before <= base + 8 * 8 * logits, f"the check held {peak - before:,d} B over a {base:,d} B base"

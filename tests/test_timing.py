@@ -81,7 +81,10 @@ def test_matmul_flops_agree_with_torchs_flop_counter(targets):
     first_block = 64 * 64 + 64 * 16 + 64 * 16  # q, k, v read the embeddings
     first_block_lora = 8 * 64 * (2 if isinstance(targets, list) else 3)  # the A matrices that read them
     skipped = 2 * (first_block + first_block_lora) * workload.tokens
-    assert counter.get_total_flops() == flops.lora_step_flops(config, lora, workload) - attention - skipped
+    # The hand count (test_flops_by_hand_for_the_tiny_llama) is the reference. torch's counter is a
+    # second opinion whose small ops change between releases: torch 2.11 counts 512 FLOPs more here
+    # than 2.13 (22,381,056 against 22,380,544): 2e-5 of the step.
+    assert counter.get_total_flops() == pytest.approx(flops.lora_step_flops(config, lora, workload) - attention - skipped, rel=1e-4)
 
 
 # --------------------------------------------------------------------------- the suite end to end
