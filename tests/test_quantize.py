@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pytest_lora.matrix import QUANTIZATIONS
+from pytest_lora.matrix import QUANTIZATIONS, resolve_model
 from pytest_lora.models import build, quantize, registry
 
 # QLoRA paper (arXiv 2305.14314), Appendix E: the 16 NF4 values.
@@ -118,3 +118,28 @@ def test_running_the_base_does_not_repack_its_weights():
         model(input_ids=torch.randint(0, 256, (1, 8)))
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
     assert torch.equal(layer.weight.data, before)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "nf4-dq", "int8"])
+def test_quantizing_in_place_gives_what_from_pretrained_gives(quant, tmp_path):
+    """The same full-precision weights, saved and loaded with a BitsAndBytesConfig: the same layer
+    types, the same packed bytes and constants, and the model flags peft reads for dispatch."""
+    spec, q = resolve_model("llama-3.2-1b-tiny", "test"), QUANTIZATIONS[quant]
+    build.full_precision_of(spec, q, "cpu").save_pretrained(tmp_path)
+    ours = build.build_base(spec, q, "cpu")
+    theirs = build.model_class(spec.config_dict()).from_pretrained(
+        tmp_path, dtype=getattr(torch, q.dtype), device_map={"": "cpu"}, quantization_config=quantize.bnb_config(q)
+    )
+    assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in theirs.named_modules()}
+    for (name, a), (_, b) in zip(ours.named_modules(), theirs.named_modules()):
+        weight_a, weight_b = getattr(a, "weight", None), getattr(b, "weight", None)
+        if isinstance(weight_a, bnb.nn.Params4bit):
+            sa, sb = weight_a.quant_state, weight_b.quant_state
+            assert torch.equal(weight_a.data, weight_b.data), name
+            assert (sa.blocksize, sa.quant_type, sa.dtype, sa.shape, sa.nested) == (sb.blocksize, sb.quant_type, sb.dtype, sb.shape, sb.nested)
+            assert torch.equal(sa.absmax, sb.absmax), name
+        elif isinstance(weight_a, bnb.nn.Int8Params):
+            assert torch.equal(weight_a.data, weight_b.data) and torch.equal(weight_a.SCB, weight_b.SCB), name
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "quantization_method"):
+        assert getattr(ours, flag, None) == getattr(theirs, flag, None), flag
+    assert type(ours.hf_quantizer) is type(theirs.hf_quantizer)

@@ -148,8 +148,6 @@ def strip_adapters(model: nn.Module, kinds: type | tuple[type, ...] = (ModulesTo
             continue
         if isinstance(module, ModulesToSaveWrapper):
             model.set_submodule(name, module.original_module)
-        elif isinstance(module, BaseTunerLayer):
-            model.set_submodule(name, module.get_base_layer())
         else:
-            continue
+            model.set_submodule(name, module.get_base_layer())
         replaced.append(name)
