@@ -149,7 +149,7 @@ class LoraSession:
         if self._gpu == "unresolved":
             setting = self.settings["device"]
             wanted = str(setting.value).lower()
-            found = None if wanted == "cpu" else self.config.hook.pytest_lora_gpu(config=self.config)
+            found = None if wanted == "cpu" else self.config.hook.pytest_lora_gpu(config=self.config) or None
             if wanted == "cuda" and found is None:
                 raise pytest.UsageError(f"{setting.describe()}: 'cuda' but torch sees no CUDA device; allowed here: auto, cpu")
             self._gpu = found

@@ -50,13 +50,17 @@ class CpuOnly:
     host as on the CPU (a test that wants a GPU hands the inner run a fake one)."""
 
     def pytest_lora_gpu(self, config):
-        return None
+        return False  # an answer: no GPU (None would let the default discovery answer)
 
 
 @pytest.fixture(autouse=True)
-def inner_runs_see_no_gpu(request: pytest.FixtureRequest) -> None:
-    if "pytester" in request.fixturenames:
-        request.getfixturevalue("pytester").plugins.append(CpuOnly())
+def inner_runs_see_no_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every in-process inner run gets ``CpuOnly`` (subprocess runs pass ``--lora-device=cpu``)."""
+    if "pytester" not in request.fixturenames:
+        return
+    pytester = request.getfixturevalue("pytester")
+    inline_run = pytester.inline_run
+    monkeypatch.setattr(pytester, "inline_run", lambda *args, plugins=(), **kwargs: inline_run(*args, plugins=[CpuOnly(), *plugins], **kwargs))
 
 
 @pytest.fixture

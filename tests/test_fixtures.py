@@ -167,7 +167,6 @@ def test_loading_the_plugin_imports_neither_torch_nor_transformers():
 
 def test_a_plain_pytest_run_does_not_pay_for_torch(pytester):
     pytester.makepyfile(test_plain="import sys\n\ndef test_plain():\n    assert 'torch' not in sys.modules\n")
-    pytester.plugins.clear()  # a subprocess takes plugins by name only
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
@@ -175,7 +174,6 @@ def test_xdist_workers_send_their_records_to_the_controller(pytester, suite):
     pytest.importorskip("xdist")
     suite()
     args = ("--lora-models=llama-3.2-1b-tiny,opt-125m-tiny", "--lora-quant=none", "--lora-ranks=4", "--lora-targets=q_proj")
-    pytester.plugins.clear()  # a subprocess takes plugins by name only
     result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", *args)
     result.assert_outcomes(passed=2)
     latest = json.loads((pytester.path / "results" / "latest.json").read_text())
