@@ -103,3 +103,10 @@ def test_validation_explains_defaults_it_cannot_find_and_modules_to_save_it_cann
     monkeypatch.setattr(type(spec), "config_dict", lambda self: {**original, "model_type": "nonesuch"})
     (problem,) = validate.problems(spec, LoraSpec(r=4, alpha=8))
     assert problem.startswith("targets 'default': peft has no default targets for llama-3.2-1b-tiny (model_type 'nonesuch')")
+
+
+def test_an_unreadable_config_json_is_an_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read .*config.json"):
+        registry.load_config_dict(path)
