@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import references
+from .report.table import case_cell, format_value, function_name
 
 MiB = 2**20
 BUILD_LIMIT_S = 1.0
@@ -112,8 +113,10 @@ def verdict(records: Iterable[dict[str, Any]], figures: Iterable[references.Step
     records = list(records)
     checks: list[Check] = []
     for record in records:
-        test = _test_name(record)
-        checks += _CHECKS.get(test, lambda r, s: [])(record["metrics"], _subject(record))
+        test = function_name(record)
+        check = _CHECKS.get(test)
+        if check is not None:
+            checks += check(record["metrics"], _subject(record), record.get("workload") or {})
         if record["status"] in ("error", "oom"):
             checks.append(Check("test passed", f"{test} {_subject(record)}", record["status"], "ok", False))
     if not records:
@@ -121,7 +124,7 @@ def verdict(records: Iterable[dict[str, Any]], figures: Iterable[references.Step
     return checks + _reference_lines(records, figures)
 
 
-def _build(metrics: dict[str, Any], subject: str) -> list[Check]:
+def _build(metrics: dict[str, Any], subject: str, workload: dict[str, Any]) -> list[Check]:
     seconds, builds = metrics.get("build_time_s"), metrics.get("builds")
     return [
         Check("base ready", subject, _fmt(seconds, "s"), f"<= {BUILD_LIMIT_S:g} s", seconds is not None and seconds <= BUILD_LIMIT_S),
@@ -129,21 +132,21 @@ def _build(metrics: dict[str, Any], subject: str) -> list[Check]:
     ]
 
 
-def _overhead(metrics: dict[str, Any], subject: str) -> list[Check]:
+def _overhead(metrics: dict[str, Any], subject: str, workload: dict[str, Any]) -> list[Check]:
     pct = metrics.get("harness_overhead_pct")
     return [Check("harness overhead", subject, _fmt(pct, "%"), f"<= {OVERHEAD_LIMIT_PCT:g}%", pct is not None and pct <= OVERHEAD_LIMIT_PCT)]
 
 
-def _clocks(metrics: dict[str, Any], subject: str) -> list[Check]:
+def _clocks(metrics: dict[str, Any], subject: str, workload: dict[str, Any]) -> list[Check]:
     ratio = metrics.get("event_over_host")
     ok = ratio is not None and abs(ratio - 1) <= CLOCK_TOLERANCE
     return [Check("CUDA events vs host clock", subject, _fmt(ratio, "x"), f"1 +- {CLOCK_TOLERANCE:g}", ok)]
 
 
-def _memory(metrics: dict[str, Any], subject: str) -> list[Check]:
+def _memory(metrics: dict[str, Any], subject: str, workload: dict[str, Any]) -> list[Check]:
     checks = []
     ratio = metrics.get("peak_over_analytic")
-    tolerance = PEAK_TOLERANCE_CKPT if "-ckpt" in subject else PEAK_TOLERANCE
+    tolerance = PEAK_TOLERANCE_CKPT if workload.get("grad_ckpt") else PEAK_TOLERANCE
     checks.append(Check("peak vs analytic step", subject, _fmt(ratio, "x"), f"1 +- {tolerance:g}", ratio is not None and abs(ratio - 1) <= tolerance))
     for name, label in (("leaked_bytes", "released after the config"), ("growth_between_bases_bytes", "no growth between bases")):
         value = metrics.get(name)
@@ -151,7 +154,8 @@ def _memory(metrics: dict[str, Any], subject: str) -> list[Check]:
     device, reserved, allocated = (metrics.get(n) for n in ("peak_device_bytes", "peak_reserved_bytes", "peak_allocated_bytes"))
     ordered = None not in (device, reserved, allocated) and device >= reserved >= allocated
     checks.append(Check("NVML >= reserved >= allocated", subject, " >= ".join(_fmt_bytes(v) for v in (device, reserved, allocated)), "ordered", ordered))
-    checks.append(Check("phase peaks cover their phase", subject, _phase_problem(metrics) or "yes", "peak >= allocated", _phase_problem(metrics) is None))
+    problem = _phase_problem(metrics)
+    checks.append(Check("phase peaks cover their phase", subject, problem or "yes", "peak >= allocated", problem is None))
     return checks
 
 
@@ -193,7 +197,7 @@ def _reference_lines(records: list[dict[str, Any]], figures: Iterable[references
             if key != figure.key:
                 continue
             metrics, subject = record["metrics"], _subject(record)
-            test = _test_name(record)
+            test = function_name(record)
             if test == "test_step_time" and metrics.get("step_time_median_s"):
                 lines.append(Check("reference: step time", subject, _fmt(metrics["step_time_median_s"] * 1000, "ms"), f"H200 {figure.step_ms:g} ms", None))
             if test == "test_step_peak_memory" and metrics.get("peak_allocated_bytes"):
@@ -201,22 +205,14 @@ def _reference_lines(records: list[dict[str, Any]], figures: Iterable[references
     return lines
 
 
-def _test_name(record: dict[str, Any]) -> str:
-    return record["test"].split("::")[-1].split("[")[0]
-
-
 def _subject(record: dict[str, Any]) -> str:
-    workload = record.get("workload") or {}
-    parts = [record.get("model") or "", record.get("quant") or ""]
-    if workload:
-        parts.append(f"b{workload.get('batch')}xs{workload.get('seq_len')}" + ("-ckpt" if workload.get("grad_ckpt") else ""))
+    """model quant workload, as the results tables write them."""
+    parts = [record.get("model"), record.get("quant"), case_cell("workload", record["workload"]) if record.get("workload") else None]
     return " ".join(p for p in parts if p)
 
 
 def _fmt(value: Any, unit: str) -> str:
-    if value is None:
-        return "missing"
-    return f"{value:.4g} {unit}".strip()
+    return "missing" if value is None else f"{format_value(value)} {unit}".strip()
 
 
 def _fmt_bytes(value: Any) -> str:

@@ -42,6 +42,8 @@ MARKERS = {
 DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
 WORKER_RECORDS = "pytest_lora_records"
+# Fixtures that build or measure on the device: before them, nothing of a failed test may be alive.
+LORA_FIXTURES = frozenset({"base_model", "lora_model", "lora_bench", "lora_gpu"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -129,7 +131,8 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    _forget_last_failure()
+    if LORA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):
         item.stash[RECORDER_KEY] = new_recorder(item)
 

@@ -127,20 +127,18 @@ def test_step_peak_memory(base_model, lora_config, model_spec, quant_spec, lora_
 
 
 GIB = 2**30
-H200_PEAKS = [(f.model, f.quant, f.batch, f.grad_ckpt, f.peak_allocated_gib) for f in references.H200]
 
 
-@pytest.mark.parametrize(
-    "model, quant, batch, grad_ckpt, reference_gib", H200_PEAKS, ids=[f"{m}-{q}-b{b}{'-ckpt' if c else ''}" for m, q, b, c, _ in H200_PEAKS]
-)
-def test_analytic_step_of_published_shapes(model, quant, batch, grad_ckpt, reference_gib, lora_bench):
+@pytest.mark.parametrize("figure", references.H200, ids=lambda f: f"{f.model}-{f.quant}-b{f.batch}{'-ckpt' if f.grad_ckpt else ''}")
+def test_analytic_step_of_published_shapes(figure, lora_bench):
     """The analytic model for the real shapes, beside peaks measured on an H200 (sequence 2048)."""
-    workload = WorkloadSpec(seq_len=2048, batch=batch, grad_ckpt=grad_ckpt)
+    workload = WorkloadSpec(seq_len=2048, batch=figure.batch, grad_ckpt=figure.grad_ckpt)
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
-    lora_bench.describe(model=model, quant=quant, lora=lora, workload=workload)
-    estimate = analytic_step(registry.load_config_dict(model), QUANTIZATIONS[quant], lora, workload)
+    lora_bench.describe(model=figure.model, quant=figure.quant, lora=lora, workload=workload)
+    estimate = analytic_step(registry.load_config_dict(figure.model), QUANTIZATIONS[figure.quant], lora, workload)
+    reference = int(figure.peak_allocated_gib * GIB)
     lora_bench.record("analytic_weight_bytes", estimate.weights, "bytes")
     lora_bench.record("analytic_activation_bytes", estimate.activations, "bytes")
     lora_bench.record("analytic_bytes", estimate.total, "bytes")
-    lora_bench.record("reference_peak_bytes", int(reference_gib * GIB), "bytes")
-    lora_bench.record("reference_over_analytic", reference_gib * GIB / estimate.total, "measured/analytic")
+    lora_bench.record("reference_peak_bytes", reference, "bytes")
+    lora_bench.record("reference_over_analytic", reference / estimate.total, "measured/analytic")

@@ -194,7 +194,7 @@ def test_gpu_check_passes_on_a_healthy_fake_gpu(pytester, monkeypatch):
     # At width 64 the checkpointed step's analytic model overestimates by more than its 15% (0.83
     # here; 0.88 on the 8B shape against the H200 figure, test_memory_accounting): the one
     # check that does not carry over from the real shapes to the tiny ones.
-    tiny_ckpt = [c for c in checks if c.name == "peak vs analytic step" and c.subject.endswith("-ckpt")]
+    tiny_ckpt = [c for c in checks if c.name == "peak vs analytic step" and c.subject.endswith(" ckpt")]
     assert len(tiny_ckpt) == 1 and 0.75 <= float(tiny_ckpt[0].value.split()[0]) <= 1.0
     checks = [c for c in checks if c not in tiny_ckpt]
     assert failed(checks) == []
@@ -276,6 +276,30 @@ def test_a_fake_gpu_is_recorded_as_the_machine(pytester, suite):
                        "--lora-peak=auto", plugins=[plugin]).assert_outcomes(passed=1)
     machine = json.loads((pytester.path / "results" / "latest.json").read_text())["machine"]
     assert (machine["device"], machine["gpu_name"], machine["driver"]) == ("cuda", "NVIDIA H200", "580.95.05")
+
+
+PEAK_SUITE = """
+import pytest
+
+pytestmark = pytest.mark.step_time
+
+
+def test_peak(lora_session, lora_bench):
+    lora_bench.record("peak_flops", lora_session.peak_flops(), "FLOP/s")
+"""
+
+
+@pytest.mark.parametrize(
+    "option, tflops, source",
+    [("--lora-peak=auto", 989.4, "data sheet, dense bf16: H200"), ("--lora-peak=500", 500.0, "--lora-peak")],
+)
+def test_the_mfu_peak_and_where_it_came_from_are_recorded(pytester, suite, option, tflops, source):
+    suite(PEAK_SUITE)
+    pytester.runpytest("--lora-bench", option, plugins=[FakeGpuPlugin()]).assert_outcomes(passed=1)
+    document = json.loads((pytester.path / "results" / "latest.json").read_text())
+    assert document["records"][0]["metrics"]["peak_flops"] == pytest.approx(tflops * 1e12)
+    assert document["machine"]["mfu_peak_tflops"] == pytest.approx(tflops)
+    assert document["machine"]["mfu_peak_source"].startswith(source)
 
 
 H200_BYTES = 139 * 2**30  # what the lent H200 offers to a process (shared/device)

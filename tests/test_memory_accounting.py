@@ -208,9 +208,13 @@ def test_the_phases_of_a_step_are_measured_and_everything_is_released(monkeypatc
     if error is not None:
         monkeypatch.setattr(TrainStep, "backward", runs_out_in_the_measured_step)
     batch = synthetic_batch(256, WorkloadSpec(16, 2), "cpu", 0)
+    gpu = fake_gpu(runtime)
     with runtime.device:
-        phases = memory.step_phase_memory(base, peft.LoraConfig(r=4, target_modules="all-linear"), batch, False, fake_gpu(runtime))
+        phases = memory.step_phase_memory(base, peft.LoraConfig(r=4, target_modules="all-linear"), batch, False, gpu)
     assert phases.base_allocated >= memory.storage_bytes(base)
+    # NVML's bytes of the model's device (cuda:0, NVML's device 1): context + its other processes
+    # (100 MiB) + this process's reserved bytes, which only grow within the step
+    assert phases.device_used == gpu._nvml.context + 100 * 2**20 + phases.peak_reserved
     assert phases.adapter_allocated > phases.base_allocated
     assert phases.forward_peak >= phases.forward_allocated > phases.adapter_allocated
     if error is not None:

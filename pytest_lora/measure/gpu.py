@@ -24,7 +24,7 @@ What the code here gets right, and why:
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 OOM_MESSAGES = (
     "out of memory",  # torch.OutOfMemoryError, cudaErrorMemoryAllocation in AcceleratorError / RuntimeError
@@ -42,15 +42,19 @@ def is_out_of_memory(error: BaseException | None) -> bool:
     CUBLAS_STATUS_ALLOC_FAILED``, a kernel launch as ``torch.AcceleratorError`` ("out of
     memory"), bitsandbytes' and triton's kernels as ``RuntimeError`` with the driver's message.
     """
+    return any(
+        type(link).__name__ == "OutOfMemoryError" or (isinstance(link, RuntimeError) and any(text in str(link).lower() for text in OOM_MESSAGES))
+        for link in error_chain(error)
+    )
+
+
+def error_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the errors it was raised from (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if type(error).__name__ == "OutOfMemoryError":
-            return True
-        if isinstance(error, RuntimeError) and any(text in str(error).lower() for text in OOM_MESSAGES):
-            return True
+        yield error
         error = error.__cause__ or error.__context__
-    return False
 
 
 class Gpu:
@@ -86,25 +90,25 @@ class Gpu:
     # ----------------------------------------------------------------- allocator
 
     def allocated(self) -> int:
-        self.synchronize()
-        return self.runtime.memory_allocated(self.index)
+        return self._statistic("memory_allocated")
 
     def reserved(self) -> int:
-        self.synchronize()
-        return self.runtime.memory_reserved(self.index)
+        return self._statistic("memory_reserved")
+
+    def peak_allocated(self) -> int:
+        return self._statistic("max_memory_allocated")
+
+    def peak_reserved(self) -> int:
+        return self._statistic("max_memory_reserved")
 
     def reset_peak(self) -> None:
         """Start a new phase: the peaks from here on are this phase's."""
-        self.synchronize()
-        self.runtime.reset_peak_memory_stats(self.index)
+        self._statistic("reset_peak_memory_stats")
 
-    def peak_allocated(self) -> int:
+    def _statistic(self, name: str) -> Any:
+        """The allocator's ``torch.cuda.<name>`` for this device, once queued work has finished."""
         self.synchronize()
-        return self.runtime.max_memory_allocated(self.index)
-
-    def peak_reserved(self) -> int:
-        self.synchronize()
-        return self.runtime.max_memory_reserved(self.index)
+        return getattr(self.runtime, name)(self.index)
 
     def empty_cache(self) -> None:
         """Return cached blocks to the device, so that reserved bytes start from what is allocated."""

@@ -44,7 +44,7 @@ from transformers.pytorch_utils import Conv1D
 from ..matrix import QuantSpec, WorkloadSpec
 from ..models import build
 from ..models.quantize import modules_kept_unquantized
-from .gpu import is_out_of_memory
+from .gpu import error_chain, is_out_of_memory
 
 if TYPE_CHECKING:
     from .gpu import Gpu
@@ -361,11 +361,8 @@ def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt:
 def drop_frames(error: BaseException) -> None:
     """Cut an error (and those it was raised from) loose from its traceback: the frames hold the
     failed step's tensors, and whoever keeps the error (a logger, a test) would keep them alive."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        error.__traceback__ = None
-        error = error.__cause__ or error.__context__
+    for link in list(error_chain(error)):
+        link.__traceback__ = None
 
 
 def phase_peak(gpu: "Gpu", run: Any) -> int:

@@ -18,11 +18,12 @@ def by_suite(records: Iterable[dict[str, Any]], skipped: bool = True) -> dict[st
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         if skipped or record["status"] != "skipped":
-            groups[f"{record['suite']}: {_test_name(record)}"].append(record)
+            groups[f"{record['suite']}: {function_name(record)}"].append(record)
     return dict(groups)
 
 
-def _test_name(record: dict[str, Any]) -> str:
+def function_name(record: dict[str, Any]) -> str:
+    """The test function's name, without module or parameters."""
     return record["test"].split("[", 1)[0].rsplit("::", 1)[-1]
 
 
