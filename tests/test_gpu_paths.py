@@ -324,3 +324,16 @@ def test_the_default_gpu_matrix_fits_one_h200():
                     assert estimate.total <= 0.8 * H200_BYTES, (model.id, quant.id, workload.id, estimate.total / 2**30)
             weights = memory.analytic_weight_bytes(config, quant)
             assert 2 * weights + 8 * config["intermediate_size"] * config["hidden_size"] * 4 <= 0.8 * H200_BYTES
+
+
+def test_no_growth_between_bases_under_the_memory_suite_alone(pytester, suite):
+    """With -m memory alone the first base is built before any matrix product has run; cuBLAS's
+    workspaces, made by the first step, must already be in that first "before" (the fake makes
+    two of 32 MiB, as sm90 does), so growth and leaks are exactly zero."""
+    suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
+    (pytester.path / "small.toml").write_text('dropout = [0.0]\nseq_len = [64]\nbatch = [2]\ngrad_ckpt = [false]\n')
+    args = ("--lora-bench", "--lora-matrix=small.toml", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=bf16,nf4", "--lora-ranks=4",
+            "--lora-targets=q_proj", "-k", "step_peak_memory")
+    pytester.runpytest(*args, plugins=[FakeGpuPlugin()]).assert_outcomes(passed=2)
+    records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    assert [(r["metrics"]["growth_between_bases_bytes"], r["metrics"]["leaked_bytes"]) for r in records] == [(0, 0), (0, 0)]

@@ -87,19 +87,21 @@ def test_a_plain_deepcopy_merges_into_the_shared_layer():
 
 
 def test_quantizing_frees_each_full_precision_layer_as_it_goes():
-    """The build's peak: the bf16 model and one layer's quantized copy, not every bf16 Linear to the end."""
+    """The build's peak: the bf16 model and one layer's quantized copy, not every bf16 Linear to
+    the end (8B-tiny nf4: 2,436 B over the bf16 model; keeping the modules to the end, 40,132 B)."""
     runtime = FakeCudaRuntime()
     gpu = fake_gpu(runtime)
     spec = resolve_model("llama-3.1-8b-tiny", "test")
     with runtime.device:
         model = build.instantiate(spec.config_dict(), "cpu", torch.bfloat16)
+        kept = quantize.modules_kept_unquantized(model)
+        largest = max(m.weight.nbytes for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in kept)
         full = gpu.allocated()
         gpu.reset_peak()
         quantize.quantize_model(model, QUANTIZATIONS["nf4"])
         peak, after = gpu.peak_allocated(), gpu.allocated()
-    largest = max(m.weight.numel() * 2 for m in build.instantiate(spec.config_dict(), "meta", torch.bfloat16).modules() if isinstance(m, torch.nn.Linear))
     assert after == memory.storage_bytes(model)
-    assert peak <= full + 2 * largest, f"peak {peak:,d} B over the bf16 model's {full:,d} B"
+    assert peak <= full + largest, f"peak {peak:,d} B over the bf16 model's {full:,d} B"
 
 
 SAVE_SUITE_ARGS = ("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=nf4", "--lora-ranks=4", "--lora-targets=q_proj", "-k", "save_and_reload")
