@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .quiet import silence_library_logs
+
+silence_library_logs()
 __version__ = "0.1.0"
 __all__ = ["ParamCount", "count_parameters", "__version__"]
 
@@ -17,7 +20,10 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in ("ParamCount", "count_parameters"):
-        from .measure import params
+        from .quiet import library_warnings_silenced
+
+        with library_warnings_silenced():  # torch and transformers warn about themselves on import
+            from .measure import params
 
         return getattr(params, name)
     raise AttributeError(f"module 'pytest_lora' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from .bench import SUITE_MARKERS
 from .matrix import Matrix
 from .report.recorder import Recorder
 from .session import LoraSession
@@ -110,12 +111,9 @@ def lora_bench(request: pytest.FixtureRequest) -> Recorder:
     return recorder
 
 
-SUITE_MARKERS = ("params", "memory", "step_time", "merge", "forgetting")
-
-
 def suite_of(item: pytest.Item) -> str | None:
-    """The benchmark suite an item belongs to: its suite marker, if any."""
-    return next((name for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+    """The benchmark suite an item belongs to (``memory`` for ``lora_memory``), if any."""
+    return next((name.removeprefix("lora_") for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
 
 
 def new_recorder(item: pytest.Item) -> Recorder:

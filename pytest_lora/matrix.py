@@ -259,10 +259,12 @@ MATRIX_KEYS = (
 
 @dataclass(frozen=True)
 class RawValue:
-    """A matrix key's values as given, and where they were given (for error messages)."""
+    """A matrix key's values as given, where they were given (for error messages), and the
+    directory their relative paths are relative to (a file's own directory, the ini file's...)."""
 
     values: tuple[Any, ...]
     where: str
+    base_dir: Path | None = None
 
 
 def load_toml(path: Path, where: str) -> dict[str, Any]:
@@ -283,17 +285,18 @@ def default_layer(device_kind: str) -> dict[str, RawValue]:
 
 
 def file_layer(path: Path, where: str) -> dict[str, RawValue]:
-    return mapping_layer(load_toml(path, where), f"{where} ({path.name})")
+    """A matrix file's keys; its relative paths are relative to the file."""
+    return mapping_layer(load_toml(path, where), f"{where} ({path.name})", base_dir=path.parent)
 
 
-def mapping_layer(data: dict[str, Any], where: str) -> dict[str, RawValue]:
+def mapping_layer(data: dict[str, Any], where: str, base_dir: Path | None = None) -> dict[str, RawValue]:
     """Keys and values as TOML or a ``lora_matrix`` marker give them."""
     unknown = sorted(set(data) - set(MATRIX_KEYS))
     if unknown:
         raise MatrixError(where, unknown[0], "is not a matrix key", ", ".join(MATRIX_KEYS))
-    layer = {key: RawValue(_as_tuple(value), f"{where}: {key}") for key, value in data.items()}
+    layer = {key: RawValue(_as_tuple(value), f"{where}: {key}", base_dir) for key, value in data.items()}
     if "targets" in layer:
-        layer["targets"] = RawValue(_target_sets(data["targets"]), layer["targets"].where)
+        layer["targets"] = RawValue(_target_sets(data["targets"]), layer["targets"].where, base_dir)
     return layer
 
 
@@ -310,23 +313,26 @@ def _target_sets(value: Any) -> tuple[Any, ...]:
     return _as_tuple(value)
 
 
-def option_layer(options: dict[str, tuple[str, str]]) -> dict[str, RawValue]:
-    """Single options as strings: ``{"ranks": ("8,16", "--lora-ranks")}``.
+def option_layer(options: dict[str, tuple[str, str, Path | None]]) -> dict[str, RawValue]:
+    """Single options as strings: ``{"ranks": ("8,16", "--lora-ranks", directory)}``.
 
     Targets hold several sets separated by ``|``; every other key is a comma-separated list.
     """
     layer = {}
-    for key, (text, where) in options.items():
+    for key, (text, where, base_dir) in options.items():
         if key == "targets":
             values = tuple(part.strip() for part in text.split("|"))
         else:
             values = tuple(part.strip() for part in text.split(","))
-        layer[key] = RawValue(values, where)
+        layer[key] = RawValue(values, where, base_dir)
     return layer
 
 
 def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -> Matrix:
-    """Merge layers (later ones win key by key) and parse every value."""
+    """Merge layers (later ones win key by key) and parse every value.
+
+    A relative model path is relative to its layer's directory, else to ``base_dir``.
+    """
     merged: dict[str, RawValue] = {}
     for layer in layers:
         merged.update(layer)
@@ -338,7 +344,8 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -
         raw = merged.get(key) or RawValue(default, key)
         return [parse(value, raw.where) for value in raw.values]
 
-    models = _unique(values("models", (), lambda v, where: resolve_model(_text(v, where), where, base_dir)))
+    models_dir = merged["models"].base_dir or base_dir
+    models = _unique(values("models", (), lambda v, where: resolve_model(_text(v, where), where, models_dir)))
     quants = _unique(values("quant", (), _parse_quant))
     ranks = values("ranks", (), lambda v, where: _positive_int(v, where, "rank"))
     targets = values("targets", ("default",), _parse_targets)

@@ -5,6 +5,12 @@ environment variable (``PYTEST_LORA_MODELS``). The value that wins is the first 
 order command line > environment > ini > built-in default, and the report header says which
 source each value came from, so a CI log always shows what a run measured.
 
+An ini value may be a string (``lora_ranks = 8,16``) or, in ``pyproject.toml``, a native TOML
+list (``lora_ranks = [8, 16]``) or boolean (``lora_bench = true``); a list keeps its items as
+given. A relative path is relative to where its value was written: the invocation directory
+for the command line and the environment, the ini file's directory for ini values, and the
+rootdir for defaults (``Setting.base_dir``); a matrix file's paths are relative to that file.
+
 This module holds strings only: parsing values into a matrix is ``matrix.py``'s job.
 """
 
@@ -12,6 +18,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,10 +71,26 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("matrix", "a TOML file with a whole matrix (models, quant, ranks, targets, alpha, ...).", metavar="FILE.toml"),
     Option("device", "where models are built: auto (cuda when available), cpu or cuda.", metavar="auto|cpu|cuda", default="auto"),
-    Option("results", "directory for the results JSON (<run-id>.json and latest.json).", metavar="DIR", default="results"),
-    Option("suites", "directory of the benchmark suites that --lora-bench runs when no path is given.", metavar="DIR", default="suites"),
+    Option(
+        "results",
+        "directory for the results JSON (<run-id>.json and latest.json). Results are written under --lora-bench, or "
+        "when this option is set; default: results/ in the rootdir.",
+        metavar="DIR",
+        default="results",
+    ),
+    Option(
+        "suites",
+        "comma-separated directories of your own suites, run with the built-in ones when --lora-bench is given no path.",
+        metavar="DIR,...",
+    ),
     Option("rounds", "timed training steps per config (default 10 on a GPU, 5 on the CPU).", metavar="N"),
     Option("warmup", "untimed training steps before the timed ones (default 3 on a GPU, 1 on the CPU).", metavar="N"),
+    Option(
+        "threads",
+        "torch CPU threads while timing training steps (default 1 on the CPU, where more threads make "
+        "medians bimodal on a shared machine; torch's own count on a GPU). Recorded in the machine record.",
+        metavar="N",
+    ),
     Option("seeds", "seeds of the forgetting experiment (default 3).", metavar="N", default="3"),
     Option("forget_data", "text or JSONL whose held-out loss measures forgetting (with a checkpoint in --lora-models).", metavar="PATH"),
     Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH"),
@@ -81,17 +105,20 @@ OPTIONS: tuple[Option, ...] = (
 
 BY_NAME = {option.name: option for option in OPTIONS}
 
+LIST_SEPARATORS = {"targets": "|"}  # how a native TOML list is joined into the option's text
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A resolved option value and where it came from (``cli``, ``env``, ``ini`` or ``default``)."""
+    """A resolved option value, where it came from (``cli``, ``env``, ``ini`` or ``default``) and
+    the directory its relative paths are relative to."""
 
     option: Option
     value: str | bool | None
     source: str
+    base_dir: Path | None = None
 
     @property
     def is_set(self) -> bool:
@@ -117,11 +144,17 @@ def add_options(parser: pytest.Parser) -> None:
             group.addoption(option.cli, action="store_true", dest=option.dest, default=None, help=text)
         else:
             group.addoption(option.cli, action="store", dest=option.dest, default=None, metavar=option.metavar, help=text)
-        parser.addini(option.ini, option.help, type="string", default="")
+        # a list type takes a string (one value per line) and a native TOML list alike
+        if option.flag:
+            parser.addini(option.ini, option.help, type="bool", default=None)
+        else:
+            parser.addini(option.ini, option.help, type="linelist", default=[])
 
 
-def _parse_flag(option: Option, raw: str, where: str) -> bool:
-    text = raw.strip().lower()
+def _parse_flag(option: Option, raw: Any, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
     if text in _TRUE:
         return True
     if text in _FALSE:
@@ -129,27 +162,56 @@ def _parse_flag(option: Option, raw: str, where: str) -> bool:
     raise pytest.UsageError(f"{where}: {raw!r} is not a boolean; allowed: 1/0, true/false, yes/no, on/off")
 
 
-def resolve(config: pytest.Config) -> dict[str, Setting]:
-    """Resolve every option with the precedence command line > environment > ini > default."""
-    settings = {}
-    for option in OPTIONS:
-        settings[option.name] = _resolve_one(config, option)
-    return settings
+def resolve(config: pytest.Config, namespace: Any = None) -> dict[str, Setting]:
+    """Resolve every option with the precedence command line > environment > ini > default.
+
+    ``namespace`` holds the command line when it is read before pytest has parsed it (the
+    ``pytest_load_initial_conftests`` hook); by default it is ``config.option``.
+    """
+    namespace = config.option if namespace is None else namespace
+    return {option.name: _resolve_one(config, namespace, option) for option in OPTIONS}
 
 
-def _resolve_one(config: pytest.Config, option: Option) -> Setting:
-    cli = config.getoption(option.dest, default=None)
+def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setting:
+    invocation_dir = config.invocation_params.dir
+    cli = getattr(namespace, option.dest, None)
     if cli:
-        return Setting(option, cli, "cli")
+        return Setting(option, cli, "cli", invocation_dir)
     env = os.environ.get(option.env)
     if env is not None and env.strip() != "":
         value = _parse_flag(option, env, option.env) if option.flag else env.strip()
-        return Setting(option, value, "env")
-    ini = config.getini(option.ini)
-    if isinstance(ini, str) and ini.strip():
-        value = _parse_flag(option, ini, option.ini) if option.flag else ini.strip()
-        return Setting(option, value, "ini")
-    return Setting(option, False if option.flag else option.default, "default")
+        return Setting(option, value, "env", invocation_dir)
+    ini = _read_ini(config, option)
+    ini_dir = config.inipath.parent if config.inipath else config.rootpath
+    if option.flag and ini is not None:
+        return Setting(option, ini, "ini", ini_dir)
+    items = [] if option.flag else [str(item).strip() for item in ini if str(item).strip()]
+    if items:
+        return Setting(option, _ini_text(option, items), "ini", ini_dir)
+    return Setting(option, False if option.flag else option.default, "default", config.rootpath)
+
+
+def _read_ini(config: pytest.Config, option: Option) -> Any:
+    try:
+        return config.getini(option.ini)
+    except (ValueError, TypeError, pytest.UsageError) as error:  # pytest's own check of the ini type
+        allowed = "true or false" if option.flag else "a string or a list"
+        raise pytest.UsageError(f"{option.ini} (ini): {error}; allowed: {allowed}") from None
+
+
+def _ini_text(option: Option, items: list[str]) -> str:
+    """An ini list as the option's text: items joined by the option's separator.
+
+    For targets, a list of bare module names (``["q_proj", "v_proj"]``) is one set, as in peft's
+    ``target_modules`` and the matrix file; items with commas or keywords are one set each.
+    """
+    if option.name == "targets" and len(items) > 1 and all(_bare_module_name(item) for item in items):
+        return ",".join(items)
+    return LIST_SEPARATORS.get(option.name, ",").join(items)
+
+
+def _bare_module_name(text: str) -> bool:
+    return not any(mark in text for mark in ",|") and text.lower() not in ("all-linear", "default")
 
 
 def header_lines(settings: dict[str, Setting]) -> list[str]:

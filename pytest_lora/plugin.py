@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import hooks, options
+from . import bench, hooks, options, quiet
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
     SESSION_KEY,
@@ -31,14 +31,11 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
 from .session import LoraSession
 
 MARKERS = {
-    "params": "benchmark suite: trainable and total parameters (runs with --lora-bench)",
-    "memory": "benchmark suite: memory of a training step (runs with --lora-bench)",
-    "step_time": "benchmark suite: training step time (runs with --lora-bench)",
-    "merge": "benchmark suite: correctness of weight merging (runs with --lora-bench)",
-    "forgetting": "benchmark suite: forgetting and learning (runs with --lora-bench)",
+    **{name: f"benchmark suite: {what} (runs with --lora-bench)" for name, what in bench.SUITE_MARKERS.items()},
     "lora_matrix(**keys)": "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8]); "
     "quantized=True / False keeps only quantized / full-precision bases",
 }
+ALIASES_KEY = pytest.StashKey[dict[str, str]]()  # short marker name -> suite marker, where it captures nothing
 DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
 WORKER_RECORDS = "pytest_lora_records"
@@ -62,19 +59,43 @@ def pytest_lora_gpu(config: pytest.Config) -> Any:
     return gpu.cuda_gpu()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """``--lora-bench`` with no path runs the suites (``bench.suite_paths``).
+
+    They become the run's paths here, before pytest loads the conftests of its ``testpaths``: a
+    bench run in a project doesn't import that project's test setup.
+    """
+    namespace = early_config.known_args_namespace
+    if namespace.file_or_dir or namespace.help or namespace.version:
+        return
+    settings = options.resolve(early_config, namespace)
+    if settings["bench"].value:
+        paths = [str(path) for path in bench.suite_paths(settings["suites"])]
+        args.extend(paths)
+        namespace.file_or_dir = paths
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[ALIASES_KEY] = _short_aliases(config)
     for marker, text in MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
+    for line, _ in quiet.WARNING_FILTERS:
+        config.addinivalue_line("filterwarnings", line)
+    for alias, marker in config.stash[ALIASES_KEY].items():
+        config.addinivalue_line("markers", f"{alias}: alias of {marker}, pytest-lora's suite (where no test of yours uses the name)")
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
         lora.data_checkpoint()
-    if lora.bench and config.args_source != pytest.Config.ArgsSource.ARGS:
-        suites = lora.path_setting("suites")
-        if not suites.is_dir():
-            raise pytest.UsageError(f"{lora.settings['suites'].describe()}: {str(suites)!r} is not a directory of suites")
-        config.args = [str(suites)]
+
+
+def _short_aliases(config: pytest.Config) -> dict[str, str]:
+    """``-m memory`` selects the ``lora_memory`` suite, unless the project registers ``memory`` itself."""
+    registered = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
+    aliases = {marker.removeprefix("lora_"): marker for marker in bench.SUITE_MARKERS}
+    return {alias: marker for alias, marker in aliases.items() if alias not in registered}
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -102,14 +123,41 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(name, values, ids=[value.id for value in values], scope=scope)
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     lora = config.stash[SESSION_KEY]
+    _mark_short_aliases(config, items)
     if not lora.bench:
         skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
         for item in items:
             if suite_of(item):
                 item.add_marker(skip)
     _check_targets(lora, [item for item in items if lora.bench or not suite_of(item)])
+
+
+def _mark_short_aliases(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give suite tests their short marker (``memory``) when none of the project's tests uses it."""
+    aliases = config.stash[ALIASES_KEY]
+    for item in items:
+        if not suite_of(item):
+            for mark in item.iter_markers():
+                aliases.pop(mark.name, None)  # the project's own marker: the alias would capture it
+    markers = {marker: alias for alias, marker in aliases.items()}
+    for item in items:
+        suite = suite_of(item)
+        if suite and f"lora_{suite}" in markers:
+            item.add_marker(markers[f"lora_{suite}"])
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    """Say so when ``-m`` names a short suite name that selects the project's own marker instead."""
+    expression = config.getoption("markexpr", "") or ""
+    taken = [marker for marker in bench.SUITE_MARKERS if marker.removeprefix("lora_") not in config.stash[ALIASES_KEY]]
+    return [
+        f"lora: -m {marker.removeprefix('lora_')} selects this project's own marker; pytest-lora's suite is -m {marker}"
+        for marker in taken
+        if marker.removeprefix("lora_") in expression.replace("(", " ").replace(")", " ").split()
+    ]
 
 
 def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
@@ -123,14 +171,22 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
         return
     from .models import validate
 
-    found = [problem for model, spec in pairs for problem in validate.problems(model, spec)]
+    cache = getattr(lora.config, "cache", None)  # pytest's cache, unless -p no:cacheprovider
+    found = [problem for model, spec in pairs for problem in validate.problems(model, spec, cache)]
     if found:
         where = lora.where_of("targets")
         raise pytest.UsageError(f"{where}: " + "\n  ".join(dict.fromkeys(found)))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[SESSION_KEY].tests_total = len(session.items)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    lora = item.config.stash[SESSION_KEY]
+    lora.tests_started += 1
+    lora.current_test = item.nodeid.rsplit("/", 1)[-1]
     if LORA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
         _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):
@@ -243,4 +299,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     writer.write_sep("=", "pytest-lora results")
     for line in text.rstrip("\n").splitlines():
         writer.write_line(line)
-    writer.write_line(f"pytest-lora: {len(store.records)} records in {store.run_path} (and {store.latest_path.name})")
+    for record in store.records:
+        for warning in record.get("warnings", ()):
+            writer.write_line(f"pytest-lora: warning: {record['test']}: {warning}", yellow=True)
+    if store.writes:
+        writer.write_line(f"pytest-lora: {len(store.records)} records in {store.run_path} (and {store.latest_path.name})")
+    else:
+        writer.write_line(f"pytest-lora: {len(store.records)} records, not written (--lora-bench or --lora-results=DIR writes them)")

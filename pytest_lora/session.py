@@ -41,6 +41,10 @@ class LoraSession:
         self._peak: float | None | str = "unresolved"
         self.peak_source: str | None = None
         self.build_seconds: dict[tuple[str, str, str], float] = {}
+        self.tests_total = 0  # selected tests, and how many have started: for the progress line
+        self.tests_started = 0
+        self.current_test = ""
+        self.load_at_start = provenance.load_average()
         self._check_device_name()
         self._check_timing_options()
         self._check_data_options()
@@ -57,21 +61,21 @@ class LoraSession:
         names = (*MATRIX_OPTIONS, "matrix", "device", "forget_data", "learn_data")
         return self.bench or any(self.settings[name].is_set for name in names)
 
+    @property
+    def records_wanted(self) -> bool:
+        """Whether results are written: under the bench, or when a results directory is set."""
+        return self.bench or self.settings["results"].is_set
+
     def path_setting(self, name: str) -> Path:
-        """A directory option: relative to the rootdir by default and in ini, else to the invocation dir."""
+        """A path option, relative to where it was written (``options.Setting.base_dir``)."""
         setting = self.settings[name]
         path = Path(str(setting.value)).expanduser()
-        if path.is_absolute():
-            return path
-        if setting.source in ("default", "ini"):
-            base = self.config.inipath.parent if setting.source == "ini" and self.config.inipath else self.config.rootpath
-            return base / path
-        return self.config.invocation_params.dir / path
+        return path if path.is_absolute() else setting.base_dir / path
 
     # ----------------------------------------------------------------- timing
 
     def _check_timing_options(self) -> None:
-        for name, smallest in (("rounds", 1), ("warmup", 0), ("seeds", 1)):
+        for name, smallest in (("rounds", 1), ("warmup", 0), ("seeds", 1), ("threads", 1)):
             setting = self.settings[name]
             if setting.value is not None and not (str(setting.value).isdigit() and int(setting.value) >= smallest):
                 raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a step count; allowed: an integer >= {smallest}")
@@ -109,6 +113,20 @@ class LoraSession:
             return known
         self.peak_source = "measured: bf16 8192^3 matrix product"
         return timing.measured_peak(self.gpu)
+
+    def progress(self, label: str, total: int) -> Any:
+        """A progress line for a long task of the current test: ``with ... as step: step(done)``."""
+        from .progress import Progress
+
+        return Progress(self.config, self.current_test, label, total, max(self.tests_total - self.tests_started, 0))
+
+    def timing_threads(self) -> int | None:
+        """torch's thread count while timing steps: the option, else 1 on the CPU (a steady median
+        on a shared machine), else ``None`` (torch's own count; host work is light on a GPU)."""
+        value = self.settings["threads"].value
+        if value is not None:
+            return int(value)
+        return 1 if self.gpu is None else None
 
     # ----------------------------------------------------------------- the forgetting experiment's data
 
@@ -175,7 +193,7 @@ class LoraSession:
             if file_setting.value:
                 layers.append(matrix_module.file_layer(self.path_setting("matrix"), file_setting.describe()))
             singles = {
-                name: (str(self.settings[name].value), self.settings[name].describe())
+                name: (str(self.settings[name].value), self.settings[name].describe(), self.settings[name].base_dir)
                 for name in MATRIX_OPTIONS
                 if self.settings[name].is_set
             }
@@ -195,12 +213,13 @@ class LoraSession:
             self._matrix = self.build_matrix()
         return self._matrix
 
-    def build_matrix(self, overrides: dict[str, Any] | None = None, where: str = "") -> Matrix:
-        """The session's matrix, with some keys replaced (a test's ``lora_matrix`` marker)."""
+    def build_matrix(self, overrides: dict[str, Any] | None = None, where: str = "", base_dir: Path | None = None) -> Matrix:
+        """The session's matrix, with some keys replaced (a test's ``lora_matrix`` marker, whose
+        relative paths are relative to the test's file: ``base_dir``)."""
         try:
             layers = list(self.layers())
             if overrides:
-                layers.append(matrix_module.mapping_layer(overrides, where))
+                layers.append(matrix_module.mapping_layer(overrides, where, base_dir))
             return matrix_module.build(layers, base_dir=self.config.invocation_params.dir)
         except MatrixError as error:
             raise pytest.UsageError(str(error)) from None
@@ -212,7 +231,11 @@ class LoraSession:
             argv = ["pytest", *self.config.invocation_params.args]
             run = provenance.run_info(self.run_id, self.started, argv, self.config.rootpath)
             gpu = None if self._gpu == "unresolved" else self._gpu
-            self.store = ResultsStore(self.path_setting("results"), run, provenance.machine_info(gpu))
+            directory = self.path_setting("results") if self.records_wanted else None
+            machine = provenance.machine_info(gpu)
+            machine["load_avg_start"] = self.load_at_start
+            machine["cpu_threads"] = self.timing_threads()
+            self.store = ResultsStore(directory, run, machine)
         if self.peak_source is not None:
             self.store.machine["mfu_peak_tflops"] = self._peak / 1e12
             self.store.machine["mfu_peak_source"] = self.peak_source

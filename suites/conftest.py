@@ -43,7 +43,9 @@ def trained_task_model(lora_session, lora_device: str) -> TrainedModel:
     model = build.instantiate(config, lora_device, torch.float32)
     task_a = tasks.MarkovTask("A", vocab, seed=1)
     task_b = tasks.MarkovTask("B", vocab, seed=1, rotation=1)
-    losses = tasks.train(model, task_a.sampler(16, 64), PRETRAIN_STEPS[lora_session.device_kind], lr=3e-3, seed=0, device=lora_device)
+    steps = PRETRAIN_STEPS[lora_session.device_kind]
+    with lora_session.progress("training the task model on language A, step", steps) as progress:
+        losses = tasks.train(model, task_a.sampler(16, 64), steps, lr=3e-3, seed=0, device=lora_device, on_step=progress)
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     return TrainedModel(f"{name} (trained on A)", config, state, task_a, task_b, losses)
 

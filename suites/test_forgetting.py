@@ -26,12 +26,15 @@ the same comparison on a local checkpoint, tokenised with its tokenizer.
 
 from __future__ import annotations
 
-import peft
 import pytest
 
-from pytest_lora.measure import forgetting
+from pytest_lora.lazy import lazy_import
 
-pytestmark = pytest.mark.forgetting
+peft = lazy_import("peft")
+forgetting = lazy_import("pytest_lora.measure.forgetting")
+
+
+pytestmark = pytest.mark.lora_forgetting
 
 STEPS = 60
 LEARNING_RATE = 1e-3
@@ -58,10 +61,13 @@ def record_outcomes(lora_bench, outcomes: list[forgetting.Outcome]) -> None:
 @pytest.fixture(scope="module")
 def full_finetuning(forgetting_experiment, lora_session, lora_device):
     """Full fine-tuning outcomes per learning rate and seed, shared by every test of the module."""
-    return {
-        lr: [forgetting.run_full(forgetting_experiment, seed, STEPS, lr, lora_device) for seed in seeds(lora_session)]
-        for lr in (LEARNING_RATE, LOWER_LEARNING_RATE)
-    }
+    runs = [(lr, seed) for lr in (LEARNING_RATE, LOWER_LEARNING_RATE) for seed in seeds(lora_session)]
+    outcomes: dict[float, list] = {LEARNING_RATE: [], LOWER_LEARNING_RATE: []}
+    with lora_session.progress("full fine-tuning run", len(runs)) as progress:
+        for lr, seed in runs:
+            outcomes[lr].append(forgetting.run_full(forgetting_experiment, seed, STEPS, lr, lora_device))
+            progress(sum(map(len, outcomes.values())))
+    return outcomes
 
 
 def test_the_base_has_learnt_task_a(forgetting_experiment, lora_bench):
@@ -81,7 +87,11 @@ def test_forgetting_lora(forgetting_experiment, lora_spec, full_finetuning, lora
     """LoRA on B for each rank and target set (learning rate 1e-3); the base underneath must stay the base."""
     config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type="CAUSAL_LM")
     lora_bench.describe(model=forgetting_experiment.name)
-    runs = [forgetting.run_lora(forgetting_experiment, config, seed, STEPS, LEARNING_RATE, lora_device) for seed in seeds(lora_session)]
+    runs = []
+    with lora_session.progress("LoRA fine-tuning seed", len(seeds(lora_session))) as progress:
+        for seed in seeds(lora_session):
+            runs.append(forgetting.run_lora(forgetting_experiment, config, seed, STEPS, LEARNING_RATE, lora_device))
+            progress(len(runs))
     outcomes = [run.outcome for run in runs]
     record_outcomes(lora_bench, outcomes)
     full = full_finetuning[LEARNING_RATE]

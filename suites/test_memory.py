@@ -33,33 +33,29 @@ linear layers, batch 2 x 2048): Llama-3-8B shape, nf4, 47.5 GiB peak allocated i
 
 from __future__ import annotations
 
-import peft
 import pytest
-import torch
 
-from pytest_lora.measure.memory import (
-    analytic_step,
-    analytic_weight_bytes,
-    saved_activations,
-    step_phase_memory,
-    storage_bytes,
-    training_state_bytes,
-)
 from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec
-from pytest_lora.measure.train import TrainStep, checkpointing, synthetic_batch
 from pytest_lora import references
 from pytest_lora.models import registry
-from pytest_lora.models.build import seed_for
 
-pytestmark = pytest.mark.memory
+from pytest_lora.lazy import lazy_import
+
+torch = lazy_import("torch")
+peft = lazy_import("peft")
+memory = lazy_import("pytest_lora.measure.memory")
+train = lazy_import("pytest_lora.measure.train")
+build = lazy_import("pytest_lora.models.build")
+
+pytestmark = pytest.mark.lora_memory
 
 LEAK_TOLERANCE = 64 * 2**20  # cuBLAS workspaces and similar caches that live for the process
 
 
 def test_weight_storage(base_model, model_spec, quant_spec, lora_bench):
     """The bytes the base occupies equal the format's arithmetic on the architecture."""
-    measured = storage_bytes(base_model)
-    analytic = analytic_weight_bytes(model_spec.config_dict(), quant_spec)
+    measured = memory.storage_bytes(base_model)
+    analytic = memory.analytic_weight_bytes(model_spec.config_dict(), quant_spec)
     lora_bench.record("weight_bytes", measured, "bytes")
     lora_bench.record("analytic_weight_bytes", analytic, "bytes")
     assert abs(measured - analytic) <= 0.001 * analytic, f"measured {measured:,d} B, analytic {analytic:,d} B"
@@ -68,17 +64,17 @@ def test_weight_storage(base_model, model_spec, quant_spec, lora_bench):
 def test_step_memory(lora_model, model_spec, quant_spec, lora_spec, workload_spec, lora_device, lora_bench, request):
     """One step: activations kept for backward, and the adapter's training state, on any device."""
     config = model_spec.config_dict()
-    estimate = analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
-    batch = synthetic_batch(config["vocab_size"], workload_spec, lora_device, seed_for(request.node.nodeid))
-    step = TrainStep(lora_model)
+    estimate = memory.analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
+    batch = train.synthetic_batch(config["vocab_size"], workload_spec, lora_device, build.seed_for(request.node.nodeid))
+    step = train.TrainStep(lora_model)
     try:
-        with checkpointing(lora_model, workload_spec.grad_ckpt):
-            with saved_activations(lora_model) as saved:
+        with train.checkpointing(lora_model, workload_spec.grad_ckpt):
+            with memory.saved_activations(lora_model) as saved:
                 step.forward(batch)
             activations = sum(saved.values())
             step.backward()
             step.optimizer_step()
-            measured = training_state_bytes(lora_model, step.optimizer)
+            measured = memory.training_state_bytes(lora_model, step.optimizer)
     finally:
         step.close()
 
@@ -101,9 +97,9 @@ def test_step_peak_memory(base_model, lora_config, model_spec, quant_spec, lora_
         pytest.skip("needs a CUDA device: allocator peaks and NVML bytes are GPU measurements; "
                     "weights, activations and training state are measured by the other memory tests")
     config = model_spec.config_dict()
-    estimate = analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
-    batch = synthetic_batch(config["vocab_size"], workload_spec, lora_device, seed_for(request.node.nodeid))
-    phases = step_phase_memory(base_model, lora_config, batch, workload_spec.grad_ckpt, lora_gpu)
+    estimate = memory.analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
+    batch = train.synthetic_batch(config["vocab_size"], workload_spec, lora_device, build.seed_for(request.node.nodeid))
+    phases = memory.step_phase_memory(base_model, lora_config, batch, workload_spec.grad_ckpt, lora_gpu)
     del batch
 
     for name in ("base_allocated", "adapter_allocated", "forward_peak", "forward_allocated", "backward_peak", "optimizer_peak", "after_step_allocated"):
@@ -135,7 +131,7 @@ def test_analytic_step_of_published_shapes(figure, lora_bench):
     workload = WorkloadSpec(seq_len=2048, batch=figure.batch, grad_ckpt=figure.grad_ckpt)
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     lora_bench.describe(model=figure.model, quant=figure.quant, lora=lora, workload=workload)
-    estimate = analytic_step(registry.load_config_dict(figure.model), QUANTIZATIONS[figure.quant], lora, workload)
+    estimate = memory.analytic_step(registry.load_config_dict(figure.model), QUANTIZATIONS[figure.quant], lora, workload)
     reference = int(figure.peak_allocated_gib * GIB)
     lora_bench.record("analytic_weight_bytes", estimate.weights, "bytes")
     lora_bench.record("analytic_activation_bytes", estimate.activations, "bytes")

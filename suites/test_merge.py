@@ -43,31 +43,21 @@ import math
 import tempfile
 from pathlib import Path
 
-import peft
 import pytest
-import torch
 
 from pytest_lora.matrix import WorkloadSpec
-from pytest_lora.measure import tasks
-from pytest_lora.measure.merge import (
-    adapted_module_name,
-    cycle_drift,
-    delta_error_bound,
-    dequantized,
-    expected_delta,
-    expected_merged,
-    logits_agreement,
-    lora_layers,
-    merge_into,
-    requantization_error,
-    rounding_tolerance,
-    scaling,
-    set_relative_update,
-)
-from pytest_lora.measure.train import synthetic_batch
-from pytest_lora.models import build, quantize
 
-pytestmark = pytest.mark.merge
+from pytest_lora.lazy import lazy_import
+
+torch = lazy_import("torch")
+peft = lazy_import("peft")
+tasks = lazy_import("pytest_lora.measure.tasks")
+merge = lazy_import("pytest_lora.measure.merge")
+train = lazy_import("pytest_lora.measure.train")
+build = lazy_import("pytest_lora.models.build")
+quantize = lazy_import("pytest_lora.models.quantize")
+
+pytestmark = pytest.mark.lora_merge
 
 RELATIVE_UPDATE = 0.01
 DRIFT_CYCLES = (1, 10, 100)
@@ -79,7 +69,7 @@ def adapted_copy(base_model, model_spec, lora_spec, lora_gpu, request):
     config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
     model = peft.get_peft_model(quantize.private_copy(base_model), config)
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
-    relative = set_relative_update(model, config, RELATIVE_UPDATE, generator)
+    relative = merge.set_relative_update(model, config, RELATIVE_UPDATE, generator)
     model.eval()
     yield model, config, relative
     del model
@@ -89,28 +79,28 @@ def adapted_copy(base_model, model_spec, lora_spec, lora_gpu, request):
 
 def token_ids(model_spec, device, request) -> torch.Tensor:
     vocab = model_spec.config_dict()["vocab_size"]
-    return synthetic_batch(vocab, WorkloadSpec(seq_len=32, batch=2), device, build.seed_for(request.node.nodeid))["input_ids"]
+    return train.synthetic_batch(vocab, WorkloadSpec(seq_len=32, batch=2), device, build.seed_for(request.node.nodeid))["input_ids"]
 
 
-@torch.no_grad()
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return model(input_ids=ids, decoder_input_ids=ids).logits.float()
-    return model(input_ids=ids).logits.float()
+    with torch.no_grad():
+        if getattr(config, "is_encoder_decoder", False):
+            return model(input_ids=ids, decoder_input_ids=ids).logits.float()
+        return model(input_ids=ids).logits.float()
 
 
 def assert_delta_is_the_formula(layers, config) -> None:
     """peft's ``get_delta_weight`` against s B A in float64: a wrong scale or a transposition fails."""
     for name, layer in layers.items():
         delta = layer.get_delta_weight("default").double().cpu()
-        expected = expected_delta(layer, config).cpu()
+        expected = merge.expected_delta(layer, config).cpu()
         assert delta.shape == expected.shape, f"{name}: delta {tuple(delta.shape)}, formula {tuple(expected.shape)}"
-        assert ((delta - expected).abs() <= delta_error_bound(layer, config).cpu() + 1e-30).all(), f"{name}: peft's delta is not s B A"
+        assert ((delta - expected).abs() <= merge.delta_error_bound(layer, config).cpu() + 1e-30).all(), f"{name}: peft's delta is not s B A"
 
 
 def record_agreement(lora_bench, reference: torch.Tensor, logits: torch.Tensor, suffix: str = "") -> dict[str, float]:
-    agreement = logits_agreement(reference, logits)
+    agreement = merge.logits_agreement(reference, logits)
     lora_bench.record(f"merge_max_abs_err{suffix}", agreement["max_abs_err"], "logit")
     lora_bench.record(f"merge_kl{suffix}", agreement["kl"], "nats")
     lora_bench.record(f"merge_top1{suffix}", agreement["top1"], "fraction")
@@ -125,7 +115,7 @@ def checked_adapter(adapted_copy, lora_bench):
     """The adapted copy's LoRA layers, once their update is recorded and peft's delta checked."""
     model, config, relative = adapted_copy
     lora_bench.record("relative_update", relative, "||sBA||/||W||")
-    layers = lora_layers(model)
+    layers = merge.lora_layers(model)
     assert_delta_is_the_formula(layers, config)
     return model, config, layers
 
@@ -136,16 +126,16 @@ def test_merge_full_precision(adapted_copy, base_model, model_spec, quant_spec, 
     so that the check holds one layer's float64 terms at a time beside the base and its copy: for
     the 8B shape in bf16 that is under 1 GB, where holding every layer's would need 80 GB more."""
     model, config, layers = checked_adapter(adapted_copy, lora_bench)
-    before = {name: base_model.get_submodule(adapted_module_name(name)).weight for name in layers}  # no copies
+    before = {name: base_model.get_submodule(merge.adapted_module_name(name)).weight for name in layers}  # no copies
     dtype = next(iter(before.values())).dtype
     model.merge_adapter()
     model.unmerge_adapter()
     for name, layer in layers.items():
-        restored, delta = layer.get_base_layer().weight, expected_delta(layer, config).to(before[name].device)
-        tolerance = rounding_tolerance(dtype, before[name].double(), delta) + 2 * delta_error_bound(layer, config).to(delta.device)
+        restored, delta = layer.get_base_layer().weight, merge.expected_delta(layer, config).to(before[name].device)
+        tolerance = merge.rounding_tolerance(dtype, before[name].double(), delta) + 2 * merge.delta_error_bound(layer, config).to(delta.device)
         assert ((restored.double() - before[name].double()).abs() <= tolerance).all(), f"{name}: unmerge did not restore the base"
         del restored, delta, tolerance
-    for k, value in cycle_drift(layers, before, DRIFT_CYCLES).items():
+    for k, value in merge.cycle_drift(layers, before, DRIFT_CYCLES).items():
         lora_bench.record(f"merge_drift_k{k}", value, "max|W-W0|/max|W0|")
     with torch.no_grad():
         for name, layer in layers.items():  # the cycles drift: start the merge from the original weights
@@ -164,7 +154,7 @@ def test_merge_full_precision(adapted_copy, base_model, model_spec, quant_spec, 
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules()), "a LoRA layer survived merge_and_unload"
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     for name, layer in layers.items():  # the LoRA layers still hold A, B and DoRA's magnitude
-        assert_merged_weight(merged.get_submodule(adapted_module_name(name)).weight, layer, config, before[name], name)
+        assert_merged_weight(merged.get_submodule(merge.adapted_module_name(name)).weight, layer, config, before[name], name)
     agreement = record_agreement(lora_bench, unmerged, logits_of(merged, ids))
     if dtype == torch.float32:
         assert agreement["max_abs_err"] <= 1e-4 * (1 + float(unmerged.abs().max())), "merged float32 logits differ"
@@ -172,9 +162,9 @@ def test_merge_full_precision(adapted_copy, base_model, model_spec, quant_spec, 
 
 def assert_merged_weight(weight, layer, config, original, name) -> None:
     """One merged weight against W + s B A (DoRA rescaled) in float64, within two roundings of its dtype."""
-    target = expected_merged(layer, config, original).to(weight.device)
-    tolerance = (4 if config.use_dora else 1) * rounding_tolerance(weight.dtype, original.double(), target - original.double())
-    tolerance += delta_error_bound(layer, config).to(tolerance.device)
+    target = merge.expected_merged(layer, config, original).to(weight.device)
+    tolerance = (4 if config.use_dora else 1) * merge.rounding_tolerance(weight.dtype, original.double(), target - original.double())
+    tolerance += merge.delta_error_bound(layer, config).to(tolerance.device)
     assert ((weight.double() - target).abs() <= tolerance).all(), f"{name}: merged weight is not W + s B A"
 
 
@@ -185,30 +175,34 @@ def test_merge_quantized(adapted_copy, model_spec, quant_spec, lora_device, lora
     reference = logits_of(model, ids)
     compute_dtype = getattr(torch, quant_spec.dtype)
 
-    dequantize = merge_into(build.instantiate(model_spec.config_dict(), lora_device, compute_dtype), model, config, dequantize_base=True)
+    dequantize = merge.merge_into(build.instantiate(model_spec.config_dict(), lora_device, compute_dtype), model, config, dequantize_base=True)
     if quant_spec.kind == "4bit":  # LLM.int8 also quantizes activations: its forward is not the compute dtype's
         assert_layers_compute_alike(layers, dequantize, compute_dtype)
     record_agreement(lora_bench, reference, logits_of(dequantize, ids), "_dequantize")
     del dequantize
 
-    original = merge_into(build.full_precision_of(model_spec, quant_spec, lora_device), model, config, dequantize_base=False)
+    original = merge.merge_into(build.full_precision_of(model_spec, quant_spec, lora_device), model, config, dequantize_base=False)
     record_agreement(lora_bench, reference, logits_of(original, ids), "_original")
     del original
 
-    bases = {name: dequantized(layer.get_base_layer().weight, layer.get_base_layer()) for name, layer in layers.items()}
-    expected = {name: expected_merged(layer, config, bases[name]) for name, layer in layers.items()}
+    bases = {name: merge.dequantized(layer.get_base_layer().weight, layer.get_base_layer()) for name, layer in layers.items()}
+    expected = {name: merge.expected_merged(layer, config, bases[name]) for name, layer in layers.items()}
     merged = model.merge_and_unload()
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules()), "a LoRA layer survived merge_and_unload"
-    lora_bench.record("requant_err_over_update", requantization_error(merged, expected, bases), "||error||/||update||")
+    lora_bench.record("requant_err_over_update", merge.requantization_error(merged, expected, bases), "||error||/||update||")
     record_agreement(lora_bench, reference, logits_of(merged, ids), "_requantize")
 
 
-@torch.no_grad()
 def assert_layers_compute_alike(layers, dequantized_model, dtype) -> None:
     """Each QLoRA layer (quantized base + adapter) against the same layer of the dequantized merge."""
+    with torch.no_grad():
+        _assert_layers_compute_alike(layers, dequantized_model, dtype)
+
+
+def _assert_layers_compute_alike(layers, dequantized_model, dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
-        merged_layer = dequantized_model.get_submodule(adapted_module_name(name))
+        merged_layer = dequantized_model.get_submodule(merge.adapted_module_name(name))
         fan_in = merged_layer.in_features if hasattr(merged_layer, "in_features") else merged_layer.nx
         x = torch.randn(4, fan_in, generator=generator).to(merged_layer.weight.device, dtype)
         expected, actual = layer(x).double(), merged_layer(x).double()
@@ -236,8 +230,8 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
     lora_bench.describe(model=trained.name, lora=config)
     model = peft.get_peft_model(task_base(trained, quant_spec, lora_device), config)
     tasks.train(model, trained.task_b.sampler(16, 64), FINE_TUNE_STEPS, lr=1e-3, seed=1, device=lora_device)
-    layers = lora_layers(model)
-    relative = max(float(expected_delta(l, config).norm() / dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()) for l in layers.values())
+    layers = merge.lora_layers(model)
+    relative = max(float(merge.expected_delta(l, config).norm() / merge.dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()) for l in layers.values())
     lora_bench.record("relative_update", relative, "||sBA||/||W||")
     ids = trained.task_b.sample(16, 64, torch.Generator().manual_seed(7)).to(lora_device)
     model.eval()
@@ -247,9 +241,9 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
     candidates = {}
     if quant_spec.is_quantized:
         original = task_base(trained, type(quant_spec)("original", "dtype", quant_spec.dtype), lora_device)
-        candidates["_original"] = merge_into(original, model, config, dequantize_base=False)
+        candidates["_original"] = merge.merge_into(original, model, config, dequantize_base=False)
         blank = build.instantiate(trained.config, lora_device, getattr(torch, quant_spec.dtype))
-        candidates["_dequantize"] = merge_into(blank, model, config, dequantize_base=True)
+        candidates["_dequantize"] = merge.merge_into(blank, model, config, dequantize_base=True)
         suffix = "_requantize"
     else:
         suffix = ""
@@ -281,7 +275,7 @@ def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench
     spec, config = first_lora(lora_matrix, model_spec)
     lora_bench.describe(lora=spec)
     model = peft.get_peft_model(quantize.private_copy(base_model), config)
-    set_relative_update(model, config, RELATIVE_UPDATE, torch.Generator().manual_seed(build.seed_for(request.node.nodeid)))
+    merge.set_relative_update(model, config, RELATIVE_UPDATE, torch.Generator().manual_seed(build.seed_for(request.node.nodeid)))
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     ours = peft.get_peft_model_state_dict(model)
@@ -321,13 +315,13 @@ def test_weighted_adapters(base_model, model_spec, lora_matrix, lora_bench, requ
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
     for adapter in ("default", "second"):
         model.set_adapter(adapter)
-        set_relative_update(model, config, RELATIVE_UPDATE, generator)
+        merge.set_relative_update(model, config, RELATIVE_UPDATE, generator)
     weights = (0.7, 0.4)
     model.add_weighted_adapter(["default", "second"], list(weights), "cat", combination_type="cat")
     model.add_weighted_adapter(["default", "second"], list(weights), "linear", combination_type="linear")
-    s = scaling(config)
+    s = merge.scaling(config)
     worst_cross = 0.0
-    for name, layer in lora_layers(model).items():
+    for name, layer in merge.lora_layers(model).items():
         a = [layer.lora_A[n].weight.double() for n in ("default", "second")]
         b = [layer.lora_B[n].weight.double() for n in ("default", "second")]
         weighted_sum = sum(w * s * bi @ ai for w, ai, bi in zip(weights, a, b))

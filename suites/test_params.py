@@ -26,17 +26,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import peft
 import pytest
 
-from pytest_lora import ParamCount, count_parameters
-from pytest_lora.measure.params import closed_form, count_model
-from pytest_lora.models.build import build_meta
+from pytest_lora.lazy import lazy_import
 
-pytestmark = pytest.mark.params
+peft = lazy_import("peft")
+params = lazy_import("pytest_lora.measure.params")
+build = lazy_import("pytest_lora.models.build")
 
 
-def record_counts(lora_bench: Any, counts: ParamCount) -> None:
+pytestmark = pytest.mark.lora_params
+
+
+def record_counts(lora_bench: Any, counts: params.ParamCount) -> None:
     lora_bench.record("trainable_params", counts.trainable, "params")
     lora_bench.record("total_params", counts.total, "params")
     lora_bench.record("trainable_pct", counts.pct, "%")
@@ -44,14 +46,14 @@ def record_counts(lora_bench: Any, counts: ParamCount) -> None:
 
 def test_trainable_parameters(lora_model, model_spec, lora_spec, lora_bench):
     """peft's count on the built (possibly quantized) base equals the closed form and the meta count."""
-    measured = ParamCount(*lora_model.get_nb_trainable_parameters())
+    measured = params.ParamCount(*lora_model.get_nb_trainable_parameters())
     record_counts(lora_bench, measured)
 
     config_dict = model_spec.config_dict()
-    expected = closed_form(build_meta(config_dict), peft.LoraConfig(**lora_spec.peft_kwargs()))
+    expected = params.closed_form(build.build_meta(config_dict), peft.LoraConfig(**lora_spec.peft_kwargs()))
     assert measured == expected, f"peft on the built base: {measured}; closed form: {expected}"
-    assert count_model(lora_model) == expected, "a direct walk over the built model's parameters disagrees"
-    assert count_parameters(config_dict, lora_spec.peft_kwargs()) == expected, "the meta-device count disagrees"
+    assert params.count_model(lora_model) == expected, "a direct walk over the built model's parameters disagrees"
+    assert params.count_parameters(config_dict, lora_spec.peft_kwargs()) == expected, "the meta-device count disagrees"
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def test_published_counts(published, lora_bench):
     """``count_parameters`` gives exactly the published counts, for the real architecture."""
     lora_bench.describe(model=published.model, quant="none", lora=peft.LoraConfig(**published.lora))
     started = time.perf_counter()
-    counts = count_parameters(published.model, published.lora)
+    counts = params.count_parameters(published.model, published.lora)
     lora_bench.record("count_time_s", time.perf_counter() - started, "s")
     record_counts(lora_bench, counts)
     assert (counts.trainable, counts.total) == (published.trainable, published.total), published.source

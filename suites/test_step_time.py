@@ -14,6 +14,13 @@ the device's dense bf16 peak, where the FLOPs are PaLM's appendix-B count adapte
 the frozen weights, 6N for the adapter, 12 L H Q T for attention; ``pytest_lora.measure.flops``).
 MFU is empty on the CPU.
 
+The machine. torch computes with a fixed number of threads while steps are timed
+(``--lora-threads``; 1 on the CPU, where more make medians bimodal as soon as another process
+wants a core). Each record says how many cores other processes kept busy during its timed steps
+(``other_cpu_load``, from ``/proc/stat``), and carries a warning when they competed with the
+timing; the results' machine section has the CPU count, the thread count and the load average
+at the start of the run.
+
 The harness itself. The base build (``test_base_build_time``: each (model, quantization) base
 is built once, in its dtype on the device, quantized in place) and the harness's overhead
 against a bare loop of the same step timed with CUDA events in the same run
@@ -27,17 +34,22 @@ the 8B shape in nf4 there: 0.08 s in bf16 plus 0.15 s quantizing in place.
 
 from __future__ import annotations
 
-import peft
 import pytest
-import torch
 
-from pytest_lora.measure.flops import lora_step_flops
-from pytest_lora.measure.timing import StepTimer, TimingStats, timing_metrics
-from pytest_lora.measure.train import TrainStep, checkpointing, compiled, synthetic_batch
-from pytest_lora.models import adapters
-from pytest_lora.models.build import seed_for
+from pytest_lora.lazy import lazy_import
+from pytest_lora.report import provenance
 
-pytestmark = pytest.mark.step_time
+torch = lazy_import("torch")
+peft = lazy_import("peft")
+cpu = lazy_import("pytest_lora.measure.cpu")
+flops = lazy_import("pytest_lora.measure.flops")
+timing = lazy_import("pytest_lora.measure.timing")
+train = lazy_import("pytest_lora.measure.train")
+adapters = lazy_import("pytest_lora.models.adapters")
+build = lazy_import("pytest_lora.models.build")
+
+
+pytestmark = pytest.mark.lora_step_time
 
 
 def record(lora_bench, benchmark, metrics: dict[str, tuple[float | None, str]]) -> None:
@@ -46,9 +58,13 @@ def record(lora_bench, benchmark, metrics: dict[str, tuple[float | None, str]]) 
     benchmark.extra_info.update({name: value for name, (value, _) in metrics.items()})
 
 
-def timed_steps(benchmark, timer: StepTimer, step, warmup: int, rounds: int) -> list[float]:
+def timed_steps(benchmark, timer: timing.StepTimer, step, warmup: int, rounds: int, progress=lambda done: None) -> list[float]:
     """``warmup`` untimed and ``rounds`` timed calls of ``step``, through pytest-benchmark when it is on."""
-    run = lambda: timer.time(step)  # noqa: E731
+
+    def run():
+        timer.time(step)
+        progress(len(timer.times))  # after the step's clock stopped
+
     if benchmark.enabled:
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup, iterations=1)
     else:  # --benchmark-disable, or xdist (pytest-benchmark switches itself off there)
@@ -57,23 +73,37 @@ def timed_steps(benchmark, timer: StepTimer, step, warmup: int, rounds: int) -> 
     return timer.times[warmup:]
 
 
+def timed_on_this_machine(lora_session, lora_bench, benchmark, timer, step, warmup: int, rounds: int) -> list[float]:
+    """``timed_steps`` with torch's thread count fixed (``--lora-threads``), recording how busy the
+    rest of the machine was meanwhile (``other_cpu_load``) and warning when it competed for cores."""
+    with lora_session.progress("training steps", warmup + rounds) as progress:
+        with cpu.threads(lora_session.timing_threads()) as threads, cpu.OtherLoad() as load:
+            times = timed_steps(benchmark, timer, step, warmup, rounds, progress)
+    lora_bench.record("other_cpu_load", load.cores, "cores")
+    cpus = provenance.cpu_count()
+    if load.busy(cpus, threads):
+        lora_bench.warn(f"machine busy while timing: other processes kept {load.cores:.2f} of {cpus} CPUs busy "
+                        f"beside {threads} timing thread{'s' if threads != 1 else ''}; its times are not comparable")
+    return times
+
+
 def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device, lora_gpu, lora_session, lora_bench, benchmark, request):
     """Median time of a full training step, tokens/s and MFU."""
     config = model_spec.config_dict()
-    batch = synthetic_batch(config["vocab_size"], workload_spec, lora_device, seed_for(request.node.nodeid))
+    batch = train.synthetic_batch(config["vocab_size"], workload_spec, lora_device, build.seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
-    timer = StepTimer(lora_gpu)
+    timer = timing.StepTimer(lora_gpu)
     benchmark.group = model_spec.id
-    with compiled(lora_model, workload_spec.compile) as model, checkpointing(lora_model, workload_spec.grad_ckpt):
-        step = TrainStep(model)
+    with train.compiled(lora_model, workload_spec.compile) as model, train.checkpointing(lora_model, workload_spec.grad_ckpt):
+        step = train.TrainStep(model)
         try:
-            times = timed_steps(benchmark, timer, lambda: step.run(batch), warmup, rounds)
+            times = timed_on_this_machine(lora_session, lora_bench, benchmark, timer, lambda: step.run(batch), warmup, rounds)
         finally:
             step.close()
-    flops = lora_step_flops(config, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
-    metrics = timing_metrics(TimingStats.of(times), workload_spec.tokens, flops, lora_session.peak_flops())
+    step_flops = flops.lora_step_flops(config, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
+    metrics = timing.timing_metrics(timing.TimingStats.of(times), workload_spec.tokens, step_flops, lora_session.peak_flops())
     if lora_gpu is not None:  # the events against the host clock read after waiting for them
-        host = TimingStats.of(timer.host_times[warmup:]).median
+        host = timing.TimingStats.of(timer.host_times[warmup:]).median
         metrics["host_step_time_median_s"] = (host, "s")
         metrics["event_over_host"] = (metrics["step_time_median_s"][0] / host, "CUDA event / host clock")
     record(lora_bench, benchmark, metrics)
@@ -85,7 +115,7 @@ def test_base_build_time(base_model, model_spec, quant_spec, lora_device, lora_s
     lora_bench.record("builds", lora_session.builds[(model_spec.id, quant_spec.id, lora_device)], "builds")
 
 
-def bare_steps(model, batch, timer: StepTimer, warmup: int, rounds: int) -> None:
+def bare_steps(model, batch, timer: timing.StepTimer, warmup: int, rounds: int) -> None:
     """The same step written out by hand, without the harness, timed by the same timer."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     kwargs = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
@@ -107,19 +137,21 @@ def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora
     spec and workload of the matrix; bare rounds before and after the harness's)."""
     lora_spec, workload = lora_matrix.loras[0], lora_matrix.workloads[0]
     config = model_spec.config_dict()
-    batch = synthetic_batch(config["vocab_size"], workload, lora_device, seed_for(request.node.nodeid))
+    batch = train.synthetic_batch(config["vocab_size"], workload, lora_device, build.seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
     lora_bench.describe(lora=lora_spec, workload=workload)
-    bare = StepTimer(lora_gpu)
-    with adapters.attached(base_model, peft.LoraConfig(**lora_spec.peft_kwargs())) as model, checkpointing(model, workload.grad_ckpt):
-        bare_steps(model, batch, bare, warmup, rounds)
-        step = TrainStep(model)
+    bare = timing.StepTimer(lora_gpu)
+    with adapters.attached(base_model, peft.LoraConfig(**lora_spec.peft_kwargs())) as model, train.checkpointing(model, workload.grad_ckpt):
+        with cpu.threads(lora_session.timing_threads()):
+            bare_steps(model, batch, bare, warmup, rounds)
+        step = train.TrainStep(model)
         try:
-            harness = timed_steps(benchmark, StepTimer(lora_gpu), lambda: step.run(batch), warmup, rounds)
+            harness = timed_on_this_machine(lora_session, lora_bench, benchmark, timing.StepTimer(lora_gpu), lambda: step.run(batch), warmup, rounds)
         finally:
             step.close()
-        bare_steps(model, batch, bare, warmup, rounds)
-    bare_median, harness_median = TimingStats.of(bare.times).median, TimingStats.of(harness).median
+        with cpu.threads(lora_session.timing_threads()):
+            bare_steps(model, batch, bare, warmup, rounds)
+    bare_median, harness_median = timing.TimingStats.of(bare.times).median, timing.TimingStats.of(harness).median
     metrics = {
         "bare_step_time_median_s": (bare_median, "s"),
         "step_time_median_s": (harness_median, "s"),

@@ -8,6 +8,8 @@ import textwrap
 import pytest
 from hypothesis import settings
 
+from pytest_lora import bench
+
 # CI runs the same examples every time (a red build must be reproducible); set
 # HYPOTHESIS_PROFILE=explore to search new ones.
 settings.register_profile("ci", derandomize=True, database=None)
@@ -27,7 +29,7 @@ TINY = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=8"
 COUNTING_SUITE = """
 import pytest
 
-pytestmark = pytest.mark.params
+pytestmark = pytest.mark.lora_params
 
 
 def test_count(lora_model, lora_bench):
@@ -64,8 +66,11 @@ def inner_runs_see_no_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
 
 
 @pytest.fixture
-def suite(pytester: pytest.Pytester):
-    """Write a benchmark suite file under ``suites/`` of the pytester directory."""
+def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """Write a benchmark suite file under ``suites/`` of the pytester directory: the suites that
+    ``--lora-bench`` runs in this test's in-process runs, in place of the built-in ones
+    (a subprocess run names the directory)."""
+    monkeypatch.setattr(bench, "builtin_suites", lambda: pytester.path / "suites")
 
     def write(body: str = COUNTING_SUITE, name: str = "test_suite.py"):
         # pin what the options don't set, so the default matrix may change without breaking tests

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import peft
 import pytest
 import torch
@@ -99,10 +102,37 @@ def test_validation_explains_defaults_it_cannot_find_and_modules_to_save_it_cann
     spec = resolve_model("llama-3.2-1b-tiny", "t")
     problems = validate.problems(spec, LoraSpec(r=4, alpha=8, modules_to_save=("nonesuch",)))
     assert problems == ["modules_to_save 'nonesuch' matches no module of llama-3.2-1b-tiny"]
-    original = spec.config_dict()
+    original, found = spec.config_dict(), validate.architecture(spec)
     monkeypatch.setattr(type(spec), "config_dict", lambda self: {**original, "model_type": "nonesuch"})
+    monkeypatch.setattr(validate, "architecture", lambda model, cache=None: dataclasses.replace(found, peft_defaults=False))
     (problem,) = validate.problems(spec, LoraSpec(r=4, alpha=8))
     assert problem.startswith("targets 'default': peft has no default targets for llama-3.2-1b-tiny (model_type 'nonesuch')")
+
+
+class DictCache:
+    """pytest's ``config.cache`` interface (``get`` / ``set`` of JSON values) over a dict."""
+
+    def __init__(self):
+        self.values = {}
+
+    def get(self, key, default):
+        return json.loads(self.values[key]) if key in self.values else default
+
+    def set(self, key, value):
+        self.values[key] = json.dumps(value)
+
+
+def test_the_architecture_read_from_the_cache_is_the_one_inspected(monkeypatch):
+    """A second look (another pytest run) reads the cache and builds nothing; the key changes
+    with the config, so a changed config.json is inspected again."""
+    cache = DictCache()
+    spec, other = resolve_model("llama-3.2-1b-tiny", "t"), resolve_model("opt-125m-tiny", "t")
+    inspected = validate.architecture(spec, cache)
+    assert list(cache.values) == [validate.cache_key(spec)] and validate.cache_key(other) != validate.cache_key(spec)
+    assert ("model.layers.0.self_attn.q_proj", True) in inspected.modules and inspected.peft_defaults
+    monkeypatch.setattr(validate, "inspect_architecture", lambda model: pytest.fail("the cache was not read"))
+    assert validate.architecture(spec, cache) == inspected
+    assert validate.problems(spec, LoraSpec(r=4, alpha=8, targets=("q_prj",)), cache)[0].startswith("target 'q_prj' matches no")
 
 
 def test_an_unreadable_config_json_is_an_error(tmp_path):

@@ -107,7 +107,7 @@ def test_a_test_that_changes_the_base_is_an_error():
 ACROSS_TESTS = """
 import pytest
 
-pytestmark = pytest.mark.params
+pytestmark = pytest.mark.lora_params
 
 
 def test_one(lora_model):
@@ -174,7 +174,7 @@ def test_xdist_workers_send_their_records_to_the_controller(pytester, suite):
     pytest.importorskip("xdist")
     suite()
     args = ("--lora-models=llama-3.2-1b-tiny,opt-125m-tiny", "--lora-quant=none", "--lora-ranks=4", "--lora-targets=q_proj")
-    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", *args)
+    result = pytester.runpytest_subprocess("suites", "-n", "2", "--lora-bench", "--lora-device=cpu", *args)
     result.assert_outcomes(passed=2)
     latest = json.loads((pytester.path / "results" / "latest.json").read_text())
     assert sorted(r["model"] for r in latest["records"]) == ["llama-3.2-1b-tiny", "opt-125m-tiny"]

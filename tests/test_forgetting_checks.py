@@ -92,7 +92,7 @@ def test_the_suite_fails_when_the_adapter_cannot_be_switched_off(pytester, forge
             monkeypatch.setattr(peft.PeftModel, "disable_adapter", lambda self: contextlib.nullcontext())
         """
     )
-    result = pytester.runpytest("--lora-bench", "--lora-ranks=4", "--lora-targets=all-linear", "--lora-seeds=1", "-k", "lora")
+    result = pytester.runpytest("--lora-bench", "--lora-ranks=4", "--lora-targets=all-linear", "--lora-seeds=1", "-k", "test_forgetting_lora")
     result.assert_outcomes(failed=1, deselected=3)
     result.stdout.fnmatch_lines(["*disabling the adapter did not give back the base*"])
 

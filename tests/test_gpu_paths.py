@@ -281,7 +281,7 @@ def test_a_fake_gpu_is_recorded_as_the_machine(pytester, suite):
 PEAK_SUITE = """
 import pytest
 
-pytestmark = pytest.mark.step_time
+pytestmark = pytest.mark.lora_step_time
 
 
 def test_peak(lora_session, lora_bench):

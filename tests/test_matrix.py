@@ -35,7 +35,7 @@ def test_target_forms():
 
 def test_later_layers_win_key_by_key():
     base = matrix.mapping_layer({"models": ["opt-125m-tiny"], "quant": ["none"], "ranks": [8], "dropout": [0.1]}, "default")
-    options = matrix.option_layer({"ranks": ("4,16", "--lora-ranks"), "targets": ("q_proj|all-linear", "--lora-targets")})
+    options = matrix.option_layer({"ranks": ("4,16", "--lora-ranks", None), "targets": ("q_proj|all-linear", "--lora-targets", None)})
     m = matrix.build([base, options])
     assert [(s.r, s.targets, s.dropout) for s in m.loras] == [(4, ("q_proj",), 0.1), (4, "all-linear", 0.1), (16, ("q_proj",), 0.1), (16, "all-linear", 0.1)]
 

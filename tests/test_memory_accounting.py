@@ -131,7 +131,7 @@ RELEASE_SUITE = """
 import weakref
 import pytest
 
-pytestmark = pytest.mark.memory
+pytestmark = pytest.mark.lora_memory
 
 
 def test_uses_base(base_model, lora_model, tracker):

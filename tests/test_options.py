@@ -179,7 +179,7 @@ def test_suite_markers_select_suites(pytester, suite):
 COUNT_MEMORY = """
 import pytest
 
-pytestmark = pytest.mark.memory
+pytestmark = pytest.mark.lora_memory
 
 
 def test_weights(base_model, lora_bench):

@@ -11,8 +11,9 @@ from conftest import TINY
 from pytest_lora.report.store import SCHEMA_VERSION, atomic_write_json, load
 
 RUN_KEYS = {"id", "started", "finished", "argv", "git", "status"}
-MACHINE_KEYS = {"device", "gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes", "python", "cpu"}
-RECORD_KEYS = {"suite", "test", "model", "quant", "lora", "workload", "status", "metrics", "units", "error"}
+MACHINE_KEYS = {"device", "gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes", "python", "cpu",
+                "cpu_count", "cpu_threads", "load_avg_start"}
+RECORD_KEYS = {"suite", "test", "model", "quant", "lora", "workload", "status", "metrics", "units", "error", "warnings"}
 
 
 def read_results(pytester: pytest.Pytester) -> tuple[dict, dict]:
@@ -84,7 +85,7 @@ STATUS_SUITE = """
 import pytest
 import torch
 
-pytestmark = pytest.mark.params
+pytestmark = pytest.mark.lora_params
 
 
 def test_fails_after_measuring(lora_bench):
@@ -125,7 +126,7 @@ def test_each_record_carries_the_test_outcome_and_the_run_goes_on(pytester, suit
 INTERRUPTED_SUITE = """
 import pytest
 
-pytestmark = pytest.mark.params
+pytestmark = pytest.mark.lora_params
 
 
 def test_first(lora_bench):
@@ -156,7 +157,7 @@ def test_bad_metric_values_are_refused(pytester, suite):
         import math
         import pytest
 
-        pytestmark = pytest.mark.params
+        pytestmark = pytest.mark.lora_params
 
         @pytest.mark.parametrize("value, unit", [(math.nan, "s"), (True, "s"), ("12", "s"), (1.0, "")])
         def test_bad(lora_bench, value, unit):

@@ -126,7 +126,7 @@ FAILING_SUITE = """
 import pytest
 import torch
 
-pytestmark = pytest.mark.memory
+pytestmark = pytest.mark.lora_memory
 
 
 def test_runs_out(base_model, lora_bench):
@@ -156,7 +156,7 @@ def test_a_failed_tests_frames_are_gone_before_the_next_setup(pytester, suite):
     (A subprocess: pytester's in-process runs record every hook call, the failed call included.)"""
     suite(FAILING_SUITE, name="test_failing.py")
     (pytester.path / "suites" / "conftest.py").write_text(WATCHER)
-    result = pytester.runpytest_subprocess("--lora-bench", "--lora-device=cpu", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=none")
+    result = pytester.runpytest_subprocess("suites", "--lora-bench", "--lora-device=cpu", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=none")
     result.assert_outcomes(passed=1, skipped=1)
     assert (pytester.path / "alive_at_setup.txt").read_text() == "False"
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]

@@ -40,7 +40,7 @@ def test_the_suite_fails_when_a_count_is_off_by_one(pytester, params_suite):
                 right = count_parameters(model, lora)
                 return ParamCount(right.trainable + 1, right.total)
 
-            monkeypatch.setattr(request.module, "count_parameters", wrong)
+            monkeypatch.setattr("pytest_lora.measure.params.count_parameters", wrong)
         """
     )
     pytester.runpytest(*ARGS).assert_outcomes(failed=2 + 6)
@@ -80,7 +80,7 @@ def test_count_time_measures_the_count(pytester, params_suite):
 
         @pytest.fixture(autouse=True)
         def slow_count(request, monkeypatch):
-            monkeypatch.setattr(request.module, "count_parameters", slow)
+            monkeypatch.setattr("pytest_lora.measure.params.count_parameters", slow)
         """
     )
     pytester.runpytest(*ARGS, "-k", "published and flan").assert_outcomes(passed=1, deselected=7)

@@ -178,9 +178,32 @@ def nvml_handle(nvml: Any, properties: Any) -> Any:
 
 def cuda_gpu() -> Gpu | None:
     """The current CUDA device through ``torch.cuda`` and ``pynvml``, or ``None`` without one."""
+    if not gpu_driver_present():
+        return None  # torch can't see a GPU: don't import it (a second) to ask
     import torch
 
     return _real_gpu() if torch.cuda.is_available() else None
+
+
+GPU_DRIVERS = {"linux": ("libcuda.so.1", "libamdhip64.so"), "win32": ("nvcuda.dll", "amdhip64.dll")}
+
+
+def gpu_driver_present(load: Callable[[str], Any] | None = None) -> bool:
+    """Whether the CUDA driver (or ROCm's HIP runtime) can be loaded: without it torch sees no GPU.
+
+    ``load`` opens a shared library by name (``ctypes.CDLL``, the same ``dlopen`` torch does).
+    """
+    import ctypes
+    import sys
+
+    load = load or ctypes.CDLL
+    for name in GPU_DRIVERS.get(sys.platform, ()):
+        try:
+            load(name)
+            return True
+        except OSError:
+            continue
+    return sys.platform not in GPU_DRIVERS  # elsewhere, ask torch
 
 
 def _real_gpu() -> Gpu:  # pragma: no cover - a GPU host only; the tests build Gpu on fakes of these two modules

@@ -111,7 +111,7 @@ def cycle_drift(layers: dict[str, LoraLayer], before: dict[str, torch.Tensor], c
                 layer.unmerge()
         done = k
         drift[k] = max(
-            float((layer.get_base_layer().weight.double() - before[name].double()).abs().max() / before[name].double().abs().max())
+            float((layer.get_base_layer().weight.detach().double() - before[name].double()).abs().max() / before[name].double().abs().max())
             for name, layer in chosen.items()
         )
     return drift

@@ -28,6 +28,7 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..quiet import library_warnings_silenced
 from ..models import build, registry
 
 
@@ -60,7 +61,7 @@ def count_parameters(model: ModelLike, lora: LoraLike) -> ParamCount:
     """
     config_dict = config_dict_of(model)
     lora_config = lora_config_of(lora, config_dict)
-    with torch.device("meta"):
+    with torch.device("meta"), library_warnings_silenced():
         peft_model = peft.get_peft_model(build.build_meta(config_dict), lora_config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return ParamCount(trainable, total)

@@ -96,9 +96,10 @@ def evaluate(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
     return float(causal_loss(logits, ids)), next_token_accuracy(logits, ids)
 
 
-def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float, seed: int, device: str) -> list[float]:
+def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float, seed: int, device: str,
+          on_step: Callable[[int], None] = lambda done: None) -> list[float]:
     """AdamW on the causal loss over the trainable parameters, one ``sample(generator)`` batch per
-    step; returns the loss of each step."""
+    step; returns the loss of each step. ``on_step(done)`` follows each step (a progress line)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -110,4 +111,5 @@ def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        on_step(len(losses))
     return losses

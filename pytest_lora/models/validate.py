@@ -3,43 +3,89 @@
 peft only complains when *no* target matches; a typo in one of two names (``v_prj``) silently
 trains half the adapter. Here every named target must match a module that LoRA can adapt
 (Linear, Conv1D, Embedding) in every model of the matrix, using the meta device (no memory).
+
+Building the architecture needs transformers (seconds to import), so what the checks read of it
+(module names, and whether peft has default targets for it) is kept in pytest's cache, keyed by
+the config and the library versions: listing the bench's tests (``--co``) stays fast.
 """
 
 from __future__ import annotations
 
 import functools
-
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
 
 from ..matrix import LoraSpec, ModelSpec
-from . import build
 
-ADAPTABLE = (nn.Linear, Conv1D, nn.Embedding)
+CACHE_PREFIX = "pytest_lora/architecture/"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the checks need of a model: (name, adaptable?) for every module, and whether peft
+    has default target modules for its ``model_type``."""
+
+    modules: tuple[tuple[str, bool], ...]
+    peft_defaults: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"modules": [list(module) for module in self.modules], "peft_defaults": self.peft_defaults}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Architecture:
+        return cls(tuple((str(name), bool(ok)) for name, ok in data["modules"]), bool(data["peft_defaults"]))
+
+
+def architecture(model: ModelSpec, cache: Any = None) -> Architecture:
+    """The model's ``Architecture``, from pytest's cache (``config.cache``) when it holds it."""
+    key = cache_key(model)
+    stored = cache.get(key, None) if cache is not None else None
+    if stored is not None:
+        return Architecture.from_json(stored)
+    found = inspect_architecture(model)
+    if cache is not None:
+        cache.set(key, found.as_json())
+    return found
+
+
+def cache_key(model: ModelSpec) -> str:
+    """The config and the versions of the libraries that decide module names and peft's defaults."""
+    versions = [metadata.version(name) for name in ("transformers", "peft")]
+    text = json.dumps([model.config_dict(), versions], sort_keys=True)
+    return CACHE_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 @functools.lru_cache(maxsize=None)
-def module_names(model: ModelSpec) -> tuple[tuple[str, bool], ...]:
-    """(name, adaptable?) for every module of the model's architecture."""
+def inspect_architecture(model: ModelSpec) -> Architecture:
+    """Build the model on the meta device and read its modules."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from . import build
+
+    adaptable = (nn.Linear, Conv1D, nn.Embedding)
     meta = build.build_meta(model.config_dict())
-    return tuple((name, isinstance(module, ADAPTABLE)) for name, module in meta.named_modules() if name)
+    modules = tuple((name, isinstance(module, adaptable)) for name, module in meta.named_modules() if name)
+    return Architecture(modules, model.config_dict()["model_type"] in defaults)
 
 
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def problems(model: ModelSpec, lora: LoraSpec) -> list[str]:
+def problems(model: ModelSpec, lora: LoraSpec, cache: Any = None) -> list[str]:
     """What is wrong with applying ``lora`` to ``model``, as sentences; empty when nothing is."""
     found = []
-    names = module_names(model)
+    arch = architecture(model, cache)
+    names = arch.modules
     adaptable = sorted({name.rsplit(".", 1)[-1] for name, ok in names if ok})
-    if lora.targets == "default":
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-
+    if lora.targets == "default" and not arch.peft_defaults:
         model_type = model.config_dict()["model_type"]
-        if model_type not in defaults:
-            found.append(f"targets 'default': peft has no default targets for {model.id} (model_type {model_type!r}); name them, e.g. {','.join(adaptable[:3])}")
+        found.append(f"targets 'default': peft has no default targets for {model.id} (model_type {model_type!r}); name them, e.g. {','.join(adaptable[:3])}")
     elif isinstance(lora.targets, tuple):
         for target in lora.targets:
             if not any(ok and _matches(name, target) for name, ok in names):

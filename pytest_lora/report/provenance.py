@@ -8,6 +8,7 @@ the packages.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import secrets
 import subprocess
@@ -60,6 +61,7 @@ def machine_info(gpu: Any = None) -> dict[str, Any]:
     info.update({name: _version(name) for name in PACKAGES})
     info["python"] = platform.python_version()
     info["cpu"] = _cpu_name()
+    info["cpu_count"] = cpu_count()
     torch = sys.modules.get("torch")
     if torch is not None:
         info["cuda"] = torch.version.cuda
@@ -67,6 +69,19 @@ def machine_info(gpu: Any = None) -> dict[str, Any]:
         info["gpu_name"] = gpu.name
         info["driver"] = gpu.driver()
     return info
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, all of the machine's), where the OS has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _version(package: str) -> str | None:

@@ -9,7 +9,7 @@ test's outcome (``ok``, ``error``, ``oom``, ``skipped``) and hands the record to
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 STATUSES = ("ok", "oom", "skipped", "error")
@@ -26,17 +26,22 @@ class Recorder:
         self.units: dict[str, str] = {}
         self.status = "ok"
         self.error: str | None = None
+        self.warnings: list[str] = []
 
-    def record(self, metric: str, value: Real | None, unit: str) -> None:
-        """Record one number. ``None`` means "not measurable here" (e.g. MFU on a CPU), never zero."""
+    def record(self, metric: str, value: Any, unit: str) -> None:
+        """Record one number: a Python or numpy number, or a one-element tensor or array (``.item()``).
+        ``None`` means "not measurable here" (e.g. MFU on a CPU), never zero."""
         if not isinstance(metric, str) or not metric.isidentifier():
             raise ValueError(f"metric name {metric!r} must be an identifier such as 'trainable_params'")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
-            raise ValueError(f"metric {metric!r}: {value!r} is not a finite number (or None)")
+        number = None if value is None else _as_number(metric, value)
         if not isinstance(unit, str) or not unit:
             raise ValueError(f"metric {metric!r}: give its unit, e.g. 'bytes', 's', 'params', '%'")
-        self.metrics[metric] = value if value is None or isinstance(value, int) else float(value)
+        self.metrics[metric] = number
         self.units[metric] = unit
+
+    def warn(self, text: str) -> None:
+        """Say what makes this record's numbers doubtful (a busy machine); shown after the table."""
+        self.warnings.append(str(text))
 
     def describe(self, *, model: str | None = None, quant: str | None = None, lora: Any = None, workload: Any = None) -> None:
         """Name the case for a test that is not parametrized by the matrix."""
@@ -59,7 +64,26 @@ class Recorder:
             "metrics": dict(self.metrics),
             "units": dict(self.units),
             "error": self.error,
+            "warnings": list(self.warnings),
         }
+
+
+NUMBERS = "a finite int or float, a numpy scalar, a 0-d tensor or array, or None"
+
+
+def _as_number(metric: str, value: Any) -> int | float:
+    """``value`` as a Python int or float; anything else is a ``ValueError`` naming what it got."""
+    kind = type(value).__module__.split(".")[0] + "." + type(value).__qualname__
+    kind = kind.removeprefix("builtins.")
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # a 0-d tensor or numpy array
+        value = value.item()
+    elif getattr(value, "shape", ()) != ():
+        raise ValueError(f"metric {metric!r}: got a {kind} of shape {tuple(value.shape)}; allowed: {NUMBERS}")
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"metric {metric!r}: got {kind} {value!r}; allowed: {NUMBERS}")
+    if not math.isfinite(value):
+        raise ValueError(f"metric {metric!r}: got {value!r}, which is not finite; allowed: {NUMBERS}")
+    return int(value) if isinstance(value, Integral) else float(value)
 
 
 def _as_record(spec: Any) -> Any:

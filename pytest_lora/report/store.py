@@ -7,8 +7,9 @@ learning / forgetting plot when the run measured forgetting (``<run-id>-forgetti
 file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
 run killed half-way) only ever sees a complete document with the records measured so far.
 
-The store is created at the first record: a run that records nothing (a usage error, a plain
-test run) writes nothing.
+The store is created at the first record: a run that records nothing (a usage error) writes
+nothing. A plain test run (no ``--lora-bench``, no results directory set) keeps its records in
+memory for the terminal table and writes no file: ``directory`` is ``None``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ SCHEMA_VERSION = 1
 class ResultsStore:
     """Records of one run and the files they are written to."""
 
-    def __init__(self, directory: Path, run: dict[str, Any], machine: dict[str, Any]):
-        self.directory = Path(directory)
+    def __init__(self, directory: Path | None, run: dict[str, Any], machine: dict[str, Any]):
+        self.directory = None if directory is None else Path(directory)
         self.run = run
         self.machine = machine
         self.records: list[dict[str, Any]] = []
@@ -47,11 +48,17 @@ class ResultsStore:
         self.records.extend(records)
         self.write()
 
+    @property
+    def writes(self) -> bool:
+        return self.directory is not None
+
     def finish(self, status: str, finished: str) -> None:
         from .table import render_markdown
 
         self.run["status"] = status
         self.run["finished"] = finished
+        if not self.writes:
+            return
         self.write()
         tables = f"# pytest-lora run {self.run['id']}\n\n{_machine_line(self.machine)}\n\n{render_markdown(self.records)}"
         atomic_write_text(self.run_path.with_suffix(".md"), tables)
@@ -61,6 +68,8 @@ class ResultsStore:
         write_forgetting_plot(self.records, [self.directory / f"{self.run['id']}-forgetting.png", self.directory / "latest-forgetting.png"])
 
     def write(self) -> None:
+        if not self.writes:
+            return
         document = self.document()
         atomic_write_json(self.run_path, document)
         atomic_write_json(self.latest_path, document)

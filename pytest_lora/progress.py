@@ -1,0 +1,62 @@
+"""A progress line for work that takes long inside one test: which test, what, how far, and how
+many tests remain.
+
+Training the forgetting suite's base takes half a minute on a CPU, and a big model's timed steps
+minutes on a GPU; pytest shows nothing until the test ends. A ``Progress`` rewrites one terminal
+line in place (``\\r``) at most twice a second, from the second second on, through pytest's
+terminal writer with capturing suspended (as pytest's live logging does). It writes nothing when
+the output is not a terminal (CI logs, files, xdist workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable
+
+DELAY_S = 2.0  # tasks shorter than this show nothing
+INTERVAL_S = 0.5
+
+
+class Progress:
+    """Call it with the number of steps done; use it as a context manager around the task."""
+
+    def __init__(self, config: Any, test: str, label: str, total: int, remaining: int, clock: Callable[[], float] = time.monotonic):
+        self.config, self.test, self.label, self.total, self.remaining = config, test, label, total, remaining
+        self.clock = clock
+        self.started = clock()
+        self.shown_at: float | None = None
+        self.reporter = config.pluginmanager.get_plugin("terminalreporter")
+        self.enabled = self.reporter is not None and bool(getattr(self.reporter, "isatty", False))
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if not self.enabled or now - self.started < DELAY_S:
+            return
+        if self.shown_at is not None and now - self.shown_at < INTERVAL_S and done < self.total:
+            return
+        self._write(self.text(done, now), first=self.shown_at is None)
+        self.shown_at = now
+
+    def text(self, done: int, now: float) -> str:
+        tests = f"{self.remaining} more test{'s' if self.remaining != 1 else ''}" if self.remaining else "last test"
+        return f"[lora] {self.test}: {self.label} {done}/{self.total} ({now - self.started:.0f} s; {tests})"
+
+    def close(self) -> None:
+        """Leave the last line standing, and have pytest start its next result on a new line."""
+        if self.shown_at is not None:
+            self.reporter.currentfspath = None  # pytest writes the file name again before the next result
+            self.shown_at = None
+
+    def _write(self, text: str, first: bool) -> None:
+        width = max(self.config.get_terminal_writer().fullwidth - 1, 20)
+        line = text[:width].ljust(width)
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            self.reporter.write(("\n" if first else "\r") + line, flush=True)

@@ -1,0 +1,72 @@
+"""Library messages that say nothing to a pytest-lora user, silenced where the harness meets them.
+
+Each entry names the message, who emits it and why it is noise here; every other warning stays
+visible. The plugin adds the warning filters to pytest's own ``filterwarnings`` (a ``-W`` on the
+command line still overrides them), ``count_parameters`` applies them around its work, and the
+log filter drops one line that bitsandbytes logs when it is imported on some CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+# (pytest filterwarnings line, why it is noise)
+WARNING_FILTERS = (
+    (
+        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+        "peft reads this deprecated transformers property when it wraps any model; nothing a user can change",
+    ),
+    (
+        "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+        "torch warns about its own torch.utils.mkldnn when transformers imports torch.fx",
+    ),
+    (
+        "ignore:fan_in_fan_out is set to False but the target module is `Conv1D`:UserWarning",
+        "peft sets fan_in_fan_out itself for GPT-2's Conv1D layers and says so on every adapter",
+    ),
+    (
+        "ignore:Merge lora module to (4|8)-bit linear may get different generations:UserWarning",
+        "the merge suite merges into quantized layers on purpose and measures that rounding",
+    ),
+)
+
+# logger name -> start of a message it logs that says nothing here
+LOG_MESSAGES = {
+    # bitsandbytes tries to fetch a faster 4-bit CPU kernel from the hub at import and falls back
+    # to its own; nothing here may download, and the fallback is what the numbers are measured on.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def silence_library_logs() -> None:
+    """Install the log filters (once); cheap, and imports nothing."""
+    for name, start in LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessage(start))
+
+
+@contextmanager
+def library_warnings_silenced() -> Iterator[None]:
+    """The warning filters, for code that runs outside pytest (``count_parameters``)."""
+    with warnings.catch_warnings():
+        for line, _ in WARNING_FILTERS:
+            action, message, category = line.split(":", 2)
+            warnings.filterwarnings(action, message=message, category=_category(category))
+        yield
+
+
+def _category(name: str) -> type[Warning]:
+    return {"FutureWarning": FutureWarning, "DeprecationWarning": DeprecationWarning, "UserWarning": UserWarning}[name]

@@ -1,0 +1,124 @@
+"""The CPU side of timing (threads, other processes' load), the progress line, lazy imports and
+the GPU driver check that keeps torch out of a CPU-only start-up."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pytest_lora import lazy
+from pytest_lora.measure import cpu, gpu
+from pytest_lora.progress import Progress
+
+
+def test_threads_are_fixed_while_timing_and_restored():
+    before = torch.get_num_threads()
+    with cpu.threads(1) as count:
+        assert count == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu.threads(None) as count:
+        assert count == before
+
+
+def test_other_load_is_the_machines_busy_time_less_our_own(tmp_path):
+    """4 s of machine CPU time over 2 s of wall time, 1 s of it ours: 1.5 cores of others."""
+    machine, own, clock = iter([100.0, 104.0]), iter([10.0, 11.0]), iter([0.0, 2.0])
+    with cpu.OtherLoad(lambda: next(machine), lambda: next(own), lambda: next(clock)) as load:
+        pass
+    assert load.cores == pytest.approx(1.5)
+    assert load.busy(cpu_count=2, threads=1) and not load.busy(cpu_count=4, threads=1)
+    quiet = cpu.OtherLoad(lambda: 5.0, lambda: 1.0, iter([0.0, 1.0]).__next__)
+    with quiet:
+        pass
+    assert quiet.cores == 0.0 and not quiet.busy(2, 2)
+    blind = cpu.OtherLoad(lambda: None)
+    with blind:
+        pass
+    assert blind.cores is None and not blind.busy(2, 1)
+
+
+def test_busy_seconds_are_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 1 2 3 4 5 6 7 8\n")
+    assert cpu.busy_cpu_seconds(stat) == pytest.approx((100 + 5 + 50 + 3 + 2) / 100)
+    assert cpu.busy_cpu_seconds(tmp_path / "missing") is None
+
+
+class Reporter:
+    def __init__(self, isatty=True):
+        self.isatty, self.written, self.currentfspath = isatty, [], "suites/test_x.py"
+
+    def write(self, text, flush=False):
+        self.written.append(text)
+
+
+def fake_config(reporter):
+    plugins = {"terminalreporter": reporter, "capturemanager": None}
+    return SimpleNamespace(pluginmanager=SimpleNamespace(get_plugin=plugins.get),
+                           get_terminal_writer=lambda: SimpleNamespace(fullwidth=80))
+
+
+def test_progress_shows_long_tasks_only_and_at_most_twice_a_second():
+    reporter, now = Reporter(), [0.0]
+    with Progress(fake_config(reporter), "test_forgetting.py::test_x", "step", 300, remaining=4, clock=lambda: now[0]) as progress:
+        progress(10)  # at 0 s: too early
+        now[0] = 2.5
+        progress(100)
+        now[0] = 2.7
+        progress(110)  # 0.2 s later: skipped
+        now[0] = 3.2
+        progress(150)
+    assert [line.strip() for line in reporter.written] == [
+        "[lora] test_forgetting.py::test_x: step 100/300 (2 s; 4 more tests)",
+        "[lora] test_forgetting.py::test_x: step 150/300 (3 s; 4 more tests)",
+    ]
+    assert reporter.written[0].startswith("\n") and reporter.written[1].startswith("\r") and len(reporter.written[1]) == 80
+    assert reporter.currentfspath is None  # pytest starts its next result on a new line
+
+
+def test_progress_is_silent_off_a_terminal_and_says_when_it_is_the_last_test():
+    reporter, now = Reporter(isatty=False), [10.0]
+    with Progress(fake_config(reporter), "t", "step", 2, remaining=0, clock=lambda: now[0]) as progress:
+        now[0] = 20.0
+        progress(2)
+        assert progress.text(2, 20.0).endswith("(10 s; last test)")
+    assert reporter.written == [] and reporter.currentfspath == "suites/test_x.py"
+
+
+def test_a_lazy_module_loads_on_its_first_public_attribute(monkeypatch):
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    module = lazy.lazy_import("colorsys")
+    assert "colorsys" not in sys.modules and repr(module) == "<lazily imported module 'colorsys'>"
+    with pytest.raises(AttributeError):
+        module.__test__  # noqa: B018  (what pytest's collection asks of every name)
+    assert not isinstance(module, type) and "colorsys" not in sys.modules
+    assert module.rgb_to_hsv(1, 0, 0) == (0.0, 1.0, 1)
+    module.ANSWER = 42
+    assert sys.modules["colorsys"].ANSWER == 42
+    with pytest.raises(ModuleNotFoundError):
+        lazy.lazy_import("no_such_module_anywhere")
+
+
+def test_no_gpu_driver_means_no_torch_import_to_ask(monkeypatch):
+    def missing(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert not gpu.gpu_driver_present(missing)
+    assert gpu.gpu_driver_present(lambda name: name == "libcuda.so.1" or missing(name))
+    monkeypatch.setattr(gpu, "gpu_driver_present", lambda: False)
+    assert gpu.cuda_gpu() is None
+
+
+def test_on_a_platform_without_a_known_driver_torch_is_asked(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "sunos5")
+    assert gpu.gpu_driver_present(lambda name: pytest.fail("nothing to load"))
+
+
+def test_with_a_driver_torch_is_asked(monkeypatch):
+    monkeypatch.setattr(gpu, "gpu_driver_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.cuda_gpu() is None
