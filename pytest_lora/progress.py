@@ -46,7 +46,7 @@ class Progress:
 
     def text(self, done: int, now: float) -> str:
         tests = f"{self.remaining} more test{'s' if self.remaining != 1 else ''}" if self.remaining else "last test"
-        return f"[lora] {self.test}: {self.label} {done}/{self.total} ({now - self.started:.0f} s; {tests})"
+        return f"[lora] {self.label} {done}/{self.total} ({now - self.started:.0f} s; {tests}) {self.test}"
 
     def close(self) -> None:
         """Leave the last line standing, and have pytest start its next result on a new line."""

@@ -332,5 +332,5 @@ def test_weighted_adapters(base_model, model_spec, lora_matrix, lora_bench, requ
             delta = delta.T if config.fan_in_fan_out else delta
             eps = torch.finfo(layer.lora_A[adapter].weight.dtype).eps  # the combined adapter is stored in its own dtype
             assert (delta - expected).norm() <= 8 * eps * expected.norm(), f"{name}: {adapter} is not its closed form"
-        worst_cross = max(worst_cross, float((linear - weighted_sum).norm() / weighted_sum.norm()))
+        worst_cross = max(worst_cross, ((linear - weighted_sum).norm() / weighted_sum.norm()).item())
     lora_bench.record("linear_vs_weighted_sum", worst_cross, "||linear - sum w dW|| / ||sum w dW||")

@@ -72,8 +72,8 @@ def test_progress_shows_long_tasks_only_and_at_most_twice_a_second():
         now[0] = 3.2
         progress(150)
     assert [line.strip() for line in reporter.written] == [
-        "[lora] test_forgetting.py::test_x: step 100/300 (2 s; 4 more tests)",
-        "[lora] test_forgetting.py::test_x: step 150/300 (3 s; 4 more tests)",
+        "[lora] step 100/300 (2 s; 4 more tests) test_forgetting.py::test_x",
+        "[lora] step 150/300 (3 s; 4 more tests) test_forgetting.py::test_x",
     ]
     assert reporter.written[0].startswith("\n") and reporter.written[1].startswith("\r") and len(reporter.written[1]) == 80
     assert reporter.currentfspath is None  # pytest starts its next result on a new line
@@ -84,7 +84,7 @@ def test_progress_is_silent_off_a_terminal_and_says_when_it_is_the_last_test():
     with Progress(fake_config(reporter), "t", "step", 2, remaining=0, clock=lambda: now[0]) as progress:
         now[0] = 20.0
         progress(2)
-        assert progress.text(2, 20.0).endswith("(10 s; last test)")
+        assert progress.text(2, 20.0) == "[lora] step 2/2 (10 s; last test) t"
     assert reporter.written == [] and reporter.currentfspath == "suites/test_x.py"
 
 

@@ -110,10 +110,11 @@ def cycle_drift(layers: dict[str, LoraLayer], before: dict[str, torch.Tensor], c
                 layer.merge()
                 layer.unmerge()
         done = k
-        drift[k] = max(
-            float((layer.get_base_layer().weight.detach().double() - before[name].double()).abs().max() / before[name].double().abs().max())
-            for name, layer in chosen.items()
-        )
+        with torch.no_grad():  # weights and their copies may require grad; the drift is a plain number
+            drift[k] = max(
+                ((layer.get_base_layer().weight.double() - before[name].double()).abs().max() / before[name].double().abs().max()).item()
+                for name, layer in chosen.items()
+            )
     return drift
 
 

@@ -44,13 +44,15 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     had_hooks = bool(getattr(base, "_require_grads_hooks", None))
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+    api = "activation_checkpointing" if hasattr(base, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(base, f"{api}_enable")(**{f"{api}_kwargs": {"use_reentrant": False}})
     if not getattr(base, "_require_grads_hooks", None):  # pragma: no cover - transformers >= 5.17 registers it for every model that reads input_ids, as all of ours do
         base.enable_input_require_grads()
     try:
         yield
     finally:
-        base.gradient_checkpointing_disable()
+        getattr(base, f"{api}_disable")()
         if not had_hooks:
             base.disable_input_require_grads()
 
