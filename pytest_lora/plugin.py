@@ -150,14 +150,19 @@ def _mark_short_aliases(config: pytest.Config, items: list[pytest.Item]) -> None
 
 
 def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
-    """Say so when ``-m`` names a short suite name that selects the project's own marker instead."""
+    """Say so when ``-m`` names a short suite name that selects the project's own marker instead,
+    and when a listing (``--co``) left the target check to the run."""
     expression = config.getoption("markexpr", "") or ""
     taken = [marker for marker in bench.SUITE_MARKERS if marker.removeprefix("lora_") not in config.stash[ALIASES_KEY]]
-    return [
+    lines = [
         f"lora: -m {marker.removeprefix('lora_')} selects this project's own marker; pytest-lora's suite is -m {marker}"
         for marker in taken
         if marker.removeprefix("lora_") in expression.replace("(", " ").replace(")", " ").split()
     ]
+    if config.stash[SESSION_KEY].targets_unchecked:
+        lines.append("lora: target modules not checked in this listing (the models' module names are not cached yet); "
+                     "a run checks them before any test")
+    return lines
 
 
 def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
@@ -172,6 +177,9 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
     from .models import validate
 
     cache = getattr(lora.config, "cache", None)  # pytest's cache, unless -p no:cacheprovider
+    if lora.config.option.collectonly and not all(validate.is_cached(model, cache) for model, _ in pairs):
+        lora.targets_unchecked = True  # a listing doesn't import transformers to build the models
+        return
     found = [problem for model, spec in pairs for problem in validate.problems(model, spec, cache)]
     if found:
         where = lora.where_of("targets")

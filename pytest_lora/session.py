@@ -45,6 +45,7 @@ class LoraSession:
         self.tests_started = 0
         self.current_test = ""
         self.load_at_start = provenance.load_average()
+        self.targets_unchecked = False  # a --co listing without the models' module names in the cache
         self._check_device_name()
         self._check_timing_options()
         self._check_data_options()

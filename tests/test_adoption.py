@@ -183,3 +183,17 @@ def test_record_names_what_it_got(value, message):
     with pytest.raises(ValueError, match="allowed: a finite int or float, a numpy scalar, a 0-d tensor or array, or None") as error:
         Recorder("s", "t", {}).record("x", value, "u")
     assert message in str(error.value)
+
+
+def test_a_listing_checks_targets_from_the_cache_and_says_when_it_cannot(pytester):
+    """``--co`` doesn't import transformers to build a model: with the module names not cached it
+    says the check is left to the run; once a run has cached them, a listing catches a typo."""
+    pytester.makepyfile(test_case=PARAMETRIZED)
+    tiny = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=4")
+    result = pytester.runpytest("--co", *tiny, "--lora-targets=q_prj")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["lora: target modules not checked in this listing (*); a run checks them before any test"])
+    pytester.runpytest(*tiny, "--lora-targets=q_proj", "-k", "nothing").assert_outcomes(deselected=1)  # caches them
+    result = pytester.runpytest("--co", *tiny, "--lora-targets=q_prj")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*target 'q_prj' matches no Linear, Conv1D or Embedding of llama-3.2-1b-tiny*"])

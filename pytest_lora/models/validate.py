@@ -51,6 +51,11 @@ def architecture(model: ModelSpec, cache: Any = None) -> Architecture:
     return found
 
 
+def is_cached(model: ModelSpec, cache: Any) -> bool:
+    """Whether the checks of ``model`` can run without building it."""
+    return cache is not None and cache.get(cache_key(model), None) is not None
+
+
 def cache_key(model: ModelSpec) -> str:
     """The config and the versions of the libraries that decide module names and peft's defaults."""
     versions = [metadata.version(name) for name in ("transformers", "peft")]
