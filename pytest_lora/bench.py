@@ -7,6 +7,7 @@ The built-in suites live in the repository's ``suites/`` and are installed as th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -14,15 +15,7 @@ import pytest
 
 from .options import Setting
 
-SUITE_MARKERS = {
-    "lora_params": "trainable and total parameters",
-    "lora_memory": "memory of a training step",
-    "lora_step_time": "training step time",
-    "lora_merge": "correctness of weight merging",
-    "lora_forgetting": "forgetting and learning",
-}
-
-
+@functools.lru_cache(maxsize=None)
 def builtin_suites() -> Path:
     """The directory of the suites shipped with the plugin."""
     spec = importlib.util.find_spec("pytest_lora.suites")

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from .bench import SUITE_MARKERS
+from . import bench
+from .markers import suite_of
 from .matrix import Matrix
 from .report.recorder import Recorder
 from .session import LoraSession
@@ -111,11 +112,6 @@ def lora_bench(request: pytest.FixtureRequest) -> Recorder:
     return recorder
 
 
-def suite_of(item: pytest.Item) -> str | None:
-    """The benchmark suite an item belongs to (``memory`` for ``lora_memory``), if any."""
-    return next((name.removeprefix("lora_") for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
-
-
 def new_recorder(item: pytest.Item) -> Recorder:
     """A recorder for ``item``: its suite (marker or module name) and its matrix case."""
     suite = suite_of(item)
@@ -131,4 +127,14 @@ def new_recorder(item: pytest.Item) -> Recorder:
         case["lora"] = params["lora_spec"].as_record()
     if "workload_spec" in params:
         case["workload"] = params["workload_spec"].as_record()
-    return Recorder(suite, item.nodeid, case)
+    return Recorder(suite, record_test_id(item), case)
+
+
+def record_test_id(item: pytest.Item) -> str:
+    """The test's id in the records: ``suites/<file>::<name>`` for a built-in suite wherever the
+    package is installed (a checkout, a wheel in site-packages), so that their runs compare."""
+    suites = bench.builtin_suites()
+    path = getattr(item, "path", None)
+    if path is not None and path.is_relative_to(suites) and "::" in item.nodeid:
+        return f"suites/{path.relative_to(suites).as_posix()}::{item.nodeid.split('::', 1)[1]}"
+    return item.nodeid

@@ -1,6 +1,7 @@
 """pytest-lora's hooks, and nothing else: options, markers, parametrization from the matrix,
-collection, recording, the terminal summary and xdist. The work lives in ``options``,
-``session``, ``fixtures``, ``matrix``, ``models``, ``measure`` and ``report``.
+collection, recording, the terminal summary and xdist. The work lives in ``options``, ``bench``
+(what ``--lora-bench`` runs), ``markers``, ``session``, ``fixtures``, ``matrix``, ``models``,
+``measure`` and ``report``.
 
 Importing this module (pytest does it in every project where pytest-lora is installed) imports
 neither torch nor transformers; they load when a test first needs a model.
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, hooks, options, quiet
+from . import bench, hooks, markers, options, quiet
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
     SESSION_KEY,
@@ -26,16 +27,11 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     lora_model,
     lora_session,
     new_recorder,
-    suite_of,
 )
+from .markers import suite_of
 from .session import LoraSession
 
-MARKERS = {
-    **{name: f"benchmark suite: {what} (runs with --lora-bench)" for name, what in bench.SUITE_MARKERS.items()},
-    "lora_matrix(**keys)": "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8]); "
-    "quantized=True / False keeps only quantized / full-precision bases",
-}
-ALIASES_KEY = pytest.StashKey[dict[str, str]]()  # short marker name -> suite marker, where it captures nothing
+MARKERS_KEY = pytest.StashKey[markers.SuiteMarkers]()
 DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
 WORKER_RECORDS = "pytest_lora_records"
@@ -77,25 +73,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[ALIASES_KEY] = _short_aliases(config)
-    for marker, text in MARKERS.items():
-        config.addinivalue_line("markers", f"{marker}: {text}")
+    config.stash[MARKERS_KEY] = markers.SuiteMarkers(config)
     for line, _ in quiet.WARNING_FILTERS:
         config.addinivalue_line("filterwarnings", line)
-    for alias, marker in config.stash[ALIASES_KEY].items():
-        config.addinivalue_line("markers", f"{alias}: alias of {marker}, pytest-lora's suite (where no test of yours uses the name)")
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
         lora.data_checkpoint()
-
-
-def _short_aliases(config: pytest.Config) -> dict[str, str]:
-    """``-m memory`` selects the ``lora_memory`` suite, unless the project registers ``memory`` itself."""
-    registered = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
-    aliases = {marker.removeprefix("lora_"): marker for marker in bench.SUITE_MARKERS}
-    return {alias: marker for alias, marker in aliases.items() if alias not in registered}
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -112,7 +97,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     keys = dict(marker.kwargs) if marker is not None else {}
     quantized = keys.pop("quantized", None)  # keep only quantized (True) or full-precision (False) bases
     if keys:
-        matrix = lora.build_matrix(keys, where=f"lora_matrix marker of {metafunc.definition.nodeid}")
+        where = f"lora_matrix marker of {metafunc.definition.nodeid}"
+        matrix = lora.build_matrix(keys, where=where, base_dir=metafunc.definition.path.parent)
     else:
         matrix = lora.matrix
     for name in wanted:
@@ -126,7 +112,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     lora = config.stash[SESSION_KEY]
-    _mark_short_aliases(config, items)
+    config.stash[MARKERS_KEY].mark(items)
     if not lora.bench:
         skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
         for item in items:
@@ -135,30 +121,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _check_targets(lora, [item for item in items if lora.bench or not suite_of(item)])
 
 
-def _mark_short_aliases(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give suite tests their short marker (``memory``) when none of the project's tests uses it."""
-    aliases = config.stash[ALIASES_KEY]
-    for item in items:
-        if not suite_of(item):
-            for mark in item.iter_markers():
-                aliases.pop(mark.name, None)  # the project's own marker: the alias would capture it
-    markers = {marker: alias for alias, marker in aliases.items()}
-    for item in items:
-        suite = suite_of(item)
-        if suite and f"lora_{suite}" in markers:
-            item.add_marker(markers[f"lora_{suite}"])
-
-
 def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
     """Say so when ``-m`` names a short suite name that selects the project's own marker instead,
     and when a listing (``--co``) left the target check to the run."""
-    expression = config.getoption("markexpr", "") or ""
-    taken = [marker for marker in bench.SUITE_MARKERS if marker.removeprefix("lora_") not in config.stash[ALIASES_KEY]]
-    lines = [
-        f"lora: -m {marker.removeprefix('lora_')} selects this project's own marker; pytest-lora's suite is -m {marker}"
-        for marker in taken
-        if marker.removeprefix("lora_") in expression.replace("(", " ").replace(")", " ").split()
-    ]
+    lines = config.stash[MARKERS_KEY].notes(config.getoption("markexpr", "") or "")
     if config.stash[SESSION_KEY].targets_unchecked:
         lines.append("lora: target modules not checked in this listing (the models' module names are not cached yet); "
                      "a run checks them before any test")

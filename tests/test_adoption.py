@@ -197,3 +197,14 @@ def test_a_listing_checks_targets_from_the_cache_and_says_when_it_cannot(pyteste
     result = pytester.runpytest("--co", *tiny, "--lora-targets=q_prj")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*target 'q_prj' matches no Linear, Conv1D or Embedding of llama-3.2-1b-tiny*"])
+
+
+def test_a_marker_path_is_relative_to_the_test_file(pytester, monkeypatch):
+    write_config(pytester.path / "tests" / "configs")
+    (pytester.path / "tests" / "test_case.py").write_text(
+        "import pytest\n\n@pytest.mark.lora_matrix(models=['configs/tiny'], quant=['none'], ranks=[4])\n" + PARAMETRIZED
+    )
+    (pytester.path / "elsewhere").mkdir()
+    monkeypatch.chdir(pytester.path / "elsewhere")
+    result = pytester.runpytest("--co", "-q", str(pytester.path / "tests" / "test_case.py"))
+    result.stdout.fnmatch_lines(["*test_case[[]tiny-none-r4-*]"])

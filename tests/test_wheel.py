@@ -70,5 +70,6 @@ def test_the_wheel_runs_the_bench_in_an_empty_directory(tmp_path):
     assert latest["run"]["status"] == "passed"
     suites = {record["suite"] for record in latest["records"]}
     assert suites == {"params"} and len(latest["records"]) > 50
+    assert all(record["test"].startswith("suites/test_params.py::") for record in latest["records"])  # as from a checkout
     # nothing else is written into the project (pytest-benchmark makes .benchmarks/ in every pytest run)
     assert {p.name for p in project.iterdir()} - {".benchmarks"} == {"results"}
