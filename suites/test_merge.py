@@ -157,7 +157,7 @@ def test_merge_full_precision(adapted_copy, base_model, model_spec, quant_spec, 
         assert_merged_weight(merged.get_submodule(merge.adapted_module_name(name)).weight, layer, config, before[name], name)
     agreement = record_agreement(lora_bench, unmerged, logits_of(merged, ids))
     if dtype == torch.float32:
-        assert agreement["max_abs_err"] <= 1e-4 * (1 + float(unmerged.abs().max())), "merged float32 logits differ"
+        assert agreement["max_abs_err"] <= 1e-4 * (1 + unmerged.abs().max().item()), "merged float32 logits differ"
 
 
 def assert_merged_weight(weight, layer, config, original, name) -> None:
@@ -231,12 +231,12 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
     model = peft.get_peft_model(task_base(trained, quant_spec, lora_device), config)
     tasks.train(model, trained.task_b.sampler(16, 64), FINE_TUNE_STEPS, lr=1e-3, seed=1, device=lora_device)
     layers = merge.lora_layers(model)
-    relative = max(float(merge.expected_delta(l, config).norm() / merge.dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()) for l in layers.values())
+    relative = max((merge.expected_delta(l, config).norm() / merge.dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()).item() for l in layers.values())
     lora_bench.record("relative_update", relative, "||sBA||/||W||")
     ids = trained.task_b.sample(16, 64, torch.Generator().manual_seed(7)).to(lora_device)
     model.eval()
     reference = logits_of(model, ids)
-    lora_bench.record("unmerged_loss_b", float(tasks.causal_loss(reference, ids)), "nats")
+    lora_bench.record("unmerged_loss_b", tasks.causal_loss(reference, ids).item(), "nats")
 
     candidates = {}
     if quant_spec.is_quantized:
@@ -251,7 +251,7 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
     for name, candidate in candidates.items():
         logits = logits_of(candidate, ids)
         record_agreement(lora_bench, reference, logits, name)
-        lora_bench.record(f"merged_loss_b{name}", float(tasks.causal_loss(logits, ids)), "nats")
+        lora_bench.record(f"merged_loss_b{name}", tasks.causal_loss(logits, ids).item(), "nats")
 
 
 def first_lora(lora_matrix, model_spec):
@@ -297,7 +297,7 @@ def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():  # transformers may load _keep_in_fp32_modules (T5's wo) in float32
         assert torch.equal(theirs[key].to(value.dtype), value), f"{key} changed through save_pretrained / from_pretrained"
-    difference = float((logits_of(loaded, ids) - expected).abs().max())
+    difference = (logits_of(loaded, ids) - expected).abs().max().item()
     lora_bench.record("reload_max_abs_err", difference, "logit")
     if all(theirs[key].dtype == value.dtype for key, value in ours.items()):
         assert difference == 0.0, f"the reloaded merged model's logits differ by {difference}"

@@ -95,7 +95,7 @@ def set_relative_update(model: nn.Module, lora_config: Any, relative: float, gen
             weight = dequantized(layer.get_base_layer().weight, layer.get_base_layer()).double()
             delta = expected_delta(layer, lora_config).to(weight.device)
             b.mul_(relative * weight.norm() / delta.norm())
-            largest = max(largest, float(expected_delta(layer, lora_config).norm() / weight.norm().cpu()))
+            largest = max(largest, (expected_delta(layer, lora_config).norm() / weight.norm().cpu()).item())
     return largest
 
 
@@ -125,9 +125,9 @@ def logits_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, 
     log_p, log_q = reference.log_softmax(-1), other.log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     return {
-        "max_abs_err": float((reference - other).abs().max()),
-        "kl": float(kl),
-        "top1": float((reference.argmax(-1) == other.argmax(-1)).double().mean()),
+        "max_abs_err": (reference - other).abs().max().item(),
+        "kl": kl.item(),
+        "top1": (reference.argmax(-1) == other.argmax(-1)).double().mean().item(),
     }
 
 
@@ -178,5 +178,5 @@ def requantization_error(merged: nn.Module, expected: dict[str, torch.Tensor], o
         module = merged.get_submodule(adapted_module_name(name))
         after = dequantized(module.weight, module).double().cpu()
         target, original = target.double().cpu(), originals[name].double().cpu()
-        worst = max(worst, float((after - target).norm() / (target - original).norm()))
+        worst = max(worst, ((after - target).norm() / (target - original).norm()).item())
     return worst

@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
     model.eval()
     logits = model(input_ids=ids).logits
     model.train(was_training)
-    return float(causal_loss(logits, ids)), next_token_accuracy(logits, ids)
+    return causal_loss(logits, ids).item(), next_token_accuracy(logits, ids)
 
 
 def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float, seed: int, device: str,
