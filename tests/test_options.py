@@ -201,4 +201,5 @@ def test_lora_matrix_marker_overrides_keys_for_one_test(pytester):
         """
     )
     result = pytester.runpytest("--collect-only", *TINY)
-    result.stdout.fnmatch_lines(["*test_marked[[]nf4-r2-a4-q_proj+v_proj-d0.05[]]*", "*test_marked[[]int8-r2-*", "*test_plain[[]none-r8-*"])
+    for line in ("*test_marked[[]nf4-r2-a4-q_proj+v_proj-d0.05[]]*", "*test_marked[[]int8-r2-*", "*test_plain[[]none-r8-*"):
+        result.stdout.fnmatch_lines([line])  # pytest 8 and 9 order the session-scoped parameters differently
