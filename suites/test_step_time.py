@@ -16,9 +16,10 @@ MFU is empty on the CPU.
 
 The machine. torch computes with a fixed number of threads while steps are timed
 (``--lora-threads``; 1 on the CPU, where more make medians bimodal as soon as another process
-wants a core). Each record says how many cores other processes kept busy during its timed steps
-(``other_cpu_load``, from ``/proc/stat``), and carries a warning when they competed with the
-timing; the results' machine section has the CPU count, the thread count and the load average
+wants a core). Each record says how contended the CPUs were during its timed steps
+(``cpu_pressure``: the share of the time some task waited for a CPU, from ``/proc/pressure/cpu``;
+``other_cpu_load``: the cores other processes used, from ``/proc/stat``), and carries a warning
+when the timing competed for a CPU; the results' machine section has the CPU count, the thread count and the load average
 at the start of the run.
 
 The harness itself. The base build (``test_base_build_time``: each (model, quantization) base
@@ -75,15 +76,15 @@ def timed_steps(benchmark, timer: timing.StepTimer, step, warmup: int, rounds: i
 
 def timed_on_this_machine(lora_session, lora_bench, benchmark, timer, step, warmup: int, rounds: int) -> list[float]:
     """``timed_steps`` with torch's thread count fixed (``--lora-threads``), recording how busy the
-    rest of the machine was meanwhile (``other_cpu_load``) and warning when it competed for cores."""
+    machine was meanwhile (``cpu_pressure``, ``other_cpu_load``) and warning when it competed for a CPU."""
     with lora_session.progress("training steps", warmup + rounds) as progress:
-        with cpu.threads(lora_session.timing_threads()) as threads, cpu.OtherLoad() as load:
+        with cpu.threads(lora_session.timing_threads()) as threads, cpu.MachineLoad() as load:
             times = timed_steps(benchmark, timer, step, warmup, rounds, progress)
-    lora_bench.record("other_cpu_load", load.cores, "cores")
+    lora_bench.record("cpu_pressure", load.pressure, "share of time a task waited for a CPU")
+    lora_bench.record("other_cpu_load", load.other_cores, "cores")
     cpus = provenance.cpu_count()
     if load.busy(cpus, threads):
-        lora_bench.warn(f"machine busy while timing: other processes kept {load.cores:.2f} of {cpus} CPUs busy "
-                        f"beside {threads} timing thread{'s' if threads != 1 else ''}; its times are not comparable")
+        lora_bench.warn(load.describe(cpus, threads))
     return times
 
 

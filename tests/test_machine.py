@@ -23,21 +23,48 @@ def test_threads_are_fixed_while_timing_and_restored():
         assert count == before
 
 
-def test_other_load_is_the_machines_busy_time_less_our_own(tmp_path):
-    """4 s of machine CPU time over 2 s of wall time, 1 s of it ours: 1.5 cores of others."""
+def test_other_cores_are_the_machines_busy_time_less_our_own():
+    """4 s of machine CPU time over 2 s of wall time, 1 s of it ours: 1.5 cores of others. Without
+    pressure information, that is busy on 2 CPUs with 1 timing thread, not on 4."""
     machine, own, clock = iter([100.0, 104.0]), iter([10.0, 11.0]), iter([0.0, 2.0])
-    with cpu.OtherLoad(lambda: next(machine), lambda: next(own), lambda: next(clock)) as load:
+    with cpu.MachineLoad(lambda: next(machine), lambda: next(own), lambda: next(clock), stall=lambda: None) as load:
         pass
-    assert load.cores == pytest.approx(1.5)
+    assert load.other_cores == pytest.approx(1.5) and load.pressure is None
     assert load.busy(cpu_count=2, threads=1) and not load.busy(cpu_count=4, threads=1)
-    quiet = cpu.OtherLoad(lambda: 5.0, lambda: 1.0, iter([0.0, 1.0]).__next__)
+    assert load.describe(2, 1) == "machine busy while timing: other processes used 1.50 of 2 CPUs beside 1 timing thread; its times are not comparable"
+    quiet = cpu.MachineLoad(lambda: 5.0, lambda: 1.0, iter([0.0, 1.0]).__next__, stall=lambda: None)
     with quiet:
         pass
-    assert quiet.cores == 0.0 and not quiet.busy(2, 2)
-    blind = cpu.OtherLoad(lambda: None)
+    assert quiet.other_cores == 0.0 and not quiet.busy(2, 2)
+    blind = cpu.MachineLoad(lambda: None, stall=lambda: None)
     with blind:
         pass
-    assert blind.cores is None and not blind.busy(2, 1)
+    assert blind.other_cores is None and blind.pressure is None and not blind.busy(2, 1)
+
+
+def test_pressure_decides_where_the_kernel_reports_it():
+    """0.6 s of stall over 2 s: 30% of the time a task waited for a CPU. Busy, whatever the cores
+    used say; 0.02 s (1%) is not."""
+    stall, clock = iter([50.0, 50.6]), iter([0.0, 2.0])
+    with cpu.MachineLoad(lambda: 0.0, lambda: 0.0, lambda: next(clock), stall=lambda: next(stall)) as load:
+        pass
+    assert load.pressure == pytest.approx(0.3) and load.other_cores == 0.0 and load.busy(cpu_count=64, threads=1)
+    assert load.describe(64, 2).startswith("machine busy while timing: a task waited for a CPU 30% of the time; other processes used 0.00 of 64 CPUs beside 2 timing threads")
+    stall, clock = iter([50.0, 50.02]), iter([0.0, 2.0])
+    with cpu.MachineLoad(lambda: 9.0, lambda: 0.0, lambda: next(clock), stall=lambda: next(stall)) as calm:
+        pass
+    assert calm.pressure == pytest.approx(0.01) and not calm.busy(cpu_count=2, threads=2)
+    frozen = cpu.MachineLoad(lambda: 0.0, lambda: 0.0, lambda: 1.0, stall=lambda: 0.0)
+    with frozen:  # no time passed: nothing to say
+        pass
+    assert frozen.pressure is None and frozen.other_cores is None
+
+
+def test_stall_seconds_are_read_from_proc_pressure(tmp_path):
+    pressure = tmp_path / "cpu"
+    pressure.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=2500000\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert cpu.cpu_stall_seconds(pressure) == 2.5
+    assert cpu.cpu_stall_seconds(tmp_path / "missing") is None
 
 
 def test_busy_seconds_are_read_from_proc_stat(tmp_path):
