@@ -76,10 +76,10 @@ class LoraSession:
     # ----------------------------------------------------------------- timing
 
     def _check_timing_options(self) -> None:
-        for name, smallest in (("rounds", 1), ("warmup", 0), ("seeds", 1), ("threads", 1)):
+        for name, smallest, what in (("rounds", 1, "step"), ("warmup", 0, "step"), ("seeds", 1, "step"), ("threads", 1, "thread")):
             setting = self.settings[name]
             if setting.value is not None and not (str(setting.value).isdigit() and int(setting.value) >= smallest):
-                raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a step count; allowed: an integer >= {smallest}")
+                raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a {what} count; allowed: an integer >= {smallest}")
         peak = self.settings["peak"]
         if str(peak.value).lower() not in ("auto", "measure") and not _positive_float(peak.value):
             raise pytest.UsageError(f"{peak.describe()}: {peak.value!r} is not a peak; allowed: auto, measure or TFLOP/s as a positive number")

@@ -129,6 +129,7 @@ def test_steps_are_timed_without_pytest_benchmark(pytester, step_time_suite):
     [
         ("--lora-rounds=0", "--lora-rounds: '0' is not a step count; allowed: an integer >= 1"),
         ("--lora-warmup=-1", "--lora-warmup: '-1' is not a step count; allowed: an integer >= 0"),
+        ("--lora-threads=0", "--lora-threads: '0' is not a thread count; allowed: an integer >= 1"),
         ("--lora-peak=fast", "--lora-peak: 'fast' is not a peak; allowed: auto, measure or TFLOP/s as a positive number"),
     ],
 )
@@ -173,3 +174,37 @@ def test_a_compiled_training_step_runs_on_a_4bit_base():
         step.close()
     assert len(changed) == len(before)  # every adapter tensor trained (B from zero, then A)
     assert state.differences(base) == []
+
+
+THREAD_WATCHER = """
+import pytest
+import torch
+
+from pytest_lora.measure import train
+
+
+@pytest.fixture(autouse=True)
+def threads_seen(monkeypatch, pytestconfig):
+    run = train.TrainStep.run
+
+    def watched(self, batch):
+        with open(pytestconfig.rootpath / "threads.txt", "a") as log:
+            log.write(f"{torch.get_num_threads()}\\n")
+        return run(self, batch)
+
+    monkeypatch.setattr(train.TrainStep, "run", watched)
+"""
+
+
+@pytest.mark.parametrize("option, expected", [((), 1), (("--lora-threads=3",), 3)], ids=["default", "option"])
+def test_steps_are_timed_with_the_fixed_thread_count(pytester, step_time_suite, option, expected):
+    """Every timed (and warm-up) step runs with the count, the machine record says it, and torch's
+    own count is back afterwards."""
+    (pytester.path / "suites" / "conftest.py").write_text(THREAD_WATCHER)
+    before = torch.get_num_threads()
+    pytester.runpytest(*TINY_STEP, *option, "-k", "not harness and not build").assert_outcomes(passed=1, deselected=2)
+    assert set((pytester.path / "threads.txt").read_text().split()) == {str(expected)}
+    latest = json.loads((pytester.path / "results" / "latest.json").read_text())
+    assert latest["machine"]["cpu_threads"] == expected and torch.get_num_threads() == before
+    (record,) = latest["records"]
+    assert set(record["metrics"]) >= {"cpu_pressure", "other_cpu_load"}
