@@ -30,8 +30,7 @@ def suite_paths(setting: Setting) -> list[Path]:
     for text in str(setting.value or "").split(","):
         if not text.strip():
             continue
-        path = Path(text.strip()).expanduser()
-        path = path if path.is_absolute() or setting.base_dir is None else setting.base_dir / path
+        path = setting.path(text.strip())
         if not path.is_dir():
             raise pytest.UsageError(f"{setting.describe()}: {text.strip()!r} is not a directory ({path}); allowed: directories of test files")
         paths.append(path)

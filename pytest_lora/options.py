@@ -120,6 +120,11 @@ class Setting:
     source: str
     base_dir: Path | None = None
 
+    def path(self, text: str | None = None) -> Path:
+        """``text`` (by default the value) as a path: a relative one is taken from ``base_dir``."""
+        path = Path(str(self.value if text is None else text)).expanduser()
+        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+
     @property
     def is_set(self) -> bool:
         """True when the user chose this value (any source but the default)."""
@@ -151,10 +156,8 @@ def add_options(parser: pytest.Parser) -> None:
             parser.addini(option.ini, option.help, type="linelist", default=[])
 
 
-def _parse_flag(option: Option, raw: Any, where: str) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
+def _parse_flag(option: Option, raw: str, where: str) -> bool:
+    text = raw.strip().lower()
     if text in _TRUE:
         return True
     if text in _FALSE:

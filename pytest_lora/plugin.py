@@ -74,7 +74,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[MARKERS_KEY] = markers.SuiteMarkers(config)
-    for line, _ in quiet.WARNING_FILTERS:
+    for line in quiet.WARNING_FILTERS:
         config.addinivalue_line("filterwarnings", line)
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
@@ -143,10 +143,12 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
     from .models import validate
 
     cache = getattr(lora.config, "cache", None)  # pytest's cache, unless -p no:cacheprovider
-    if lora.config.option.collectonly and not all(validate.is_cached(model, cache) for model, _ in pairs):
+    models = dict.fromkeys(model for model, _ in pairs)
+    if lora.config.option.collectonly and not all(validate.is_cached(model, cache) for model in models):
         lora.targets_unchecked = True  # a listing doesn't import transformers to build the models
         return
-    found = [problem for model, spec in pairs for problem in validate.problems(model, spec, cache)]
+    architectures = {model: validate.architecture(model, cache) for model in models}  # once per model
+    found = [problem for model, spec in pairs for problem in validate.problems(model, spec, architectures[model])]
     if found:
         where = lora.where_of("targets")
         raise pytest.UsageError(f"{where}: " + "\n  ".join(dict.fromkeys(found)))

@@ -13,25 +13,31 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-# (pytest filterwarnings line, why it is noise)
-WARNING_FILTERS = (
+# (start of the message, a regular expression; its category; why it is noise)
+WARNINGS = (
     (
-        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+        "`is_gradient_checkpointing` is deprecated",
+        FutureWarning,
         "peft reads this deprecated transformers property when it wraps any model; nothing a user can change",
     ),
     (
-        "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+        "`torch.jit.script_method` is deprecated",
+        DeprecationWarning,
         "torch warns about its own torch.utils.mkldnn when transformers imports torch.fx",
     ),
     (
-        "ignore:fan_in_fan_out is set to False but the target module is `Conv1D`:UserWarning",
+        "fan_in_fan_out is set to False but the target module is `Conv1D`",
+        UserWarning,
         "peft sets fan_in_fan_out itself for GPT-2's Conv1D layers and says so on every adapter",
     ),
     (
-        "ignore:Merge lora module to (4|8)-bit linear may get different generations:UserWarning",
+        "Merge lora module to (4|8)-bit linear may get different generations",
+        UserWarning,
         "the merge suite merges into quantized layers on purpose and measures that rounding",
     ),
 )
+# the same, as lines of pytest's ``filterwarnings``
+WARNING_FILTERS = tuple(f"ignore:{message}:{category.__name__}" for message, category, _ in WARNINGS)
 
 # logger name -> start of a message it logs that says nothing here
 LOG_MESSAGES = {
@@ -62,11 +68,6 @@ def silence_library_logs() -> None:
 def library_warnings_silenced() -> Iterator[None]:
     """The warning filters, for code that runs outside pytest (``count_parameters``)."""
     with warnings.catch_warnings():
-        for line, _ in WARNING_FILTERS:
-            action, message, category = line.split(":", 2)
-            warnings.filterwarnings(action, message=message, category=_category(category))
+        for message, category, _ in WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
         yield
-
-
-def _category(name: str) -> type[Warning]:
-    return {"FutureWarning": FutureWarning, "DeprecationWarning": DeprecationWarning, "UserWarning": UserWarning}[name]

@@ -69,9 +69,7 @@ class LoraSession:
 
     def path_setting(self, name: str) -> Path:
         """A path option, relative to where it was written (``options.Setting.base_dir``)."""
-        setting = self.settings[name]
-        path = Path(str(setting.value)).expanduser()
-        return path if path.is_absolute() else setting.base_dir / path
+        return self.settings[name].path()
 
     # ----------------------------------------------------------------- timing
 

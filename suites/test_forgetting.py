@@ -64,9 +64,9 @@ def full_finetuning(forgetting_experiment, lora_session, lora_device):
     runs = [(lr, seed) for lr in (LEARNING_RATE, LOWER_LEARNING_RATE) for seed in seeds(lora_session)]
     outcomes: dict[float, list] = {LEARNING_RATE: [], LOWER_LEARNING_RATE: []}
     with lora_session.progress("full fine-tuning run", len(runs)) as progress:
-        for lr, seed in runs:
+        for done, (lr, seed) in enumerate(runs, 1):
             outcomes[lr].append(forgetting.run_full(forgetting_experiment, seed, STEPS, lr, lora_device))
-            progress(sum(map(len, outcomes.values())))
+            progress(done)
     return outcomes
 
 

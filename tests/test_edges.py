@@ -100,12 +100,11 @@ def test_lists_of_special_token_ids_move_into_the_tiny_vocabulary():
 
 def test_validation_explains_defaults_it_cannot_find_and_modules_to_save_it_cannot_match(monkeypatch):
     spec = resolve_model("llama-3.2-1b-tiny", "t")
-    problems = validate.problems(spec, LoraSpec(r=4, alpha=8, modules_to_save=("nonesuch",)))
+    problems = validate.problems(spec, LoraSpec(r=4, alpha=8, modules_to_save=("nonesuch",)), validate.architecture(spec))
     assert problems == ["modules_to_save 'nonesuch' matches no module of llama-3.2-1b-tiny"]
     original, found = spec.config_dict(), validate.architecture(spec)
     monkeypatch.setattr(type(spec), "config_dict", lambda self: {**original, "model_type": "nonesuch"})
-    monkeypatch.setattr(validate, "architecture", lambda model, cache=None: dataclasses.replace(found, peft_defaults=False))
-    (problem,) = validate.problems(spec, LoraSpec(r=4, alpha=8))
+    (problem,) = validate.problems(spec, LoraSpec(r=4, alpha=8), dataclasses.replace(found, peft_defaults=False))
     assert problem.startswith("targets 'default': peft has no default targets for llama-3.2-1b-tiny (model_type 'nonesuch')")
 
 
@@ -132,7 +131,7 @@ def test_the_architecture_read_from_the_cache_is_the_one_inspected(monkeypatch):
     assert ("model.layers.0.self_attn.q_proj", True) in inspected.modules and inspected.peft_defaults
     monkeypatch.setattr(validate, "inspect_architecture", lambda model: pytest.fail("the cache was not read"))
     assert validate.architecture(spec, cache) == inspected
-    assert validate.problems(spec, LoraSpec(r=4, alpha=8, targets=("q_prj",)), cache)[0].startswith("target 'q_prj' matches no")
+    assert validate.problems(spec, LoraSpec(r=4, alpha=8, targets=("q_prj",)), inspected)[0].startswith("target 'q_prj' matches no")
 
 
 def test_an_unreadable_config_json_is_an_error(tmp_path):

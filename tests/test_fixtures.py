@@ -14,7 +14,6 @@ import transformers
 from peft.tuners.lora import bnb as lora_bnb
 from peft.tuners.lora import layer as lora_layer
 
-from conftest import TINY
 from pytest_lora import count_parameters
 from pytest_lora.fixtures import SESSION_KEY
 from pytest_lora.matrix import QUANTIZATIONS, resolve_model

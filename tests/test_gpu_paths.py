@@ -311,7 +311,7 @@ def test_the_default_gpu_matrix_fits_one_h200():
     full-precision check, which holds the base, its private copy and one layer's float64 terms."""
     import peft
 
-    from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, default_layer, build as build_matrix
+    from pytest_lora.matrix import default_layer, build as build_matrix
     from pytest_lora.models import registry
 
     matrix = build_matrix([default_layer("cuda")])

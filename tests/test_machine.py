@@ -149,3 +149,15 @@ def test_with_a_driver_torch_is_asked(monkeypatch):
     monkeypatch.setattr(gpu, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.cuda_gpu() is None
+
+
+def test_a_process_spinning_beside_the_timing_is_seen_as_another_core():
+    """The reading against a second measurement: a child process that spins for its whole life
+    uses one core, so other processes used at least most of one while it ran (more if the machine
+    has other work: only a lower bound can hold on a shared runner)."""
+    import subprocess
+
+    spin = "import time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass\n"
+    with cpu.MachineLoad() as load:
+        subprocess.run([sys.executable, "-c", spin], check=True)
+    assert load.other_cores is not None and load.other_cores >= 0.6, load.other_cores

@@ -6,7 +6,6 @@ autograd saves, and bases that are released."""
 from __future__ import annotations
 
 import gc
-import weakref
 
 import peft
 import pytest

@@ -14,7 +14,6 @@ import torch
 from fakes import FakeCudaRuntime, FakeGpuPlugin, fake_gpu
 from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, resolve_model
 from pytest_lora.measure import memory
-from pytest_lora.measure.merge import lora_layers
 from pytest_lora.measure.train import TrainStep, checkpointing, synthetic_batch
 from pytest_lora.models import adapters, build, quantize, registry
 

@@ -58,9 +58,13 @@ def is_cached(model: ModelSpec, cache: Any) -> bool:
 
 def cache_key(model: ModelSpec) -> str:
     """The config and the versions of the libraries that decide module names and peft's defaults."""
-    versions = [metadata.version(name) for name in ("transformers", "peft")]
-    text = json.dumps([model.config_dict(), versions], sort_keys=True)
+    text = json.dumps([model.config_dict(), _library_versions()], sort_keys=True)
     return CACHE_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=None)
+def _library_versions() -> list[str]:
+    return [metadata.version(name) for name in ("transformers", "peft")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,10 +86,10 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def problems(model: ModelSpec, lora: LoraSpec, cache: Any = None) -> list[str]:
-    """What is wrong with applying ``lora`` to ``model``, as sentences; empty when nothing is."""
+def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture) -> list[str]:
+    """What is wrong with applying ``lora`` to ``model`` (whose ``architecture`` is ``arch``), as
+    sentences; empty when nothing is."""
     found = []
-    arch = architecture(model, cache)
     names = arch.modules
     adaptable = sorted({name.rsplit(".", 1)[-1] for name, ok in names if ok})
     if lora.targets == "default" and not arch.peft_defaults:
