@@ -53,9 +53,14 @@ build = lazy_import("pytest_lora.models.build")
 pytestmark = pytest.mark.lora_step_time
 
 
-def record(lora_bench, benchmark, metrics: dict[str, tuple[float | None, str]]) -> None:
+def record(lora_bench, benchmark, metrics: dict[str, tuple[float | None, str]], samples: dict[str, list[float]] | None = None) -> None:
+    """The metrics into the results and pytest-benchmark's ``extra_info``; the per-step samples
+    behind them into the results, where the regression gate tests changes on them."""
     for name, (value, unit) in metrics.items():
         lora_bench.record(name, value, unit)
+    for name, values in (samples or {}).items():
+        if metrics[name][0] is not None:
+            lora_bench.samples(name, values)
     benchmark.extra_info.update({name: value for name, (value, _) in metrics.items()})
 
 
@@ -107,7 +112,7 @@ def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device
         host = timing.TimingStats.of(timer.host_times[warmup:]).median
         metrics["host_step_time_median_s"] = (host, "s")
         metrics["event_over_host"] = (metrics["step_time_median_s"][0] / host, "CUDA event / host clock")
-    record(lora_bench, benchmark, metrics)
+    record(lora_bench, benchmark, metrics, timing.per_step_samples(times, workload_spec.tokens, step_flops, lora_session.peak_flops()))
 
 
 def test_base_build_time(base_model, model_spec, quant_spec, lora_device, lora_session, lora_bench):
@@ -158,4 +163,4 @@ def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora
         "step_time_median_s": (harness_median, "s"),
         "harness_overhead_pct": (100.0 * (harness_median - bare_median) / bare_median, "%"),
     }
-    record(lora_bench, benchmark, metrics)
+    record(lora_bench, benchmark, metrics, {"step_time_median_s": harness, "bare_step_time_median_s": bare.times})

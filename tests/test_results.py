@@ -13,7 +13,7 @@ from pytest_lora.report.store import SCHEMA_VERSION, atomic_write_json, load
 RUN_KEYS = {"id", "started", "finished", "argv", "git", "status"}
 MACHINE_KEYS = {"device", "gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes", "python", "cpu",
                 "cpu_count", "cpu_threads", "load_avg_start"}
-RECORD_KEYS = {"suite", "test", "model", "quant", "lora", "workload", "status", "metrics", "units", "error", "warnings"}
+RECORD_KEYS = {"suite", "test", "model", "quant", "lora", "workload", "status", "metrics", "units", "error", "warnings", "samples"}
 
 
 def read_results(pytester: pytest.Pytester) -> tuple[dict, dict]:

@@ -110,6 +110,15 @@ def timing_metrics(stats: TimingStats, tokens: int, flops: int, peak: float | No
     }
 
 
+def per_step_samples(times: list[float], tokens: int, flops: int, peak: float | None) -> dict[str, list[float]]:
+    """Each timed step as a sample of the metrics derived from the median: the gate tests a
+    change of ``tokens_per_s`` or ``mfu`` on the same steps as one of the step time."""
+    samples = {"step_time_median_s": list(times), "tokens_per_s": [tokens / t for t in times]}
+    if peak:
+        samples["mfu"] = [flops / t / peak for t in times]
+    return samples
+
+
 def table_peak(device_name: str) -> float | None:
     """The data-sheet dense bf16 peak of a known GPU, else ``None``.
 

@@ -27,6 +27,8 @@ class Recorder:
         self.status = "ok"
         self.error: str | None = None
         self.warnings: list[str] = []
+        self.raw: dict[str, list[float]] = {}
+        self.budget: dict[str, Any] | None = None  # a memory budget's check (pytest_lora.budget)
 
     def record(self, metric: str, value: Any, unit: str) -> None:
         """Record one number: a Python or numpy number, or a one-element tensor or array (``.item()``).
@@ -38,6 +40,13 @@ class Recorder:
             raise ValueError(f"metric {metric!r}: give its unit, e.g. 'bytes', 's', 'params', '%'")
         self.metrics[metric] = number
         self.units[metric] = unit
+
+    def samples(self, metric: str, values: Any) -> None:
+        """Keep the raw per-round values behind a recorded statistic (each timed step behind
+        ``step_time_median_s``): the gate tests a change for significance on them."""
+        if metric not in self.metrics:
+            raise ValueError(f"metric {metric!r}: record its value before its samples")
+        self.raw[metric] = [_as_number(metric, value) for value in values]
 
     def warn(self, text: str) -> None:
         """Say what makes this record's numbers doubtful (a busy machine); shown after the table."""
@@ -65,6 +74,8 @@ class Recorder:
             "units": dict(self.units),
             "error": self.error,
             "warnings": list(self.warnings),
+            "samples": {metric: list(values) for metric, values in self.raw.items()},
+            **({"budget": dict(self.budget)} if self.budget else {}),
         }
 
 
