@@ -31,6 +31,7 @@ class ResultsStore:
         self.run = run
         self.machine = machine
         self.records: list[dict[str, Any]] = []
+        self.comparison: Any = None  # the gate's report.compare.Comparison, once the run is judged
 
     @property
     def run_path(self) -> Path:
@@ -60,7 +61,12 @@ class ResultsStore:
         if not self.writes:
             return
         self.write()
-        tables = f"# pytest-lora run {self.run['id']}\n\n{_machine_line(self.machine)}\n\n{render_markdown(self.records)}"
+        from .table import render_gate_markdown
+
+        baseline_of = self.comparison.baseline_of if self.comparison is not None else None
+        gate = render_gate_markdown(self.comparison) + "\n" if self.comparison is not None else ""
+        tables = (f"# pytest-lora run {self.run['id']}\n\n{_machine_line(self.machine)}\n\n{gate}"
+                  f"{render_markdown(self.records, baseline_of)}")
         atomic_write_text(self.run_path.with_suffix(".md"), tables)
         atomic_write_text(self.latest_path.with_suffix(".md"), tables)
         from .plots import write_forgetting_plot
