@@ -35,6 +35,7 @@ class Option:
     metavar: str = ""
     flag: bool = False
     default: str | None = None
+    repeat: bool = False  # given several times (--lora-fail A --lora-fail B), a list in the ini, ';' in the environment
 
     @property
     def cli(self) -> str:
@@ -95,6 +96,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("forget_data", "text or JSONL whose held-out loss measures forgetting (with a checkpoint in --lora-models).", metavar="PATH"),
     Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH"),
     Option(
+        "compare",
+        "a results JSON, or a directory of earlier runs (the history), to compare this run with and gate on.",
+        metavar="PATH",
+    ),
+    Option(
+        "fail",
+        "a gate rule METRIC[:STAT]:THRESHOLD, e.g. step_time_median_s:10%, peak_reserved_bytes:+5%&+256MiB, "
+        "trainable_params:==, merge_max_abs_err:<=1e-3, mfu:off (repeatable; replaces the default rule of that metric).",
+        metavar="RULE",
+        repeat=True,
+    ),
+    Option("confirm", "rerun a config whose timing regressed, at once on the same base, and fail only if it regresses again.", flag=True),
+    Option("history", "runs of a --lora-compare directory to compare with: the newest N that passed (default 5).", metavar="N", default="5"),
+    Option("cross_hardware", "compare timings with a baseline measured on other hardware (another GPU, CPU or device).", flag=True),
+    Option(
+        "limit_memory",
+        "a memory budget for every config, e.g. 24GiB: a GPU's peak reserved bytes in the step, or the analytic step "
+        "model on the CPU, must stay within it (as the lora_limit_memory marker does for one test).",
+        metavar="SIZE",
+    ),
+    Option(
         "peak",
         "the device's dense bf16 peak for MFU: auto (a table of known GPUs, else measured), measure "
         "(a large bf16 matrix product, once per session) or a number in TFLOP/s.",
@@ -147,6 +169,8 @@ def add_options(parser: pytest.Parser) -> None:
         text = f"{option.help} [env {option.env}, ini {option.ini}]"
         if option.flag:
             group.addoption(option.cli, action="store_true", dest=option.dest, default=None, help=text)
+        elif option.repeat:
+            group.addoption(option.cli, action="append", dest=option.dest, default=None, metavar=option.metavar, help=text)
         else:
             group.addoption(option.cli, action="store", dest=option.dest, default=None, metavar=option.metavar, help=text)
         # a list type takes a string (one value per line) and a native TOML list alike
@@ -179,10 +203,12 @@ def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setti
     invocation_dir = config.invocation_params.dir
     cli = getattr(namespace, option.dest, None)
     if cli:
-        return Setting(option, cli, "cli", invocation_dir)
+        return Setting(option, tuple(cli) if option.repeat else cli, "cli", invocation_dir)
     env = os.environ.get(option.env)
     if env is not None and env.strip() != "":
         value = _parse_flag(option, env, option.env) if option.flag else env.strip()
+        if option.repeat:
+            value = tuple(item.strip() for item in env.split(";") if item.strip())
         return Setting(option, value, "env", invocation_dir)
     ini = _read_ini(config, option)
     ini_dir = config.inipath.parent if config.inipath else config.rootpath
@@ -190,7 +216,7 @@ def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setti
         return Setting(option, ini, "ini", ini_dir)
     items = [] if option.flag else [str(item).strip() for item in ini if str(item).strip()]
     if items:
-        return Setting(option, _ini_text(option, items), "ini", ini_dir)
+        return Setting(option, tuple(items) if option.repeat else _ini_text(option, items), "ini", ini_dir)
     return Setting(option, False if option.flag else option.default, "default", config.rootpath)
 
 
@@ -223,6 +249,8 @@ def header_lines(settings: dict[str, Setting]) -> list[str]:
     for name, setting in settings.items():
         if setting.option.flag:
             shown = "on" if setting.value else "off"
+        elif setting.option.repeat:
+            shown = " ".join(setting.value) if setting.value else "-"
         else:
             shown = setting.value if setting.value is not None else "-"
         parts.append(f"{name}={shown} [{setting.source}]")

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from . import bench, hooks, markers, options, quiet
+from . import bench, budget, confirm, hooks, markers, options, quiet, summary
+from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
     SESSION_KEY,
@@ -74,6 +75,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[MARKERS_KEY] = markers.SuiteMarkers(config)
+    config.addinivalue_line("markers", budget.MARKER_LINE)
     for line in quiet.WARNING_FILTERS:
         config.addinivalue_line("filterwarnings", line)
     lora = LoraSession(config)
@@ -81,6 +83,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
         lora.data_checkpoint()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[SESSION_KEY].session = session
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -113,6 +119,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     lora = config.stash[SESSION_KEY]
     config.stash[MARKERS_KEY].mark(items)
+    budget.check_markers(items)
     if not lora.bench:
         skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
         for item in items:
@@ -169,6 +176,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         item.stash[RECORDER_KEY] = new_recorder(item)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """A test with a GPU memory budget has its peak reserved bytes read around its call."""
+    with budget.peak_watch(item, item.config.stash[SESSION_KEY]):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    """``--lora-confirm``: once every test ran, the configs whose timing regressed run again."""
+    result = yield
+    lora = session.config.stash[SESSION_KEY]
+    if lora.gate.confirm and not (session.shouldfail or session.shouldstop):
+        confirm.rerun_regressed(session.items, lora)
+    return result
+
+
 def _forget_last_failure() -> None:
     """Drop the previous test's exception before this test's fixtures build and measure.
 
@@ -194,15 +218,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     recorder = item.stash.get(RECORDER_KEY, None)
     if recorder is None:
         return report
+    if report.when == "call" and report.passed:
+        over = budget.exceeded(item, recorder, item.config.stash[SESSION_KEY])
+        if over:
+            report.outcome, report.longrepr = "failed", over
     if report.failed and _is_oom(call.excinfo):
         recorder.fail("oom", _error_line(call.excinfo))
         _report_as_skipped(report, item, f"out of memory: {_error_line(call.excinfo)}")
     elif report.failed:
-        recorder.fail("error", _error_line(call.excinfo))
+        recorder.fail("error", _error_line(call.excinfo) or str(report.longrepr).splitlines()[0])
     elif report.skipped:
         recorder.fail("skipped", _skip_reason(report))
     if report.when == "teardown":
-        _deliver(item.config, recorder)
+        _deliver(item, recorder)
     return report
 
 
@@ -234,16 +262,27 @@ def _skip_reason(report: pytest.TestReport) -> str:
     return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
 
 
-def _deliver(config: pytest.Config, recorder: Any) -> None:
-    """Store the record; a test skipped before it ran records nothing unless the bench is on."""
+def _deliver(item: pytest.Item, recorder: Any) -> None:
+    """Store the record; a test skipped before it ran records nothing unless the bench is on.
+    A confirming rerun's record goes into its first run's record (``confirmation``)."""
+    config = item.config
     lora = config.stash[SESSION_KEY]
     if recorder.status == "skipped" and not lora.bench:
         return
     record = recorder.to_record()
-    if hasattr(config, "workerinput"):  # an xdist worker: the controller writes
-        lora.pending.append(record)
+    first = confirm.first_run(item)
+    if first is not None:
+        first["confirmation"] = confirm.confirmation_of(record)
+        record = None
     else:
+        item.stash[RECORD_KEY] = record
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller writes
+        if record is not None:
+            lora.pending.append(record)
+    elif record is not None:
         lora.add_records(record)
+    elif lora.store is not None:
+        lora.store.write()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -251,7 +290,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput[WORKER_RECORDS] = list(lora.pending)
     else:
-        lora.finish(int(exitstatus))
+        session.exitstatus = lora.finish(int(session.exitstatus))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -262,23 +301,22 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
         node.config.stash[SESSION_KEY].add_records(*records)
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    store = config.stash[SESSION_KEY].store
-    if store is None or not store.records:
-        return
-    from .report import table
+@pytest.hookimpl(wrapper=True)
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> Any:
+    """The results tables and the gate's verdict, after every other plugin's summary.
 
-    writer = terminalreporter
-    terminal = config.get_terminal_writer()
-    width = terminal.fullwidth if terminal.hasmarkup else 1000  # logs are read wide, not squeezed
-    text = table.render_terminal(store.records, width, terminal.hasmarkup)
-    writer.write_sep("=", "pytest-lora results")
-    for line in text.rstrip("\n").splitlines():
-        writer.write_line(line)
-    for record in store.records:
-        for warning in record.get("warnings", ()):
-            writer.write_line(f"pytest-lora: warning: {record['test']}: {warning}", yellow=True)
-    if store.writes:
-        writer.write_line(f"pytest-lora: {len(store.records)} records in {store.run_path} (and {store.latest_path.name})")
-    else:
-        writer.write_line(f"pytest-lora: {len(store.records)} records, not written (--lora-bench or --lora-results=DIR writes them)")
+    pytest-benchmark's ``--benchmark-compare-fail`` fails a run by raising from its summary, after
+    the results were written as passed: the run becomes ``failed`` in the results, with a line
+    instead of a traceback, and exit status 1.
+    """
+    lora = config.stash[SESSION_KEY]
+    try:
+        result = yield
+    except Exception as error:
+        if type(error).__name__ != "PerformanceRegression":
+            raise
+        lora.fail_run("pytest-benchmark --benchmark-compare-fail: performance has regressed")
+        terminalreporter.write_line("pytest-benchmark: performance has regressed (--benchmark-compare-fail); the run failed", red=True)
+        result = None
+    summary.write(terminalreporter, config, lora)
+    return result

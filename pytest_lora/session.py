@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from . import budget
 from . import matrix as matrix_module
 from . import options
 from .matrix import Matrix, MatrixError, RawValue
+from .gate import Gate
 from .report import provenance
 from .report.store import ResultsStore
 
@@ -46,9 +48,15 @@ class LoraSession:
         self.current_test = ""
         self.load_at_start = provenance.load_average()
         self.targets_unchecked = False  # a --co listing without the models' module names in the cache
+        self.reruns = 0  # configs run again to confirm a timing regression (--lora-confirm)
+        self.session: pytest.Session | None = None  # set when the session starts (the gate sets its exit status)
+        self._machine: dict[str, Any] | None = None
         self._check_device_name()
         self._check_timing_options()
         self._check_data_options()
+        matrix_file = self.path_setting("matrix") if self.settings["matrix"].value else None
+        self.gate = Gate(self.settings, matrix_file)
+        self.memory_limit = budget.option_limit(self.settings["limit_memory"])
 
     # ----------------------------------------------------------------- options
 
@@ -225,25 +233,51 @@ class LoraSession:
 
     # ----------------------------------------------------------------- results
 
+    @property
+    def machine(self) -> dict[str, Any]:
+        """The machine section of the results: device, libraries, CPU, threads (once per session)."""
+        if self._machine is None:
+            gpu = None if self._gpu == "unresolved" else self._gpu
+            self._machine = provenance.machine_info(gpu)
+            self._machine["load_avg_start"] = self.load_at_start
+            self._machine["cpu_threads"] = self.timing_threads()
+        return self._machine
+
     def add_records(self, *records: dict[str, Any]) -> None:
         if self.store is None:
             argv = ["pytest", *self.config.invocation_params.args]
             run = provenance.run_info(self.run_id, self.started, argv, self.config.rootpath)
-            gpu = None if self._gpu == "unresolved" else self._gpu
             directory = self.path_setting("results") if self.records_wanted else None
-            machine = provenance.machine_info(gpu)
-            machine["load_avg_start"] = self.load_at_start
-            machine["cpu_threads"] = self.timing_threads()
-            self.store = ResultsStore(directory, run, machine)
+            self.store = ResultsStore(directory, run, self.machine)
         if self.peak_source is not None:
             self.store.machine["mfu_peak_tflops"] = self._peak / 1e12
             self.store.machine["mfu_peak_source"] = self.peak_source
         self.store.add(*records)
 
-    def finish(self, exitstatus: int) -> None:
+    def finish(self, exitstatus: int) -> int:
+        """Judge the run with the gate, write its status; the exit status, 1 if the gate failed it."""
+        if self.store is None:
+            return exitstatus
+        comparison = self.gate.decide(self.store.records, self.store.machine)
+        if comparison is not None:
+            self.store.run["gate"] = comparison.summary()
+            self.store.comparison = comparison
+            if comparison.regressions and exitstatus == 0:
+                exitstatus = 1
+        self.store.finish(run_status(exitstatus), provenance.now())
+        return exitstatus
+
+    def fail_run(self, reason: str) -> None:
+        """A plugin failed the run after it was written (pytest-benchmark's compare-fail): say so."""
+        if self.session is not None and self.session.exitstatus == 0:
+            self.session.exitstatus = 1
         if self.store is not None:
-            status = "passed" if exitstatus == 0 else "interrupted" if exitstatus == 2 else "failed"
-            self.store.finish(status, provenance.now())
+            self.store.run.setdefault("failed_by", []).append(reason)
+            self.store.finish("failed", provenance.now())
+
+
+def run_status(exitstatus: int) -> str:
+    return "passed" if exitstatus == 0 else "interrupted" if exitstatus == 2 else "failed"
 
 
 def _positive_float(value: Any) -> bool:

@@ -1,0 +1,105 @@
+"""The regression gate of a pytest run: ``--lora-compare``, ``--lora-fail``, ``--lora-confirm``.
+
+The baseline and the rules are read when pytest configures, so a missing or corrupt baseline and
+a malformed rule are usage errors (exit code 4) before anything runs. Rules come in layers: the
+defaults per kind of metric (``report.rules``), then a matrix file's ``[gate]`` table
+(``fail = [...]``), then ``--lora-fail`` / ``PYTEST_LORA_FAIL`` / ``lora_fail``; a layer's rules for
+a metric replace the earlier ones for that metric.
+
+With ``--lora-confirm``, a config whose timing regressed is run again at once, before the next
+test (its base model is still built), and the regression counts only if the rerun regresses too.
+Counts, memory and correctness repeat exactly: a rerun could only repeat them, so they are not
+rerun. At the end of the session the gate judges every record (``report.compare``); a
+regression makes the exit status 1 and the run's status ``failed``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .report import baseline as baseline_module
+from .report import rules as rules_module
+from .report.compare import Comparison, compare, history_by_config
+
+RERUN_KINDS = ("timing",)
+
+
+class Gate:
+    """The session's baseline and rules, and the comparison once the run is judged."""
+
+    def __init__(self, settings: dict[str, Any], matrix_file: Path | None):
+        self.settings = settings
+        self.confirm = bool(settings["confirm"].value)
+        self.cross_hardware = bool(settings["cross_hardware"].value)
+        self.rules = rules_module.merged([self._file_rules(matrix_file), self._option_rules()])
+        self.baseline = self._load_baseline()
+        self.comparison: Comparison | None = None
+        self._history: dict | None = None  # the baseline's records by config, indexed once
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is gated: a baseline, or a bound that needs none."""
+        has_bound = any(rule.bound is not None for named in self.rules.values() for rule in named)
+        return self.baseline is not None or has_bound
+
+    def _option_rules(self) -> list[rules_module.Rule]:
+        setting = self.settings["fail"]
+        return [self._parse(text, setting.describe()) for text in setting.value or ()]
+
+    def _file_rules(self, path: Path | None) -> list[rules_module.Rule]:
+        if path is None:
+            return []
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8")).get("gate", {})
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return []  # the matrix reads the same file and says what is wrong with it
+        where = f"{self.settings['matrix'].describe()} ({path.name}) [gate]"
+        unknown = sorted(set(table) - {"fail"})
+        if unknown:
+            raise pytest.UsageError(f"{where}: {unknown[0]!r} is not a gate key; allowed: fail = [\"METRIC[:STAT]:THRESHOLD\", ...]")
+        rules = table.get("fail", [])
+        if isinstance(rules, str):
+            rules = [rules]
+        return [self._parse(text, f"{where} fail") for text in rules]
+
+    @staticmethod
+    def _parse(text: Any, where: str) -> rules_module.Rule:
+        try:
+            return rules_module.parse(str(text), where)
+        except rules_module.RuleError as error:
+            raise pytest.UsageError(str(error)) from None
+
+    def _load_baseline(self) -> baseline_module.Baseline | None:
+        setting = self.settings["compare"]
+        if not setting.value:
+            return None
+        history = self.settings["history"]
+        if not (str(history.value).isdigit() and int(history.value) >= 1):
+            raise pytest.UsageError(f"{history.describe()}: {history.value!r} is not a number of runs; allowed: an integer >= 1")
+        try:
+            return baseline_module.load(setting.path(), setting.describe(), int(history.value))
+        except baseline_module.BaselineError as error:
+            raise pytest.UsageError(str(error)) from None
+
+    def judge(self, records: list[dict[str, Any]], machine: dict[str, Any]) -> Comparison:
+        baseline = self.baseline or baseline_module.Baseline(None, [])
+        if self._history is None:  # the machine is the session's: one index serves every call
+            self._history = history_by_config(baseline, machine, self.cross_hardware)
+        return compare(records, machine, baseline, self.rules, self.cross_hardware, self._history)
+
+    def needs_rerun(self, record: dict[str, Any], machine: dict[str, Any]) -> bool:
+        """Whether ``--lora-confirm`` reruns this record's config: one of its timings regressed."""
+        if not self.confirm or self.baseline is None or "confirmation" in record:
+            return False
+        return any(check.regressed and check.kind in RERUN_KINDS for check in self.judge([record], machine).checks)
+
+    def decide(self, records: list[dict[str, Any]], machine: dict[str, Any]) -> Comparison | None:
+        """Judge the run; ``None`` when nothing is gated."""
+        if not self.active:
+            return None
+        self.comparison = self.judge(records, machine)
+        return self.comparison

@@ -1,0 +1,301 @@
+"""The regression gate end to end: the built-in suites run, are compared with a baseline and gated.
+
+The baseline is one run of the default CPU matrix, every suite (a subprocess, once for the
+module); the same command run again must pass the default gate. Each other test runs one config
+of that matrix in process and plants one regression: in the baseline (a count one lower, memory
+10% lower, a merge error ten times smaller, forgetting 0.1 nats lower: the new run shows the
+regression) or in the run itself (a sleep in the training steps). ``pytest-lora compare`` must
+give the same verdicts as ``--lora-compare``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_lora import cli
+from pytest_lora.measure import train
+
+# One config of the default CPU matrix: the in-process runs pair with the default run's records.
+ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=8", "--lora-targets=default")
+STEP_CONFIG = "test_step_time[llama-3.2-1b-tiny-none-r8-a16-default-d0.05-b2xs64]"
+STEP = "test_step_time and not overhead and not build"  # -k: the training step only
+
+
+def bench_subprocess(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
+    return subprocess.run([sys.executable, "-m", "pytest", "--lora-bench", "--lora-device=cpu", "-q", "-p", "no:cacheprovider",
+                           f"--lora-results={directory / 'results'}", *args],
+                          cwd=directory, capture_output=True, text=True, env=environment, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    """The default matrix, every suite, run once: the baseline every test here compares with."""
+    directory = tmp_path_factory.mktemp("baseline")
+    done = bench_subprocess(directory)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return directory / "results" / "latest.json"
+
+
+def test_an_identical_rerun_of_the_default_matrix_passes_the_default_gate(baseline, tmp_path):
+    """The same command again, compared with the first run: every config, every gated metric, no alarm.
+
+    With ``--lora-confirm``, as the CI recipe runs it: on this 2-core CPU, 1 run in 9 of the step-time
+    suite had a base whose steps took twice as long as in the run before (both gpt2-tiny fp4
+    configs, +118% and +125%), and its rerun at the end of the session did not.
+    """
+    done = bench_subprocess(tmp_path, f"--lora-compare={baseline}", "--lora-confirm")
+    assert done.returncode == 0, done.stdout[-5000:]
+    data = json.loads((tmp_path / "results" / "latest.json").read_text())
+    gate = data["run"]["gate"]
+    assert data["run"]["status"] == "passed" and gate["regressions"] == []
+    assert gate["only_baseline"] == gate["only_now"] == [] and gate["checks"] > 1000
+    kinds = {metric for record in data["records"] for metric in record["metrics"]}
+    assert {"trainable_params", "optimizer_state_bytes", "step_time_median_s", "merge_max_abs_err", "forgetting_delta_loss"} <= kinds
+
+
+def bench(pytester, *args):
+    return pytester.runpytest("--lora-bench", *ONE, "-p", "no:cacheprovider", *args)
+
+
+def document(pytester) -> dict:
+    return json.loads((pytester.path / "results" / "latest.json").read_text())
+
+
+def one_config(record: dict, test: str) -> bool:
+    """Whether ``record`` is ``test`` on the config ``ONE`` selects (Llama tiny, full precision, r=8 on the defaults)."""
+    lora = record.get("lora") or {}
+    return (record["test"].rsplit("::", 1)[-1].startswith(test + "[") and str(record.get("model")).startswith("llama-3.2-1b-tiny")
+            and record.get("quant") in ("none", None) and lora.get("r") == 8 and lora.get("targets") == "default")
+
+
+def planted(baseline: Path, where: Path, metric: str, change, test: str) -> tuple[Path, str]:
+    """A copy of the baseline with ``metric`` of ``test`` on the ``ONE`` config changed by ``change``."""
+    data = json.loads(baseline.read_text())
+    changed = copy.deepcopy(data)
+    for record in changed["records"]:
+        if one_config(record, test) and record["metrics"].get(metric) is not None:
+            record["metrics"][metric] = change(record["metrics"][metric])
+            config = record["test"].rsplit("::", 1)[-1]
+            break
+    else:
+        raise AssertionError(f"no {metric} in {test}")
+    path = where / f"planted-{metric}.json"
+    path.write_text(json.dumps(changed))
+    return path, config
+
+
+def regressions(data: dict) -> list[tuple[str, str]]:
+    return sorted((r["config"], r["metric"]) for r in data["run"]["gate"]["regressions"])
+
+
+# A regression of each kind, planted in the baseline: (metric, change of the baseline value, test)
+PLANTS = {
+    "count +1": ("trainable_params", lambda v: v - 1, "test_trainable_parameters"),
+    "memory +10%": ("optimizer_state_bytes", lambda v: int(v / 1.1), "test_step_memory"),
+    "merge error x10": ("merge_max_abs_err", lambda v: v / 10, "test_merge_full_precision"),
+    "forgetting +0.1 nats": ("forgetting_delta_loss", lambda v: v - 0.1, "test_forgetting_lora"),
+}
+
+
+@pytest.mark.parametrize("kind", PLANTS)
+def test_a_planted_regression_fails_with_exit_1_naming_metric_and_config(pytester, baseline, tmp_path, kind):
+    metric, change, test = PLANTS[kind]
+    path, config = planted(baseline, tmp_path, metric, change, test)
+    result = bench(pytester, "-k", test, f"--lora-compare={path}")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([f"*1 regression(s)*", f"*{metric}*{config}*"])
+    data = document(pytester)
+    assert data["run"]["status"] == "failed"
+    assert regressions(data) == [(config, metric)]
+    assert cli.main(["compare", str(path), str(pytester.path / "results" / "latest.json")]) == 1  # the same verdict outside pytest
+
+
+def test_the_gate_judges_the_records_xdist_workers_send(pytester, baseline, tmp_path):
+    pytest.importorskip("xdist")
+    path, config = planted(baseline, tmp_path, "trainable_params", lambda v: v - 1, "test_trainable_parameters")
+    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", *ONE, "-m", "lora_params",
+                                           "-k", "not published", f"--lora-compare={path}")
+    assert result.ret == 1
+    assert regressions(document(pytester)) == [(config, "trainable_params")]
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Plant ``seconds`` of sleep in the first ``steps`` training steps of the run (all by default)."""
+
+    def plant(seconds: float, steps: int | None = None):
+        original, done = train.TrainStep.run, []
+
+        def run(self, batch):
+            done.append(1)
+            if steps is None or len(done) <= steps:
+                time.sleep(seconds)
+            original(self, batch)
+
+        monkeypatch.setattr(train.TrainStep, "run", run)
+
+    return plant
+
+
+def test_a_step_slowed_by_a_planted_sleep_fails(pytester, baseline, slow_steps):
+    slow_steps(0.05)  # a tiny step takes a few milliseconds
+    result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}")
+    assert result.ret == 1
+    data = document(pytester)
+    assert regressions(data) == [(STEP_CONFIG, "step_time_median_s"), (STEP_CONFIG, "tokens_per_s")]
+    [check] = [r for r in data["run"]["gate"]["regressions"] if r["metric"] == "step_time_median_s"]
+    assert check["p_value"] < 0.01 and check["change"] > 1.0
+    result.stdout.fnmatch_lines(["*step_time_median_s*test_step_time*none*step_time_median_s:100%*"])
+    # pytest-lora compare, on the same two files, gives the same verdicts
+    verdict = subprocess.run([sys.executable, "-m", "pytest_lora.cli", "compare", str(baseline), str(pytester.path / "results")],
+                             capture_output=True, text=True)
+    assert verdict.returncode == 1
+    for config, metric in regressions(data):
+        assert any(metric in line and config in line for line in verdict.stdout.splitlines()), (config, metric)
+
+
+def test_a_timing_change_inside_the_noise_does_not_fail(pytester, baseline, slow_steps):
+    """A sleep of 5% of a step: possibly significant, but not past the threshold."""
+    step = json.loads(baseline.read_text())
+    [median] = [r["metrics"]["step_time_median_s"] for r in step["records"] if r["test"].endswith(STEP_CONFIG)]
+    slow_steps(median * 0.05)
+    result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["one-off", "persistent"])
+def test_confirm_clears_a_one_off_slowdown_and_keeps_a_persistent_one(pytester, baseline, slow_steps, persistent):
+    rounds = 1 + 5  # warm-up and timed steps of the first run
+    slow_steps(0.05, steps=None if persistent else rounds)
+    result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}", "--lora-confirm")
+    data = document(pytester)
+    [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]
+    assert record["confirmation"]["status"] == "ok"  # the rerun's numbers are kept with the first run's
+    assert len(record["confirmation"]["samples"]["step_time_median_s"]) == 5
+    result.stdout.fnmatch_lines(["*1 config(s) rerun to confirm a timing regression*"])
+    if persistent:
+        assert result.ret == 1
+        assert (STEP_CONFIG, "step_time_median_s") in regressions(data)
+    else:
+        assert result.ret == 0, result.stdout.str()[-3000:]
+        assert (STEP_CONFIG, "step_time_median_s") in [(r["config"], r["metric"]) for r in data["run"]["gate"]["cleared_by_rerun"]]
+        result.stdout.fnmatch_lines(["*timing regression(s) not repeated by their confirming rerun*"])
+    result.assert_outcomes(passed=1)  # the rerun is not a second test
+
+
+# ------------------------------------------------------------------ bad baselines and rules: exit 4 before anything runs
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "is not readable JSON"),
+    ('{"schema_version": 99, "run": {}, "machine": {}, "records": []}', "has schema_version 99; allowed: a pytest-lora results JSON (schema_version 1)"),
+    ('{"schema_version": 1, "run": {}, "machine": {}}', "is not a results document (no 'records' list)"),
+    ('[1, 2]', "is not a results document (a JSON list)"),
+])
+def test_a_corrupt_baseline_is_a_usage_error(pytester, content, message):
+    (pytester.path / "base.json").write_text(content)
+    result = bench(pytester, "--lora-compare=base.json")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines([f"*--lora-compare: '*base.json' {message}*"])
+    assert not (pytester.path / "results").exists()  # nothing ran, nothing was written
+    assert cli.main(["compare", str(pytester.path / "base.json"), str(pytester.path / "base.json")]) == 4
+
+
+def test_a_missing_baseline_and_a_malformed_rule_are_usage_errors(pytester, capsys):
+    result = bench(pytester, "--lora-compare=nowhere.json")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--lora-compare: '*nowhere.json' does not exist; allowed: a pytest-lora results JSON*"])
+    result = bench(pytester, "--lora-fail=step_time:fast")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--lora-fail: 'step_time:fast': 'fast' is not a threshold; allowed: '==', '+5%'*"])
+
+
+def test_rules_from_the_ini_the_environment_and_a_matrix_files_gate_table(pytester, baseline, monkeypatch):
+    pytester.makeini("[pytest]\nlora_fail =\n    trainable_params:+5%\n    total_params:off\n")
+    (pytester.path / "gate.toml").write_text('[gate]\nfail = ["weight_bytes:+1%"]\n')
+    monkeypatch.setenv("PYTEST_LORA_FAIL", "merge_max_abs_err:<=1e-9;merge_kl:off")
+    result = bench(pytester, "-k", "test_merge_full_precision", "--lora-matrix=gate.toml", f"--lora-compare={baseline}")
+    assert result.ret == 1  # the environment's bound: a float32 merge is not exact to 1e-9 logits
+    data = document(pytester)
+    assert {metric for _, metric in regressions(data)} == {"merge_max_abs_err"}
+    header = result.stdout.str()
+    assert "fail=merge_max_abs_err:<=1e-9 merge_kl:off [env]" in header
+    (pytester.path / "bad.toml").write_text('[gate]\nrules = ["x:5%"]\n')
+    result = bench(pytester, "--lora-matrix=bad.toml")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--lora-matrix (bad.toml) [[]gate[]]: 'rules' is not a gate key; allowed: fail = *"])
+
+
+def test_a_history_directory_leaves_out_failed_runs_and_compares_with_the_passed_ones(pytester, baseline, tmp_path):
+    """A failed run is not a baseline; latest.json is a copy and is not read."""
+    history = tmp_path / "history"
+    history.mkdir()
+    passed = json.loads(baseline.read_text())
+    failed = copy.deepcopy(passed)
+    failed["run"].update(id="zz-failed", status="failed")
+    (history / "a.json").write_text(json.dumps(passed))
+    (history / "b.json").write_text(json.dumps(failed))
+    (history / "latest.json").write_text("{not even json: latest.json is a copy and is never read")
+    result = bench(pytester, "-k", "test_trainable_parameters", f"--lora-compare={history}")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*compared with *history: 1 passed run(s), 1 left out: * checks*no regression*"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = bench(pytester, "-k", "test_trainable_parameters", f"--lora-compare={empty}")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*no passed run in *empty yet: nothing to compare with*"])
+
+
+def test_the_tables_show_each_metric_beside_the_baseline(pytester, baseline):
+    result = bench(pytester, "-k", "test_trainable_parameters", f"--lora-compare={baseline}")
+    assert result.ret == 0
+    count = next(r for r in json.loads(baseline.read_text())["records"] if one_config(r, "test_trainable_parameters"))
+    shown = f"{count['metrics']['trainable_params']:,d} (=)"
+    result.stdout.fnmatch_lines([f"*{shown}*"])
+    markdown = (pytester.path / "results" / "latest.md").read_text()
+    assert "## Regression gate" in markdown and shown in markdown
+
+
+def test_a_baseline_from_other_hardware_is_named_and_its_timings_not_compared(pytester, baseline, tmp_path):
+    other = json.loads(baseline.read_text())
+    other["machine"].update(device="cuda", gpu_name="NVIDIA A100-SXM4-80GB", torch="2.0.0")
+    (tmp_path / "gpu.json").write_text(json.dumps(other))
+    result = bench(pytester, "-k", STEP, f"--lora-compare={tmp_path / 'gpu.json'}")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*the baseline differs: device: cuda -> cpu; gpu_name: NVIDIA A100-SXM4-80GB -> None; torch: 2.0.0 -> *",
+                                 "*timings not compared: the baseline was measured on other hardware*"])
+
+
+# ------------------------------------------------------------------ the console script
+
+
+def test_the_console_script_refuses_bad_arguments_without_a_traceback(tmp_path, capsys):
+    assert cli.main(["compare", str(tmp_path / "none.json")]) == 4
+    assert cli.main(["frobnicate"]) == 4
+    assert cli.main(["compare", str(tmp_path), str(tmp_path), "--history", "0"]) == 4
+    assert "--history: '0' is not a number of runs" in capsys.readouterr().err
+    assert cli.main(["export", "--format", "csv", str(tmp_path)]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "invalid choice: 'csv'" in err
+
+
+def test_export_writes_github_action_benchmark_json(baseline, tmp_path):
+    assert cli.main(["export", "--format", "gab", str(baseline), "-o", str(tmp_path)]) == 0
+    smaller = json.loads((tmp_path / "customSmallerIsBetter.json").read_text())
+    bigger = json.loads((tmp_path / "customBiggerIsBetter.json").read_text())
+    names = {entry["name"].rsplit(" ", 1)[-1] for entry in smaller}
+    assert {"step_time_median_s", "optimizer_state_bytes", "merge_max_abs_err", "forgetting_delta_loss"} <= names
+    assert "trainable_params" not in names  # exact: not a chart
+    assert {entry["name"].rsplit(" ", 1)[-1] for entry in bigger} >= {"tokens_per_s", "learning_delta_loss"}
+    assert all(set(entry) >= {"name", "unit", "value"} and isinstance(entry["value"], (int, float)) for entry in smaller + bigger)
+    step = next(entry for entry in smaller if entry["name"].endswith("step_time_median_s"))
+    assert step["unit"] == "s" and step["range"].startswith("IQR ")
