@@ -73,3 +73,10 @@ def test_the_wheel_runs_the_bench_in_an_empty_directory(tmp_path):
     assert all(record["test"].startswith("suites/test_params.py::") for record in latest["records"])  # as from a checkout
     # nothing else is written into the project (pytest-benchmark makes .benchmarks/ in every pytest run)
     assert {p.name for p in project.iterdir()} - {".benchmarks"} == {"results"}
+
+    # the console script: the run against itself passes the gate, its numbers export for github-action-benchmark
+    script = python.parent / "pytest-lora"
+    compared = run(script, "compare", project / "results" / "latest.json", project / "results", cwd=project)
+    assert "checks on" in compared.stdout and "no regression" in compared.stdout
+    run(script, "export", "--format", "gab", project / "results", "-o", tmp_path / "gab", cwd=project)
+    assert json.loads((tmp_path / "gab" / "customSmallerIsBetter.json").read_text()) == []  # counts are exact, not charted

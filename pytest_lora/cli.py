@@ -1,0 +1,130 @@
+"""The ``pytest-lora`` console script: work on results files without running anything.
+
+``pytest-lora compare BASE NEW [--fail RULE ...]`` judges a results file against a baseline file
+or a history directory with the same rules, defaults and verdicts as ``pytest --lora-compare``
+(``report.compare``), and exits as the in-run gate does: 0 nothing regressed, 1 a regression
+(with its table), 4 a bad argument, a missing or corrupt file, a malformed rule.
+
+``pytest-lora export --format gab RUN -o DIR`` writes github-action-benchmark's two custom formats
+(``customSmallerIsBetter.json``, ``customBiggerIsBetter.json``): every gated metric of every config,
+for its charts and alerts.
+
+It imports neither torch nor pytest's plugin machinery: it reads JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .report import baseline as baseline_module
+from .report import rules as rules_module
+from .report.compare import compare, config_name
+from .report.store import atomic_write_json
+
+USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
+GAB_FILES = {+1: "customSmallerIsBetter.json", -1: "customBiggerIsBetter.json"}
+GAB_KINDS = ("timing", "memory", "correctness")
+
+
+class UsageError(Exception):
+    """A bad argument; the message says which and what is allowed."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def parser() -> argparse.ArgumentParser:
+    main = Parser(prog="pytest-lora", description="Compare, gate and export pytest-lora results (runs nothing).")
+    commands = main.add_subparsers(dest="command", required=True, parser_class=Parser)
+    comparing = commands.add_parser("compare", help="judge NEW against BASE (a results file or a directory of runs)")
+    comparing.add_argument("base", metavar="BASE", help="baseline: a results JSON, or a directory of runs (the history)")
+    comparing.add_argument("new", metavar="NEW", help="the run to judge: a results JSON, or a results directory (its latest.json)")
+    comparing.add_argument("--fail", action="append", default=[], metavar="RULE", help="METRIC[:STAT]:THRESHOLD, as --lora-fail")
+    comparing.add_argument("--history", default="5", metavar="N", help="passed runs of a BASE directory to compare with (default 5)")
+    comparing.add_argument("--cross-hardware", action="store_true", help="compare timings measured on other hardware")
+    exporting = commands.add_parser("export", help="write a run's gated metrics for another tool")
+    exporting.add_argument("run", metavar="RUN", help="a results JSON, or a results directory (its latest.json)")
+    exporting.add_argument("--format", required=True, choices=["gab"], help="gab: github-action-benchmark's custom JSON")
+    exporting.add_argument("-o", "--output", default=".", metavar="DIR", help="where the two files go (default: here)")
+    return main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        arguments = parser().parse_args(argv)
+        if arguments.command == "compare":
+            return compare_command(arguments)
+        return export_command(arguments)
+    except (UsageError, baseline_module.BaselineError, rules_module.RuleError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _run_file(path: str, where: str) -> dict[str, Any]:
+    target = Path(path)
+    if target.is_dir():
+        target = target / "latest.json"
+    if not target.is_file():
+        raise UsageError(f"{where}: {path!r} is not a results file or a results directory with a latest.json")
+    return baseline_module.read(target, where)
+
+
+def compare_command(arguments: argparse.Namespace) -> int:
+    from .report import table
+
+    if not (arguments.history.isdigit() and int(arguments.history) >= 1):
+        raise UsageError(f"--history: {arguments.history!r} is not a number of runs; allowed: an integer >= 1")
+    new = _run_file(arguments.new, "NEW")
+    base = baseline_module.load(Path(arguments.base), "BASE", int(arguments.history))
+    if base.is_history:  # a results directory holds the new run too: it is never its own baseline
+        base.runs = [run for run in base.runs if run["run"].get("id") != new["run"].get("id")]
+    rules = rules_module.merged([[rules_module.parse(text, "--fail") for text in arguments.fail]])
+    comparison = compare(new["records"], new["machine"], base, rules, arguments.cross_hardware)
+    for text, _ in table.gate_lines(comparison):
+        print(f"pytest-lora: {text}")
+    if comparison.regressions:
+        print(table.render_regressions_terminal("regressions", comparison.regressions, 1000, sys.stdout.isatty()), end="")
+    return 1 if comparison.regressions else 0
+
+
+def export_command(arguments: argparse.Namespace) -> int:
+    document = _run_file(arguments.run, "RUN")
+    entries = gab_entries(document)
+    directory = Path(arguments.output)
+    for direction, name in GAB_FILES.items():
+        atomic_write_json(directory / name, entries[direction])
+        print(f"pytest-lora: {len(entries[direction])} metrics in {directory / name}")
+    return 0
+
+
+def gab_entries(document: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """github-action-benchmark entries (name, unit, value, range, extra) by bad direction: +1
+    smaller is better, -1 bigger is better. Every metric with a default rule of a kind that moves
+    (timings, memory, correctness); counts are exact and not charted."""
+    entries: dict[int, list[dict[str, Any]]] = {+1: [], -1: []}
+    run, machine = document["run"], document["machine"]
+    hardware = machine.get("gpu_name") or machine.get("cpu") or machine.get("device")
+    for record in document["records"]:
+        if record.get("status") != "ok":
+            continue
+        for metric, value in record["metrics"].items():
+            unit = record.get("units", {}).get(metric)
+            rule = rules_module.default_rule(metric, unit)
+            if value is None or rule is None or rules_module.kind_of(metric, unit) not in GAB_KINDS:
+                continue
+            entry = {"name": f"{config_name(record)} {metric}", "unit": unit or "", "value": value,
+                     "extra": f"run {run.get('id')} on {hardware}, commit {(run.get('git') or {}).get('commit')}"}
+            spread = record["metrics"].get("step_time_iqr_s") if metric == "step_time_median_s" else None
+            if spread is not None:
+                entry["range"] = f"IQR {spread:.4g}"
+            entries[rules_module.bad_direction(metric)].append(entry)
+    return entries
+
+
+if __name__ == "__main__":  # python -m pytest_lora.cli
+    sys.exit(main())
