@@ -112,7 +112,7 @@ def test_a_planted_regression_fails_with_exit_1_naming_metric_and_config(pyteste
     path, config = planted(baseline, tmp_path, metric, change, test)
     result = bench(pytester, "-k", test, f"--lora-compare={path}")
     assert result.ret == 1
-    result.stdout.fnmatch_lines([f"*1 regression(s)*", f"*{metric}*{config}*"])
+    result.stdout.fnmatch_lines(["*1 regression(s)*", f"*{metric}*{config}*"])
     data = document(pytester)
     assert data["run"]["status"] == "failed"
     assert regressions(data) == [(config, metric)]

@@ -291,3 +291,23 @@ def test_a_history_needs_the_new_value_outside_its_spread():
     beyond = compare([timing(0.16)], MACHINE, history, {})
     assert not within.regressions and "history of 4 runs" in within.checks[0].note
     assert beyond.regressions
+
+
+BUSY = ["machine busy while timing: a task waited for a CPU 60% of the time; its times are not comparable"]
+
+
+def test_a_timing_measured_on_a_busy_machine_counts_only_if_a_quiet_rerun_repeats_it():
+    busy = {**timing(0.2), "warnings": BUSY}
+    comparison = judged([timing(0.1)], [busy])
+    assert not comparison.regressions and [c.config for c in comparison.busy] == ["test_x[a]"]
+    quiet_again = {**busy, "confirmation": {"status": "ok", "metrics": {"step_time_median_s": 0.2},
+                                            "samples": {"step_time_median_s": steps(0.2)}, "warnings": []}}
+    busy_again = {**quiet_again, "confirmation": {**quiet_again["confirmation"], "warnings": BUSY}}
+    assert judged([timing(0.1)], [quiet_again]).regressions
+    assert not judged([timing(0.1)], [busy_again]).regressions and judged([timing(0.1)], [busy_again]).busy
+
+
+def test_a_baseline_timed_on_a_busy_machine_is_not_a_baseline_for_timings():
+    comparison = judged([{**timing(0.1), "warnings": BUSY}], [timing(0.3)])
+    [check] = comparison.checks
+    assert check.regressed is None and check.note == "not judged: the baseline was timed on a busy machine"

@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..report.recorder import BUSY_WARNING
+
 PROC_STAT = Path("/proc/stat")
 PROC_PRESSURE = Path("/proc/pressure/cpu")
 BUSY_PRESSURE = 0.1  # some task waited for a CPU 10% of the time (idle step-time records here: at most 0.051)
@@ -100,4 +102,4 @@ class MachineLoad:
         waited = f"a task waited for a CPU {100 * self.pressure:.0f}% of the time; " if self.pressure is not None else ""
         used = f"other processes used {self.other_cores:.2f} of {cpu_count} CPUs" if self.other_cores is not None else ""
         plural = "s" if threads != 1 else ""
-        return f"machine busy while timing: {waited}{used} beside {threads} timing thread{plural}; its times are not comparable"
+        return f"{BUSY_WARNING}: {waited}{used} beside {threads} timing thread{plural}; its times are not comparable"

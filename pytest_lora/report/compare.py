@@ -14,7 +14,9 @@ The verdict of one rule on one config (``Check.regressed``):
     of two or more runs, outside its spread (slower than its slowest run). A timing with neither
     samples nor a history is not judged: one number says nothing about noise. Timings measured
     on other hardware (another GPU or CPU model, device or CPU count) are not compared unless
-    asked for (``cross_hardware``);
+    asked for (``cross_hardware``). A timing taken while the machine was busy (the record's
+    busy warning: another process kept a task waiting for a CPU) is not a baseline, and its
+    regression counts only when a rerun on a quiet machine repeats it;
   - forgetting and learning, recorded as a mean over seeds with ``<metric>_std``, must also
     exceed twice the standard error of the difference;
 - a config that ran in the baseline and now runs out of memory or errors is a regression of its
@@ -34,6 +36,7 @@ from typing import Any, Iterable
 from . import rules as rules_module
 from . import stats
 from .baseline import Baseline
+from .recorder import timed_while_busy
 from .rules import Rule
 
 ALPHA = 0.01  # one-sided; 5 against 5 steps can reach 1/252, asv's 0.002 could never fail there
@@ -57,8 +60,9 @@ class Check:
     p_value: float | None = None
     regressed: bool | None = None
     note: str = ""
-    confirmed: bool | None = None  # the confirming rerun's verdict, when there was one
+    confirmed: bool | None = None  # the confirming rerun's verdict, when there was one (None: none, or inconclusive)
     rerun: Any = None  # the confirming rerun's value
+    busy: bool = False  # a timing measured while the machine was busy: not counted unless a rerun confirms it
 
     @property
     def change(self) -> float | None:
@@ -75,8 +79,16 @@ class Check:
 
     @property
     def counts(self) -> bool:
-        """A regression that fails the gate: it regressed, and its confirming rerun did too."""
-        return bool(self.regressed) and self.confirmed is not False
+        """A regression that fails the gate: it regressed, and a confirming rerun did too; one
+        measured on a busy machine counts only when a rerun on a quiet one repeats it."""
+        if not self.regressed or self.confirmed is False:
+            return False
+        return self.confirmed is True or not self.busy
+
+    @property
+    def unjudged_busy(self) -> bool:
+        """A timing that regressed while the machine was busy and that no quiet rerun settled."""
+        return bool(self.regressed) and self.busy and self.confirmed is None
 
 
 @dataclass
@@ -101,13 +113,14 @@ class Comparison:
         """Regressions that their confirming rerun did not repeat."""
         return [check for check in self.checks if check.regressed and check.confirmed is False]
 
+    @property
+    def busy(self) -> list[Check]:
+        """Timing regressions measured on a busy machine, not counted."""
+        return [check for check in self.checks if check.unjudged_busy]
+
     def baseline_of(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """The newest baseline record of ``record``'s config (for the tables' change column)."""
         return self.baseline_records.get(config_key(record))
-
-    def verdicts(self) -> list[tuple[str, str]]:
-        """(config, metric) of every regression: what two ways of gating must agree on."""
-        return sorted({(check.config, check.metric) for check in self.regressions})
 
     def summary(self) -> dict[str, Any]:
         """What the results file keeps of the gate's decision."""
@@ -117,6 +130,7 @@ class Comparison:
             "checks": len(self.checks),
             "regressions": [check_record(check) for check in self.regressions],
             "cleared_by_rerun": [check_record(check) for check in self.cleared],
+            "not_counted_busy": [check_record(check) for check in self.busy],
             "only_baseline": self.only_baseline,
             "only_now": self.only_now,
             "machine_differences": self.machine_differences,
@@ -222,8 +236,8 @@ def judge(name: str, rule: Rule, unit: str | None, record: dict[str, Any], past:
             check.note = f"rerun {rerun.get('status')}: {rerun.get('error')}"
             return check
         again = _verdict(name, rule, kind, unit, {**record, **rerun}, past, timings_refused)
-        check.confirmed = bool(again and again.regressed)
         check.rerun = again.now if again else None
+        check.confirmed = None if again is not None and again.busy else bool(again and again.regressed)
     return check
 
 
@@ -282,6 +296,12 @@ def _timing(check: Check, rule: Rule, record: dict[str, Any], past: list[tuple[d
     if refused or not comparable:
         check.note = "not compared: measured on other hardware"
         return check
+    quiet = [entry for entry in comparable if not timed_while_busy(entry)]
+    if not quiet:
+        check.note = "not judged: the baseline was timed on a busy machine"
+        return check
+    comparable = quiet
+    check.busy = timed_while_busy(record)
     values = [statistic(entry, rule) for entry in comparable]
     check.baseline = stats.median(values)
     past_enough = _past_threshold(rule, check.baseline, check.now)
@@ -300,6 +320,8 @@ def _timing(check: Check, rule: Rule, record: dict[str, Any], past: list[tuple[d
         check.note = "not judged: one sample and no history"
         return check
     check.regressed = past_enough and all(evidence)
+    if check.busy:
+        check.note = "timed on a busy machine: counts only if a quiet rerun repeats it"
     return check
 
 

@@ -13,6 +13,13 @@ from numbers import Integral, Real
 from typing import Any
 
 STATUSES = ("ok", "oom", "skipped", "error")
+# How a record's warning starts when its timings competed for a CPU (measure.cpu.MachineLoad):
+# the regression gate does not count a timing measured so.
+BUSY_WARNING = "machine busy while timing"
+
+
+def timed_while_busy(record: dict[str, Any]) -> bool:
+    return any(str(warning).startswith(BUSY_WARNING) for warning in record.get("warnings") or ())
 
 
 class Recorder:

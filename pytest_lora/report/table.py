@@ -7,7 +7,7 @@ GitHub-flavoured markdown for the published ``results/*.md``.
 from __future__ import annotations
 
 import io
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable
 
 CASE_COLUMNS = ("model", "quant", "lora", "workload", "status")
@@ -186,6 +186,12 @@ def gate_lines(comparison: Any) -> list[tuple[str, str]]:
         lines.append(("the baseline differs: " + "; ".join(comparison.machine_differences), "yellow"))
     if comparison.timings_refused:
         lines.append(("timings not compared: the baseline was measured on other hardware (--lora-cross-hardware compares them)", "yellow"))
+    unjudged = Counter(check.note for check in comparison.checks if check.kind == "timing" and check.regressed is None)
+    for note, count in sorted(unjudged.items()):
+        lines.append((f"{count} timing check(s) {note}", "yellow"))
+    if comparison.busy:
+        lines.append((f"{len(comparison.busy)} timing regression(s) measured on a busy machine, not counted (--lora-confirm reruns them): "
+                      + _names(c.config for c in comparison.busy), "yellow"))
     if cleared:
         lines.append((f"{len(cleared)} timing regression(s) not repeated by their confirming rerun: " + _names(c.config for c in cleared), "yellow"))
     for label, names in (("only in the baseline", comparison.only_baseline), ("only in this run", comparison.only_now)):
