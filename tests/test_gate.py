@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pytest_lora import cli
-from pytest_lora.measure import train
+from pytest_lora.measure import cpu, train
 
 # One config of the default CPU matrix: the in-process runs pair with the default run's records.
 ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=8", "--lora-targets=default")
@@ -146,7 +146,20 @@ def slow_steps(monkeypatch):
     return plant
 
 
-def test_a_step_slowed_by_a_planted_sleep_fails(pytester, baseline, slow_steps):
+@pytest.fixture
+def step_baseline(pytester, monkeypatch) -> Path:
+    """The training step of ONE's config timed in this process: the baseline of the timing tests.
+
+    The machine-load rule is off for these runs (``MachineLoad.busy`` answers no): what they test
+    is the planted sleep, and a CI runner that happens to be busy must not turn it into an
+    unjudged timing. The rule has its own tests (tests/test_gate_rules.py)."""
+    monkeypatch.setattr(cpu.MachineLoad, "busy", lambda self, cpu_count, threads: False)
+    bench(pytester, "-k", STEP, "--lora-results=base").assert_outcomes(passed=1)
+    return pytester.path / "base" / "latest.json"
+
+
+def test_a_step_slowed_by_a_planted_sleep_fails(pytester, step_baseline, slow_steps):
+    baseline = step_baseline
     slow_steps(0.05)  # a tiny step takes a few milliseconds
     result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}")
     assert result.ret == 1
@@ -163,8 +176,9 @@ def test_a_step_slowed_by_a_planted_sleep_fails(pytester, baseline, slow_steps):
         assert any(metric in line and config in line for line in verdict.stdout.splitlines()), (config, metric)
 
 
-def test_a_timing_change_inside_the_noise_does_not_fail(pytester, baseline, slow_steps):
+def test_a_timing_change_inside_the_noise_does_not_fail(pytester, step_baseline, slow_steps):
     """A sleep of 5% of a step: possibly significant, but not past the threshold."""
+    baseline = step_baseline
     step = json.loads(baseline.read_text())
     [median] = [r["metrics"]["step_time_median_s"] for r in step["records"] if r["test"].endswith(STEP_CONFIG)]
     slow_steps(median * 0.05)
@@ -173,7 +187,8 @@ def test_a_timing_change_inside_the_noise_does_not_fail(pytester, baseline, slow
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["one-off", "persistent"])
-def test_confirm_clears_a_one_off_slowdown_and_keeps_a_persistent_one(pytester, baseline, slow_steps, persistent):
+def test_confirm_clears_a_one_off_slowdown_and_keeps_a_persistent_one(pytester, step_baseline, slow_steps, persistent):
+    baseline = step_baseline
     rounds = 1 + 5  # warm-up and timed steps of the first run
     slow_steps(0.05, steps=None if persistent else rounds)
     result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}", "--lora-confirm")
@@ -190,6 +205,46 @@ def test_confirm_clears_a_one_off_slowdown_and_keeps_a_persistent_one(pytester, 
         assert (STEP_CONFIG, "step_time_median_s") in [(r["config"], r["metric"]) for r in data["run"]["gate"]["cleared_by_rerun"]]
         result.stdout.fnmatch_lines(["*timing regression(s) not repeated by their confirming rerun*"])
     result.assert_outcomes(passed=1)  # the rerun is not a second test
+
+
+QUIET = """
+from pytest_lora.measure import cpu
+
+cpu.MachineLoad.busy = lambda self, cpu_count, threads: False  # as step_baseline does, in each process
+"""
+
+PLANT = QUIET + """
+import os
+import time
+
+from pytest_lora.measure import train
+
+original, done = train.TrainStep.run, []
+
+
+def run(self, batch):  # the first 6 steps of this process (one run's warm-up and timed steps) sleep 50 ms
+    done.append(1)
+    if len(done) <= 6 and os.environ.get("PLANT_SLEEP"):
+        time.sleep(0.05)
+    original(self, batch)
+
+
+train.TrainStep.run = run
+"""
+
+
+def test_confirm_reruns_in_the_xdist_worker_and_the_controller_judges_the_rerun(pytester, monkeypatch):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(plant=PLANT)  # python -m pytest puts the directory on sys.path: -p plant loads it
+    run = ("-p", "plant", "--lora-bench", "--lora-device=cpu", *ONE, "-k", STEP)
+    pytester.runpytest_subprocess(*run, "--lora-results=base").assert_outcomes(passed=1)
+    monkeypatch.setenv("PLANT_SLEEP", "1")
+    result = pytester.runpytest_subprocess("-n", "2", *run, "--lora-compare=base/latest.json", "--lora-confirm")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    data = document(pytester)
+    [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]
+    assert record["confirmation"]["status"] == "ok"
+    assert (STEP_CONFIG, "step_time_median_s") in [(r["config"], r["metric"]) for r in data["run"]["gate"]["cleared_by_rerun"]]
 
 
 # ------------------------------------------------------------------ bad baselines and rules: exit 4 before anything runs
