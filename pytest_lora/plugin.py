@@ -271,18 +271,16 @@ def _deliver(item: pytest.Item, recorder: Any) -> None:
         return
     record = recorder.to_record()
     first = confirm.first_run(item)
-    if first is not None:
+    if first is not None:  # the first run's record is already with the store or the controller
         first["confirmation"] = confirm.confirmation_of(record)
-        record = None
-    else:
-        item.stash[RECORD_KEY] = record
+        if lora.store is not None:
+            lora.store.write()
+        return
+    item.stash[RECORD_KEY] = record
     if hasattr(config, "workerinput"):  # an xdist worker: the controller writes
-        if record is not None:
-            lora.pending.append(record)
-    elif record is not None:
+        lora.pending.append(record)
+    else:
         lora.add_records(record)
-    elif lora.store is not None:
-        lora.store.write()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -165,6 +166,13 @@ def test_a_step_slowed_by_a_planted_sleep_fails(pytester, step_baseline, slow_st
     assert result.ret == 1
     data = document(pytester)
     assert regressions(data) == [(STEP_CONFIG, "step_time_median_s"), (STEP_CONFIG, "tokens_per_s")]
+    # the samples the U test reads: one per timed step, each at least the planted sleep, whose
+    # median is the recorded median and whose tokens/s are the step's 2 x 64 tokens over each time
+    [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]
+    times = record["samples"]["step_time_median_s"]
+    assert len(times) == 5 and min(times) >= 0.05
+    assert statistics.median(times) == pytest.approx(record["metrics"]["step_time_median_s"])
+    assert record["samples"]["tokens_per_s"] == pytest.approx([128 / t for t in times])
     [check] = [r for r in data["run"]["gate"]["regressions"] if r["metric"] == "step_time_median_s"]
     assert check["p_value"] < 0.01 and check["change"] > 1.0
     result.stdout.fnmatch_lines(["*step_time_median_s*test_step_time*none*step_time_median_s:100%*"])

@@ -264,9 +264,9 @@ def _verdict(name: str, rule: Rule, kind: str, unit: str | None, record: dict[st
     if rule.exact:
         return Check(name, rule.metric, rule, kind, unit, values[-1], now, regressed=now != values[-1])
     check = Check(name, rule.metric, rule, kind, unit, stats.median(values), now)
+    if kind == "timing":  # its baseline is the median of the comparable, quiet runs only
+        return _timing(check, rule, record, past, timings_refused)
     past_enough = _past_threshold(rule, check.baseline, now)
-    if kind == "timing":
-        return _timing(check, rule, record, past, timings_refused, past_enough)
     if kind == "correctness" and _has_seed_spread(record, rule.metric) and past and _has_seed_spread(past[-1][0], rule.metric):
         z = _seed_z(record, past[-1][0], rule.metric)
         check.note = f"{z:.1f} standard errors of the seeds"
@@ -290,7 +290,7 @@ def _past_threshold(rule: Rule, baseline: float, now: float) -> bool:
     return rule.absolute is None or bad > rule.absolute
 
 
-def _timing(check: Check, rule: Rule, record: dict[str, Any], past: list[tuple[dict, bool]], refused: bool, past_enough: bool) -> Check:
+def _timing(check: Check, rule: Rule, record: dict[str, Any], past: list[tuple[dict, bool]], refused: bool) -> Check:
     """A timing regresses only past its threshold, significantly, and outside the history's spread."""
     comparable = [entry for entry, same in past if same]
     if refused or not comparable:

@@ -26,7 +26,7 @@ floor; forgetting and learning 0.05 nats, which must also exceed twice the seeds
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 STATS = ("value", "median", "mean", "min", "max")
 ALIASES = {"step_time": "step_time_median_s", "peak_memory": "peak_reserved_bytes"}
@@ -140,34 +140,29 @@ def parse(text: str, where: str) -> Rule:
 def parse_threshold(metric: str, stat: str, threshold: str, where: str, rule_text: str | None = None) -> Rule:
     text = threshold.replace(" ", "")
     lowered = text.lower()
+    shown = rule_text or text  # what error messages quote: the whole rule when there is one
     rule = Rule(metric, stat, text=text, where=where)
     if lowered == "off":
-        return _replace(rule, off=True)
+        return replace(rule, off=True)
     if text == "==":
-        return _replace(rule, exact=True)
+        return replace(rule, exact=True)
     if text[:2] in ("<=", ">="):
-        return _replace(rule, bound=(text[:2], _number(text[2:], rule_text or text, where)))
+        return replace(rule, bound=(text[:2], _number(text[2:], shown, where)))
     relative = absolute = None
     signs = set()
     for part in text.split("&"):
         sign, body = (part[0], part[1:]) if part[:1] in "+-" else ("", part)
         signs.add(sign)
         if body.endswith("%"):
-            value = _number(body[:-1], rule_text or text, where) / 100
-            relative = _once(relative, value, rule_text or text, where)
+            value = _number(body[:-1], shown, where) / 100
+            relative = _once(relative, value, shown, where)
         else:
-            absolute = _once(absolute, _size(body, rule_text or text, where), rule_text or text, where)
+            absolute = _once(absolute, _size(body, shown, where), shown, where)
     if len(signs) > 1:
-        raise RuleError(f"{where}: {rule_text or text!r}: the parts have different signs; allowed: one direction per rule")
+        raise RuleError(f"{where}: {shown!r}: the parts have different signs; allowed: one direction per rule")
     sign = signs.pop()
     direction = {"+": 1, "-": -1}.get(sign, known_direction(metric))
-    return _replace(rule, relative=relative, absolute=absolute, direction=direction)
-
-
-def _replace(rule: Rule, **changes) -> Rule:
-    from dataclasses import replace
-
-    return replace(rule, **changes)
+    return replace(rule, relative=relative, absolute=absolute, direction=direction)
 
 
 def _once(current: float | None, value: float, text: str, where: str) -> float:
