@@ -20,7 +20,7 @@ HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50
 # before pytest-cov would start, and its module-level lines would count as never run.
 COVERED := pytest_lora/measure,pytest_lora/models
 
-.PHONY: bench test test-gpu-host-stack gpu-check install clean
+.PHONY: bench publish test test-gpu-host-stack gpu-check install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SYSTEM_TORCH) $(VENV)
@@ -39,6 +39,16 @@ install: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest --lora-bench $(ARGS)
+
+# The run the README quotes: the default matrix of this machine, its report, CSV and plots under
+# results/published/ (the run's own files; latest.* would only repeat them).
+publish: $(VENV)/.installed
+	rm -rf results/published
+	$(PY) -m pytest --lora-bench --lora-results=results/published $(ARGS)
+	rm -f results/published/latest.*
+	$(PY) -c "import json, pathlib; from pytest_lora.report import markdown as m; \
+	run = json.loads(next(pathlib.Path('results/published').glob('*.json')).read_text()); readme = pathlib.Path('README.md'); \
+	readme.write_text(m.with_published_headline(readme.read_text(), m.published_headline(run, 'results/published')))"
 
 # With ARGS (a subset of the tests) the coverage gate is off.
 test: $(VENV)/.installed

@@ -5,6 +5,9 @@ or a history directory with the same rules, defaults and verdicts as ``pytest --
 (``report.compare``), and exits as the in-run gate does: 0 nothing regressed, 1 a regression
 (with its table), 4 a bad argument, a missing or corrupt file, a malformed rule.
 
+``pytest-lora report RUN [RUN2 ...] [-o DIR]`` writes a run's report again from its JSON (the same
+markdown, CSV and plots the run wrote), or several runs side by side (two GPUs, a library upgrade).
+
 ``pytest-lora export --format gab RUN -o DIR`` writes github-action-benchmark's two custom formats
 (``customSmallerIsBetter.json``, ``customBiggerIsBetter.json``): every gated metric of every config,
 for its charts and alerts.
@@ -21,7 +24,7 @@ from typing import Any, Sequence
 
 from .report import baseline as baseline_module
 from .report import rules as rules_module
-from .report.compare import compare, config_name
+from .report.compare import check_record, compare, config_name
 from .report.store import atomic_write_json
 
 USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
@@ -39,7 +42,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    main = Parser(prog="pytest-lora", description="Compare, gate and export pytest-lora results (runs nothing).")
+    main = Parser(prog="pytest-lora", description="Compare, gate, report and export pytest-lora results (runs nothing).")
     commands = main.add_subparsers(dest="command", required=True, parser_class=Parser)
     comparing = commands.add_parser("compare", help="judge NEW against BASE (a results file or a directory of runs)")
     comparing.add_argument("base", metavar="BASE", help="baseline: a results JSON, or a directory of runs (the history)")
@@ -47,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     comparing.add_argument("--fail", action="append", default=[], metavar="RULE", help="METRIC[:STAT]:THRESHOLD, as --lora-fail")
     comparing.add_argument("--history", default="5", metavar="N", help="passed runs of a BASE directory to compare with (default 5)")
     comparing.add_argument("--cross-hardware", action="store_true", help="compare timings measured on other hardware")
+    reporting = commands.add_parser("report", help="write the report (markdown, CSV, plots) of one run, or several runs side by side")
+    reporting.add_argument("runs", metavar="RUN", nargs="+", help="a results JSON, or a results directory (its latest.json)")
+    reporting.add_argument("-o", "--output", metavar="DIR", help="where the files go (default: beside the first RUN)")
     exporting = commands.add_parser("export", help="write a run's gated metrics for another tool")
     exporting.add_argument("run", metavar="RUN", help="a results JSON, or a results directory (its latest.json)")
     exporting.add_argument("--format", required=True, choices=["gab"], help="gab: github-action-benchmark's custom JSON")
@@ -59,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments = parser().parse_args(argv)
         if arguments.command == "compare":
             return compare_command(arguments)
+        if arguments.command == "report":
+            return report_command(arguments)
         return export_command(arguments)
     except (UsageError, baseline_module.BaselineError, rules_module.RuleError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -88,8 +96,30 @@ def compare_command(arguments: argparse.Namespace) -> int:
     for text, _ in table.gate_lines(comparison):
         print(f"pytest-lora: {text}")
     if comparison.regressions:
-        print(table.render_regressions_terminal("regressions", comparison.regressions, 1000, sys.stdout.isatty()), end="")
+        checks = [check_record(check) for check in comparison.regressions]
+        print(table.render_regressions_terminal("regressions", checks, 1000, sys.stdout.isatty()), end="")
     return 1 if comparison.regressions else 0
+
+
+def report_command(arguments: argparse.Namespace) -> int:
+    """One run: the same report, CSV and plots the run wrote, from its JSON. Several: a side-by-side
+    markdown, ``runs-<first id>-<last id>.md``."""
+    from .report import markdown
+    from .report.publish import write_report
+    from .report.store import atomic_write_text
+
+    documents = [_run_file(path, "RUN") for path in arguments.runs]
+    first = Path(arguments.runs[0])
+    directory = Path(arguments.output) if arguments.output else (first if first.is_dir() else first.parent)
+    if len(documents) == 1:
+        written = write_report(documents[0], directory, (documents[0]["run"]["id"],))
+    else:
+        path = directory / f"runs-{documents[0]['run']['id']}-{documents[-1]['run']['id']}.md"
+        atomic_write_text(path, markdown.render_runs(documents))
+        written = [path]
+    for path in written:
+        print(f"pytest-lora: wrote {path}")
+    return 0
 
 
 def export_command(arguments: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
         lora_session.allocated_before_build.append(gpu.allocated())
     clock = gpu.clock if gpu is not None else time.perf_counter
     started = clock()
-    model = build.build_base(model_spec, quant_spec, lora_device)
+    with lora_session.waiting(f"building the base {model_spec.id} {quant_spec.id} on {lora_device}"):
+        model = build.build_base(model_spec, quant_spec, lora_device)
     if gpu is not None:
         gpu.synchronize()
     key = (model_spec.id, quant_spec.id, lora_device)

@@ -117,6 +117,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
     ),
     Option(
+        "report",
+        "the terminal summary: summary (the headline tables, one screen) or full (every table too; -v does the same).",
+        metavar="summary|full",
+        default="summary",
+    ),
+    Option(
         "peak",
         "the device's dense bf16 peak for MFU: auto (a table of known GPUs, else measured), measure "
         "(a large bf16 matrix product, once per session) or a number in TFLOP/s.",

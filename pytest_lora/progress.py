@@ -11,6 +11,7 @@ the output is not a terminal (CI logs, files, xdist workers).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Any, Callable
 
@@ -60,3 +61,33 @@ class Progress:
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
             self.reporter.write(("\n" if first else "\r") + line, flush=True)
+
+
+class Waiting:
+    """A line for one long call that reports nothing while it runs (building an 8B base on a GPU
+    takes tens of seconds): a timer shows it once the call has taken ``DELAY_S``, so the many short
+    calls of a CPU run show nothing. Use it as a context manager around the call."""
+
+    def __init__(self, progress: Progress, delay: float = DELAY_S):
+        self.progress = progress
+        self.timer = threading.Timer(delay, self._show)
+        self.timer.daemon = True
+        self.lock = threading.Lock()
+        self.done = False
+
+    def __enter__(self) -> Waiting:
+        if self.progress.enabled:
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.done = True
+        self.timer.cancel()
+        self.progress.close()
+
+    def _show(self) -> None:
+        with self.lock:  # never after the call has returned: the main thread may be writing again
+            if not self.done:
+                self.progress._write(self.progress.text(0, self.progress.clock()).replace(" 0/1", "", 1), first=True)
+                self.progress.shown_at = self.progress.clock()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import budget
+from . import budget, summary
 from . import matrix as matrix_module
 from . import options
 from .matrix import Matrix, MatrixError, RawValue
@@ -54,6 +54,7 @@ class LoraSession:
         self._check_device_name()
         self._check_timing_options()
         self._check_data_options()
+        summary.check_report_option(self.settings["report"])
         matrix_file = self.path_setting("matrix") if self.settings["matrix"].value else None
         self.gate = Gate(self.settings, matrix_file)
         self.memory_limit = budget.option_limit(self.settings["limit_memory"])
@@ -126,6 +127,12 @@ class LoraSession:
         from .progress import Progress
 
         return Progress(self.config, self.current_test, label, total, max(self.tests_total - self.tests_started, 0))
+
+    def waiting(self, label: str) -> Any:
+        """A line for one long call of the current test (a base's build), shown if it takes seconds."""
+        from .progress import Waiting
+
+        return Waiting(self.progress(label, 1))
 
     def timing_threads(self) -> int | None:
         """torch's thread count while timing steps: the option, else 1 on the CPU (a steady median
@@ -262,6 +269,7 @@ class LoraSession:
         if comparison is not None:
             self.store.run["gate"] = comparison.summary()
             self.store.comparison = comparison
+            comparison.annotate(self.store.records)
             if comparison.regressions and exitstatus == 0:
                 exitstatus = 1
         self.store.finish(run_status(exitstatus), provenance.now())

@@ -1,11 +1,26 @@
-"""The terminal summary: the results tables, the records' warnings, the gate's verdict, and
-where the records went."""
+"""The terminal summary: the headline tables, how the configs ended, the gate's verdict, and
+where the report went.
+
+By default it is compact enough for one screen at 120 columns (``report.headline``'s compact
+sections); ``-v`` or ``--lora-report=full`` prints every table too, cut into column groups that
+fit the terminal. Output that is not a terminal (a CI log) is laid out for 120 columns.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+LOG_WIDTH = 120  # the width of a summary written to a file or a CI log
+REPORTS = ("summary", "full")
+
+
+def check_report_option(setting: Any) -> None:
+    if str(setting.value).lower() not in REPORTS:
+        raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a report; allowed: {', '.join(REPORTS)}")
 
 
 def write(writer: Any, config: pytest.Config, lora: Any) -> None:
@@ -13,25 +28,41 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
     if store is None or not store.records:
         return
     from .report import table
+    from .report.headline import without_headline
+    from .report.markdown import status_counts
 
     terminal = config.get_terminal_writer()
-    width = terminal.fullwidth if terminal.hasmarkup else 1000  # logs are read wide, not squeezed
-    comparison = store.comparison
-    baseline_of = comparison.baseline_of if comparison is not None else None
+    width = terminal.fullwidth if terminal.hasmarkup else LOG_WIDTH
+    full = config.get_verbosity() > 0 or str(lora.settings["report"].value).lower() == "full"
     writer.write_sep("=", "pytest-lora results")
-    _lines(writer, table.render_terminal(store.records, width, terminal.hasmarkup, baseline_of))
-    for record in store.records:
-        for warning in record.get("warnings", ()):
-            writer.write_line(f"pytest-lora: warning: {record['test']}: {warning}", yellow=True)
+    # every table with --lora-report=full; else the headline, and the tables of tests it doesn't read (a user's own)
+    tabled = store.records if full else without_headline(store.records)
+    if tabled:
+        _lines(writer, table.render_full_terminal(tabled, width, terminal.hasmarkup))
+    _lines(writer, table.render_headline_terminal(store.records, width, terminal.hasmarkup))
+    _warning_lines(writer, store.records, full)
     _budget_lines(writer, store.records)
+    comparison = store.comparison
     if comparison is not None:
-        _gate(writer, comparison, width, terminal.hasmarkup)
+        _gate(writer, comparison, width if terminal.hasmarkup else 1000, terminal.hasmarkup)  # a log keeps each regression on one line
         if lora.reruns:
             writer.write_line(f"pytest-lora: {lora.reruns} config(s) rerun to confirm a timing regression (--lora-confirm)")
+    counts = f"{len(store.records)} records ({status_counts(store.records)})"
     if store.writes:
-        writer.write_line(f"pytest-lora: {len(store.records)} records in {store.run_path} (and {store.latest_path.name})")
+        directory = shown_path(store.directory, config.invocation_params.dir)
+        writer.write_line(f"pytest-lora: {counts} in {directory / store.run_path.name} (and {store.latest_path.name})")
+        writer.write_line(f"pytest-lora: report {directory / (store.run['id'] + '.md')} (CSV, plots beside it)"
+                          + ("" if full else "; all tables: -v or --lora-report=full"))
     else:
-        writer.write_line(f"pytest-lora: {len(store.records)} records, not written (--lora-bench or --lora-results=DIR writes them)")
+        writer.write_line(f"pytest-lora: {counts}, not written (--lora-bench or --lora-results=DIR writes them)")
+
+
+def shown_path(path: Path, here: Path) -> Path:
+    """``path`` relative to where pytest was run from, when it lies below it."""
+    try:
+        return path.resolve().relative_to(here.resolve())
+    except ValueError:
+        return path
 
 
 def _lines(writer: Any, text: str) -> None:
@@ -39,14 +70,28 @@ def _lines(writer: Any, text: str) -> None:
         writer.write_line(line)
 
 
+def _warning_lines(writer: Any, records: list[dict[str, Any]], full: bool) -> None:
+    """Every record's warning with ``full``; else how many records share each kind of warning."""
+    warned = [(record["test"], warning) for record in records for warning in record.get("warnings", ())]
+    if full:
+        for test, warning in warned:
+            writer.write_line(f"pytest-lora: warning: {test}: {warning}", yellow=True)
+        return
+    kinds = Counter(warning.split(":", 1)[0] for _, warning in warned)
+    for kind, count in kinds.items():
+        writer.write_line(f"pytest-lora: warning: {kind}: {count} record(s) (-v lists each)", yellow=True)
+
+
 def _gate(writer: Any, comparison: Any, width: int, color: bool) -> None:
     from .report import table
+    from .report.compare import check_record
 
     writer.write_sep("=", "pytest-lora gate")
     for text, colour in table.gate_lines(comparison):
         writer.write_line(f"pytest-lora: {text}", **{colour: True})
     if comparison.regressions:
-        _lines(writer, table.render_regressions_terminal("regressions", comparison.regressions, width, color))
+        checks = [check_record(check) for check in comparison.regressions]
+        _lines(writer, table.render_regressions_terminal("regressions", checks, width, color))
 
 
 def _budget_lines(writer: Any, records: list[dict[str, Any]]) -> None:

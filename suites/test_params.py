@@ -125,4 +125,6 @@ def test_published_counts(published, lora_bench):
     counts = params.count_parameters(published.model, published.lora)
     lora_bench.record("count_time_s", time.perf_counter() - started, "s")
     record_counts(lora_bench, counts)
+    lora_bench.record("published_trainable_params", published.trainable, "params")
+    lora_bench.record("published_total_params", published.total, "params")
     assert (counts.trainable, counts.total) == (published.trainable, published.total), published.source

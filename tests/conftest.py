@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -22,6 +27,10 @@ import bitsandbytes  # noqa: F401,E402
 import peft  # noqa: F401,E402
 import torch  # noqa: F401,E402
 import transformers  # noqa: F401,E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # the report's plots: imported once here too, not again in every inner run
+import matplotlib.pyplot  # noqa: F401,E402
 
 # A tiny matrix that runs in a second: one tiny model, one quantization, one rank, two targets.
 TINY = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=8", "--lora-targets=q_proj,v_proj")
@@ -83,3 +92,35 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
         return path
 
     return write
+
+
+def bench_subprocess(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    """``pytest --lora-bench`` of the built-in suites in a fresh process (as a user runs it, output
+    not a terminal), results under ``directory/results``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
+    return subprocess.run([sys.executable, "-m", "pytest", "--lora-bench", "--lora-device=cpu", "-q", "-p", "no:cacheprovider",
+                           f"--lora-results={directory / 'results'}", *args],
+                          cwd=directory, capture_output=True, text=True, env=environment, timeout=900)
+
+
+@dataclass
+class DefaultRun:
+    """One run of the default CPU matrix, every suite: its results directory, document and output."""
+
+    results: Path
+    document: dict
+    stdout: str
+
+    @property
+    def latest(self) -> Path:
+        return self.results / "latest.json"
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> DefaultRun:
+    """The default matrix run once for the session: the gate's baseline and the report's source."""
+    directory = tmp_path_factory.mktemp("default-run")
+    done = bench_subprocess(directory)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = directory / "results"
+    return DefaultRun(results, json.loads((results / "latest.json").read_text()), done.stdout)

@@ -76,7 +76,8 @@ def test_the_suite_compares_lora_with_full_finetuning(pytester, forgetting_suite
     assert lora["metrics"]["seeds"] == 2
     assert {"forgetting_delta_loss", "learning_delta_loss", "forgetting_minus_full", "learning_minus_full"} <= set(lora["metrics"])
     assert lora["metrics"]["learning_delta_loss"] > 0  # it learnt B
-    plot = pytester.path / "results" / "latest-forgetting.png"
+    run_id = json.loads((pytester.path / "results" / "latest.json").read_text())["run"]["id"]
+    plot = pytester.path / "results" / f"{run_id}-forgetting.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

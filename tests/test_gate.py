@@ -1,8 +1,8 @@
 """The regression gate end to end: the built-in suites run, are compared with a baseline and gated.
 
 The baseline is one run of the default CPU matrix, every suite (a subprocess, once for the
-module); the same command run again must pass the default gate. Each other test runs one config
-of that matrix in process and plants one regression: in the baseline (a count one lower, memory
+session; the report's tests read it too); the same command run again must pass the default
+gate. Each other test runs one config of that matrix in process and plants one regression: in the baseline (a count one lower, memory
 10% lower, a merge error ten times smaller, forgetting 0.1 nats lower: the new run shows the
 regression) or in the run itself (a sleep in the training steps). ``pytest-lora compare`` must
 give the same verdicts as ``--lora-compare``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import bench_subprocess
 from pytest_lora import cli
 from pytest_lora.measure import cpu, train
 
@@ -30,20 +30,10 @@ STEP_CONFIG = "test_step_time[llama-3.2-1b-tiny-none-r8-a16-default-d0.05-b2xs64
 STEP = "test_step_time and not overhead and not build"  # -k: the training step only
 
 
-def bench_subprocess(directory: Path, *args: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
-    return subprocess.run([sys.executable, "-m", "pytest", "--lora-bench", "--lora-device=cpu", "-q", "-p", "no:cacheprovider",
-                           f"--lora-results={directory / 'results'}", *args],
-                          cwd=directory, capture_output=True, text=True, env=environment, timeout=900)
-
-
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    """The default matrix, every suite, run once: the baseline every test here compares with."""
-    directory = tmp_path_factory.mktemp("baseline")
-    done = bench_subprocess(directory)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return directory / "results" / "latest.json"
+def baseline(default_run) -> Path:
+    """The default matrix, every suite, run once (conftest's ``default_run``): the baseline every test here compares with."""
+    return default_run.latest
 
 
 def test_an_identical_rerun_of_the_default_matrix_passes_the_default_gate(baseline, tmp_path):
@@ -328,7 +318,7 @@ def test_a_history_directory_leaves_out_failed_runs_and_compares_with_the_passed
 
 
 def test_the_tables_show_each_metric_beside_the_baseline(pytester, baseline):
-    result = bench(pytester, "-k", "test_trainable_parameters", f"--lora-compare={baseline}")
+    result = bench(pytester, "-k", "test_trainable_parameters", f"--lora-compare={baseline}", "--lora-report=full")
     assert result.ret == 0
     count = next(r for r in json.loads(baseline.read_text())["records"] if one_config(r, "test_trainable_parameters"))
     shown = f"{count['metrics']['trainable_params']:,d} (=)"

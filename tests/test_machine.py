@@ -4,6 +4,7 @@ the GPU driver check that keeps torch out of a CPU-only start-up."""
 from __future__ import annotations
 
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from pytest_lora import lazy
 from pytest_lora.measure import cpu, gpu
-from pytest_lora.progress import Progress
+from pytest_lora.progress import Progress, Waiting
 
 
 def test_threads_are_fixed_while_timing_and_restored():
@@ -113,6 +114,22 @@ def test_progress_is_silent_off_a_terminal_and_says_when_it_is_the_last_test():
         progress(2)
         assert progress.text(2, 20.0) == "[lora] step 2/2 (10 s; last test) t"
     assert reporter.written == [] and reporter.currentfspath == "suites/test_x.py"
+
+
+def test_a_long_silent_call_shows_which_config_is_waiting_and_a_short_one_shows_nothing():
+    reporter = Reporter()
+    progress = Progress(fake_config(reporter), "test_memory.py::test_x[llama-3.1-8b-nf4]", "building the base llama-3.1-8b nf4 on cuda", 1, remaining=7)
+    with Waiting(progress, delay=0.05):
+        time.sleep(0.5)  # the build
+    (line,) = reporter.written
+    text = "[lora] building the base llama-3.1-8b nf4 on cuda (0 s; 7 more tests) test_memory.py::test_x[llama-3.1-8b-nf4]"
+    assert line == "\n" + text[:79]  # one line, cut to the terminal
+    assert reporter.currentfspath is None
+    quiet = Reporter()
+    with Waiting(Progress(fake_config(quiet), "t", "building", 1, remaining=0), delay=0.5):
+        pass
+    time.sleep(0.6)
+    assert quiet.written == [] and quiet.currentfspath == "suites/test_x.py"
 
 
 def test_a_lazy_module_loads_on_its_first_public_attribute(monkeypatch):

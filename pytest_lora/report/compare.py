@@ -38,6 +38,7 @@ from . import stats
 from .baseline import Baseline
 from .recorder import timed_while_busy
 from .rules import Rule
+from .table import gate_lines
 
 ALPHA = 0.01  # one-sided; 5 against 5 steps can reach 1/252, asv's 0.002 could never fail there
 Z_SEEDS = 2.0  # standard errors of a mean-over-seeds difference that a change must pass
@@ -122,6 +123,14 @@ class Comparison:
         """The newest baseline record of ``record``'s config (for the tables' change column)."""
         return self.baseline_records.get(config_key(record))
 
+    def annotate(self, records: Iterable[dict[str, Any]]) -> None:
+        """Keep each record's baseline values in the record (``baseline_metrics``): the report
+        shows every number beside its baseline, from the results file alone."""
+        for record in records:
+            before = self.baseline_of(record)
+            if before is not None:
+                record["baseline_metrics"] = dict(before["metrics"])
+
     def summary(self) -> dict[str, Any]:
         """What the results file keeps of the gate's decision."""
         return {
@@ -135,11 +144,12 @@ class Comparison:
             "only_now": self.only_now,
             "machine_differences": self.machine_differences,
             "timings_compared": not self.timings_refused,
+            "lines": [text for text, _ in gate_lines(self)],
         }
 
 
 def check_record(check: Check) -> dict[str, Any]:
-    return {"config": check.config, "metric": check.metric, "rule": check.rule.describe(), "baseline": check.baseline,
+    return {"config": check.config, "metric": check.metric, "rule": check.rule.describe(), "rule_from": check.rule.where, "baseline": check.baseline,
             "now": check.now, "change": check.relative, "p_value": check.p_value, "rerun": check.rerun, "note": check.note}
 
 

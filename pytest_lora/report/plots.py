@@ -1,17 +1,92 @@
-"""Plots of a run's records, written next to its JSON: the learning / forgetting plane.
+"""The run's plots, as PNG next to its report: memory, speed, merge error, learning against forgetting.
 
-Biderman et al. 2024 ("LoRA Learns Less and Forgets Less") compare fine-tuning methods as points
-on a plane: how much the new task was learnt against how much the old one was forgotten. Each
-forgetting record (LoRA per rank and targets, full fine-tuning per learning rate) is one point,
-with its spread over seeds as error bars. matplotlib is imported only when there is something to plot.
+Each plot is a pure function of the records: ``available`` says which plots the records can fill
+(the report links exactly those), ``write`` draws them with matplotlib's Agg backend (imported
+only then). A plot with nothing to show is not written. Every plot carries the machine and the
+run in a caption, so a plot copied into a blog post still says where its numbers come from.
+
+- memory: for each model, one bar per quantization and LoRA spec, stacked by what the memory
+  suite measured in one training step (the base's weights, the adapter with its gradients and
+  AdamW state, the activations saved for backward), with the step's GPU peak or analytic total
+  as a marker;
+- speed: tokens/s by quantization, per model and LoRA spec, with the interquartile range of the
+  timed steps;
+- merge: KL of each merge strategy against the unmerged adapter, by quantization (log scale);
+- forgetting: the learning / forgetting plane of Biderman et al. 2024 ("LoRA Learns Less and
+  Forgets Less"): one point per method, with its spread over seeds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .table import case_cell
+from . import headline
+
+COMPONENTS = (  # (label, metrics summed, the test that records them)
+    ("weights", ("weight_bytes",), "test_weight_storage"),
+    ("adapter, gradients, AdamW state", ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes"), "test_step_memory"),
+    ("activations", ("activation_bytes",), "test_step_memory"),
+)
+TOTAL_LABELS = {True: "peak allocated in the step (GPU)", False: "analytic step model"}
+MAX_BARS = 6  # LoRA specs per quantization in one panel; the report's tables have them all
+
+
+def memory_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """model -> spec -> quant -> component -> bytes (only components that were measured), with
+    ``total``: the step's GPU peak when the run measured it, else the analytic step where the
+    analytic model covers the architecture."""
+    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in headline.ok_records(records, "test_weight_storage")}
+    steps = headline.ok_records(records, "test_step_memory")
+    configs = headline.Configs(steps)
+    peaks = {configs.key(r): r["metrics"].get("peak_allocated_bytes") for r in headline.ok_records(records, "test_step_peak_memory")}
+    bars: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for record in steps:
+        metrics = record["metrics"]
+        parts = {"weights": weights.get((record["model"], record["quant"])),
+                 "adapter, gradients, AdamW state": _sum(metrics, COMPONENTS[1][1]),
+                 "activations": metrics.get("activation_bytes"),
+                 "total": peaks.get(configs.key(record)) if peaks else metrics.get("analytic_bytes")}
+        parts = {name: value for name, value in parts.items() if value is not None}
+        if any(name != "total" for name in parts):
+            spec = headline.lora_label(record, configs.workloads)
+            bars.setdefault(record["model"], {}).setdefault(spec, {})[record["quant"]] = parts
+    return bars
+
+
+def _sum(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
+    values = [metrics.get(name) for name in names]
+    return None if any(v is None for v in values) else sum(values)
+
+
+def speed_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, tuple[float, float, float]]]]:
+    """model -> spec -> quant -> (tokens/s median, lower and upper quartile of the steps' tokens/s)."""
+    timed = headline.ok_records(records, "test_step_time")
+    configs = headline.Configs(timed)
+    bars: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
+    for record in timed:
+        value = record["metrics"].get("tokens_per_s")
+        if value is None:
+            continue
+        samples = sorted((record.get("samples") or {}).get("tokens_per_s") or [value])
+        low, high = quartiles(samples)
+        bars.setdefault(record["model"], {}).setdefault(headline.lora_label(record, configs.workloads), {})[record["quant"]] = (value, low, high)
+    return bars
+
+
+def quartiles(ordered: list[float]) -> tuple[float, float]:
+    """Lower and upper quartile by linear interpolation (numpy's default), of sorted values."""
+    def at(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        below = int(position)
+        above = min(below + 1, len(ordered) - 1)
+        return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+    return at(0.25), at(0.75)
+
+
+def merge_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+    source = headline.merge_source(records)
+    return {} if source is None else headline.merge_errors(source[0])
 
 
 def forgetting_points(records: list[dict[str, Any]]) -> list[tuple[str, float, float, float, float]]:
@@ -21,34 +96,172 @@ def forgetting_points(records: list[dict[str, Any]]) -> list[tuple[str, float, f
         metrics = record["metrics"]
         if record["suite"] != "forgetting" or "forgetting_delta_loss" not in metrics or record["status"] != "ok":
             continue
-        label = case_cell("lora", record["lora"]) if record.get("lora") else record["test"]
+        label = headline.method_label(record) if record.get("lora") else record["test"]
         points.append((label, metrics["learning_delta_loss"], metrics.get("learning_delta_loss_std", 0.0),
                        metrics["forgetting_delta_loss"], metrics.get("forgetting_delta_loss_std", 0.0)))
     return points
 
 
-def write_forgetting_plot(records: list[dict[str, Any]], paths: list[Path]) -> bool:
-    """The learning / forgetting plane as PNG at each path; False when there is nothing to plot."""
-    points = forgetting_points(records)
-    if not points:
-        return False
+# ----------------------------------------------------------------- drawing
+
+TITLES = {
+    "memory": "Memory of one training step, by quantization",
+    "speed": "Training throughput by quantization",
+    "merge": "Merge error by strategy",
+    "forgetting": "Learning against forgetting",
+}
+DATA: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
+    "memory": memory_bars, "speed": speed_bars, "merge": merge_bars, "forgetting": forgetting_points,
+}
+
+
+def available(records: list[dict[str, Any]]) -> list[str]:
+    """The plots the records can fill, in the report's order."""
+    return [name for name, data in DATA.items() if data(records)]
+
+
+def file_name(run_id: str, name: str) -> str:
+    return f"{run_id}-{name}.png"
+
+
+def caption(document: dict[str, Any]) -> str:
+    machine, run = document["machine"], document["run"]
+    device = machine.get("gpu_name") or machine.get("cpu") or machine.get("device")
+    return (f"{machine.get('device')}: {device}; torch {machine.get('torch')}, peft {machine.get('peft')}, "
+            f"bitsandbytes {machine.get('bitsandbytes')}; run {run.get('id')}")
+
+
+def write(document: dict[str, Any], directory: Path) -> list[Path]:
+    """Draw every available plot of the run into ``directory``; the paths written."""
+    names = available(document["records"])
+    if not names:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 5))
+    written = []
+    for name in names:
+        figure, handles = DRAW[name](plt, DATA[name](document["records"]), document["records"])
+        figure.suptitle(TITLES[name])
+        figure.text(0.01, 0.005, caption(document), fontsize=7, color="0.35", va="bottom")
+        bottom = 0.04
+        if handles:  # one legend for all panels, under them
+            columns = min(len(handles), 4)
+            figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.03))
+            bottom += 0.055 * -(-len(handles) // columns)
+        figure.tight_layout(rect=(0, bottom, 1, 1))
+        path = directory / file_name(document["run"]["id"], name)
+        _save(figure, path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _save(figure: Any, path: Path) -> None:
+    """Atomically, as the JSON is: a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    temporary.replace(path)
+
+
+def _panels(plt: Any, count: int, width: float = 5.5) -> tuple[Any, list[Any]]:
+    figure, axes = plt.subplots(1, count, figsize=(max(width * count, 7), 4.6), squeeze=False)
+    return figure, list(axes[0])
+
+
+def _quant_order(by_spec: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted({quant for by_quant in by_spec.values() for quant in by_quant}, key=headline.quant_order)
+
+
+HATCHES = ("", "//", "..", "xx", "\\\\", "++")  # one per LoRA spec, so specs read apart in any colour
+
+
+def draw_memory(plt: Any, bars: dict[str, dict[str, dict[str, dict[str, float]]]], records: list[dict[str, Any]]) -> Any:
+    from matplotlib.patches import Patch
+
+    figure, axes = _panels(plt, len(bars))
+    colours = {"weights": "#4c72b0", "adapter, gradients, AdamW state": "#dd8452", "activations": "#55a868"}
+    peak = any("peak_allocated_bytes" in r["metrics"] for r in headline.ok_records(records, "test_step_peak_memory"))
+    totals = False
+    for axis, (model, by_spec) in zip(axes, bars.items()):
+        quants, specs = _quant_order(by_spec), list(by_spec)[:MAX_BARS]
+        width = 0.8 / len(specs)
+        for index, spec in enumerate(specs):
+            for position, quant in enumerate(quants):
+                parts = by_spec[spec].get(quant)
+                if parts is None:
+                    continue
+                x, bottom = position + (index - (len(specs) - 1) / 2) * width, 0.0
+                for component, colour in colours.items():
+                    value = parts.get(component, 0.0) / 2**20
+                    axis.bar(x, value, width * 0.9, bottom=bottom, color=colour, hatch=HATCHES[index], edgecolor="white", linewidth=0)
+                    bottom += value
+                if "total" in parts:
+                    axis.plot(x, parts["total"] / 2**20, "k_", markersize=9)
+                    totals = True
+        axis.set_xticks(range(len(quants)), quants)
+        axis.set_xlabel("quantization of the base")
+        axis.set_ylabel("memory (MiB)")
+        axis.set_title(model, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    specs = list(dict.fromkeys(spec for by_spec in bars.values() for spec in by_spec))[:MAX_BARS]
+    handles = [Patch(color=colour, label=component) for component, colour in colours.items()]
+    handles += [Patch(facecolor="0.85", hatch=HATCHES[index], edgecolor="0.4", label=f"LoRA {spec}") for index, spec in enumerate(specs)]
+    if totals:
+        handles.append(plt.Line2D([], [], color="k", marker="_", linestyle="", markersize=9, label=TOTAL_LABELS[peak]))
+    return figure, handles
+
+
+def draw_speed(plt: Any, bars: dict[str, dict[str, dict[str, tuple[float, float, float]]]], records: list[dict[str, Any]]) -> Any:
+    figure, axes = _panels(plt, len(bars))
+    for axis, (model, by_spec) in zip(axes, bars.items()):
+        quants, specs = _quant_order(by_spec), list(by_spec)[:MAX_BARS]
+        width = 0.8 / len(specs)
+        for index, spec in enumerate(specs):
+            positions = [p for p, q in enumerate(quants) if q in by_spec[spec]]
+            values = [by_spec[spec][quants[p]] for p in positions]
+            errors = [[max(v - low, 0) for v, low, _ in values], [max(high - v, 0) for v, _, high in values]]
+            axis.bar([p + (index - (len(specs) - 1) / 2) * width for p in positions], [v for v, _, _ in values], width * 0.9,
+                     yerr=errors, capsize=2, color=f"C{index}", label=f"LoRA {spec}")
+        axis.set_xticks(range(len(quants)), quants)
+        axis.set_xlabel("quantization of the base")
+        axis.set_ylabel("tokens/s (median; whiskers: IQR of the steps)")
+        axis.set_title(model, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    return figure, axes[0].get_legend_handles_labels()[0]
+
+
+def draw_merge(plt: Any, errors: dict[str, dict[str, tuple[float, float]]], records: list[dict[str, Any]]) -> Any:
+    figure, (axis,) = _panels(plt, 1, width=8)
+    quants = sorted(errors, key=headline.quant_order)
+    strategies = [s for s in headline.STRATEGIES if any(s in by for by in errors.values())]
+    width = 0.8 / len(strategies)
+    for index, strategy in enumerate(strategies):  # a KL of exactly 0 has no bar on a log scale
+        positions = [p for p, q in enumerate(quants) if strategy in errors[q] and errors[q][strategy][0] > 0]
+        values = [errors[quants[p]][strategy][0] for p in positions]
+        axis.bar([p + (index - (len(strategies) - 1) / 2) * width for p in positions], values, width * 0.9, label=strategy)
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(quants)), quants)
+    axis.set_xlabel("quantization of the base")
+    axis.set_ylabel("KL(unmerged || merged) (nats, log scale)")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8, title="merge", title_fontsize=8)
+    return figure, []
+
+
+def draw_forgetting(plt: Any, points: list[tuple[str, float, float, float, float]], records: list[dict[str, Any]]) -> Any:
+    figure, (axis,) = _panels(plt, 1, width=7)
     for label, learning, learning_spread, forgetting, forgetting_spread in points:
-        axes.errorbar(learning, forgetting, xerr=learning_spread, yerr=forgetting_spread, fmt="o", capsize=3, label=label)
-    axes.set_xlabel("learning: held-out loss on B, before minus after (nats)")
-    axes.set_ylabel("forgetting: held-out loss on A, after minus before (nats)")
-    axes.set_title("Learning against forgetting (lower right is better)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    for path in paths:
-        temporary = path.with_name(f".{path.name}.tmp.png")
-        figure.savefig(temporary, dpi=120)
-        temporary.replace(path)
-    plt.close(figure)
-    return True
+        axis.errorbar(learning, forgetting, xerr=learning_spread, yerr=forgetting_spread, fmt="o", capsize=3, label=label)
+    axis.set_xlabel("learning: held-out loss on the new task, before minus after (nats)")
+    axis.set_ylabel("forgetting: held-out loss on the old task,\nafter minus before (nats)")
+    axis.set_title("lower right is better", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure, []
+
+
+DRAW = {"memory": draw_memory, "speed": draw_speed, "merge": draw_merge, "forgetting": draw_forgetting}

@@ -2,8 +2,8 @@
 
 ``<dir>/<run-id>.json`` and ``<dir>/latest.json`` hold the same document (schema in DESIGN.md):
 run provenance, the machine, and one record per measured test. When the run ends, the tables
-go next to them as markdown (``<run-id>.md``, ``latest.md``), ready to publish, with the
-learning / forgetting plot when the run measured forgetting (``<run-id>-forgetting.png``). Each write goes to a temporary
+go next to them: the report as markdown (``<run-id>.md``, ``latest.md``), every record as CSV
+(``<run-id>.csv``, ``latest.csv``) and the plots (``<run-id>-<plot>.png``). Each write goes to a temporary
 file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
 run killed half-way) only ever sees a complete document with the records measured so far.
 
@@ -54,24 +54,15 @@ class ResultsStore:
         return self.directory is not None
 
     def finish(self, status: str, finished: str) -> None:
-        from .table import render_markdown
-
+        """Write the run's final document, then its report, CSV and plots (``report.publish``)."""
         self.run["status"] = status
         self.run["finished"] = finished
         if not self.writes:
             return
         self.write()
-        from .table import render_gate_markdown
+        from .publish import write_report
 
-        baseline_of = self.comparison.baseline_of if self.comparison is not None else None
-        gate = render_gate_markdown(self.comparison) + "\n" if self.comparison is not None else ""
-        tables = (f"# pytest-lora run {self.run['id']}\n\n{_machine_line(self.machine)}\n\n{gate}"
-                  f"{render_markdown(self.records, baseline_of)}")
-        atomic_write_text(self.run_path.with_suffix(".md"), tables)
-        atomic_write_text(self.latest_path.with_suffix(".md"), tables)
-        from .plots import write_forgetting_plot
-
-        write_forgetting_plot(self.records, [self.directory / f"{self.run['id']}-forgetting.png", self.directory / "latest-forgetting.png"])
+        write_report(self.document(), self.directory, (self.run["id"], "latest"))
 
     def write(self) -> None:
         if not self.writes:
@@ -79,12 +70,6 @@ class ResultsStore:
         document = self.document()
         atomic_write_json(self.run_path, document)
         atomic_write_json(self.latest_path, document)
-
-
-def _machine_line(machine: dict[str, Any]) -> str:
-    device = machine.get("gpu_name") or machine.get("cpu") or machine.get("device")
-    versions = ", ".join(f"{name} {machine.get(name)}" for name in ("torch", "transformers", "peft", "bitsandbytes"))
-    return f"{machine.get('device')}: {device}; {versions}; Python {machine.get('python')}"
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -101,6 +86,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the results from the user's group
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             write(stream)
             stream.flush()
@@ -109,6 +95,13 @@ def _atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load(path: Path) -> dict[str, Any]:

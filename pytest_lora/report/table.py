@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter, defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 CASE_COLUMNS = ("model", "quant", "lora", "workload", "status")
 
@@ -36,25 +36,29 @@ def metric_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return list(columns.items())
 
 
-BaselineOf = Callable[[dict[str, Any]], "dict[str, Any] | None"]
-
-
-def rows(records: list[dict[str, Any]], baseline_of: BaselineOf | None = None) -> tuple[list[str], list[list[str]], int]:
+def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int]:
     """Header, cells and the number of leading text columns of one suite's table.
 
-    Case columns that no record fills (no workload in the parameter suite) are left out. With
-    ``baseline_of`` (a comparison's), each number has its change from the baseline beside it.
+    Case columns that no record fills (no workload in the parameter suite) and metrics that no
+    record has a value for are left out. A record compared with a baseline (its
+    ``baseline_metrics``) has each number's change from the baseline beside it.
     """
-    metrics = metric_columns(records)
+    metrics = [(metric, unit) for metric, unit in metric_columns(records) if any(r["metrics"].get(metric) is not None for r in records)]
     case_columns = [c for c in CASE_COLUMNS if c == "status" or any(r.get(c) is not None for r in records)]
     header = [*case_columns, *(f"{metric} [{unit}]" for metric, unit in metrics)]
     body = []
     for record in records:
         case = [case_cell(column, record.get(column)) for column in case_columns]
-        before = baseline_of(record) if baseline_of else None
-        values = [with_change(record["metrics"].get(metric), (before or {}).get("metrics", {}).get(metric)) for metric, _ in metrics]
-        body.append([*case, *values])
+        before = record.get("baseline_metrics") or {}
+        body.append([*case, *(with_change(record["metrics"].get(metric), before.get(metric)) for metric, _ in metrics)])
     return header, body, len(case_columns)
+
+
+def config_label(record: dict[str, Any]) -> str:
+    """A config in a few words: ``llama-3.2-1b-tiny nf4 r8 a16 all-linear 2x64``."""
+    parts = [record.get("model"), record.get("quant")]
+    parts += [case_cell(column, record[column]) for column in ("lora", "workload") if record.get(column) is not None]
+    return " ".join(str(part) for part in parts if part is not None) or function_name(record)
 
 
 def format_value(value: Any) -> str:
@@ -98,30 +102,70 @@ def case_cell(column: str, value: Any) -> str:
     return str(value)
 
 
-def render_terminal(records: list[dict[str, Any]], width: int, color: bool, baseline_of: BaselineOf | None = None) -> str:
-    """The records as rich tables, one per suite and test, as text for pytest's terminal writer.
-
-    Skipped records (a GPU measurement on a CPU machine) stay in the JSON, not on screen.
-    """
+def console(width: int, color: bool) -> tuple[Any, io.StringIO]:
     from rich.console import Console
 
     buffer = io.StringIO()
-    console = Console(file=buffer, width=max(width, 80), force_terminal=color, color_system="standard" if color else None)
-    for suite, suite_records in by_suite(records, skipped=False).items():
-        header, body, text_columns = rows(suite_records, baseline_of)
-        console.print(_rich_table(f"pytest-lora {suite}", header, body, text_columns))
+    return Console(file=buffer, width=width, force_terminal=color, color_system="standard" if color else None), buffer
+
+
+def render_headline_terminal(records: list[dict[str, Any]], width: int, color: bool) -> str:
+    """The compact headline (``report.headline``): a few small tables that fit ``width`` columns."""
+    from rich.markup import escape
+
+    from .headline import sections
+
+    out, buffer = console(width, color)
+    for index, part in enumerate(sections(records, compact=True)):
+        if index:
+            out.print()
+        out.print(f"[bold]{escape(part.title)}[/bold]: " + escape(" ".join(part.notes)), highlight=False)
+        if part.header:
+            out.print(_rich_table(None, part.header, part.rows, part.text_columns))
     return buffer.getvalue()
 
 
-def _rich_table(title: str, header: list[str], body: list[list[str]], text_columns: int) -> Any:
+def render_full_terminal(records: list[dict[str, Any]], width: int, color: bool) -> str:
+    """Every table, one per suite and test, cut into as many column groups as ``width`` needs:
+    each group repeats the case columns, so no column is squeezed to nothing."""
+    out, buffer = console(width, color)
+    for suite, suite_records in by_suite(records, skipped=False).items():
+        header, body, text_columns = rows(suite_records)
+        header = [name.replace(" [", "\n[", 1) for name in header]
+        groups = column_groups(header, body, text_columns, width)
+        for index, group in enumerate(groups):
+            title = f"pytest-lora {suite}" + (f" ({index + 1}/{len(groups)})" if len(groups) > 1 else "")
+            columns = [*range(text_columns), *group]
+            out.print(_rich_table(title, [header[i] for i in columns], [[row[i] for i in columns] for row in body], text_columns))
+    return buffer.getvalue()
+
+
+def column_groups(header: list[str], body: list[list[str]], text_columns: int, width: int) -> list[list[int]]:
+    """The metric columns, in order, split so that the case columns and each group fit ``width``."""
+    def needed(index: int) -> int:  # a cell's text, its padding and its border
+        return max([len(line) for line in header[index].split("\n")] + [len(row[index]) for row in body]) + 3
+
+    room = width - 1 - sum(needed(i) for i in range(text_columns))
+    groups: list[list[int]] = [[]]
+    used = 0
+    for index in range(text_columns, len(header)):
+        if groups[-1] and used + needed(index) > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += needed(index)
+    return groups if groups[0] else [[]]
+
+
+def _rich_table(title: str | None, header: list[str], body: list[list[str]], text_columns: int) -> Any:
     """A rich table of plain text: brackets (units, test parameters) are not rich markup."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(title), title_justify="left")
+    table = Table(title=None if title is None else escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for index, name in enumerate(header):
-        numeric = index >= text_columns
-        table.add_column(escape(name), justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
+        table.add_column(escape(name), justify="right" if index >= text_columns else "left", overflow="fold")
     for row in body:
         table.add_row(*(escape(cell) for cell in row))
     return table
@@ -130,43 +174,19 @@ def _rich_table(title: str, header: list[str], body: list[list[str]], text_colum
 REGRESSION_HEADER = ["metric", "config", "baseline", "now", "change", "rule", "p-value", "rerun", "note"]
 
 
-def regression_rows(checks: Iterable[Any]) -> list[list[str]]:
-    """One row per regression (a ``report.compare.Check``): what a CI log must show."""
-    body = []
-    for check in checks:
-        change = format_change(check.now, check.baseline) if check.change is not None else "-"
-        p_value = "-" if check.p_value is None else f"{check.p_value:.2g}"
-        rerun = "-" if check.rerun is None else format_value(check.rerun)
-        body.append([check.metric, check.config, format_value(check.baseline), format_value(check.now), change,
-                     check.rule.describe() + ("" if check.rule.where == "default" else f" ({check.rule.where})"), p_value, rerun, check.note])
-    return body
+def regression_row(check: dict[str, Any]) -> list[str]:
+    """A regression as the results file keeps it (``report.compare.check_record``), as a table row."""
+    change = "-" if check.get("change") is None else format_change(check["now"], check["baseline"])
+    p_value = "-" if check.get("p_value") is None else f"{check['p_value']:.2g}"
+    rule = check["rule"] + ("" if check.get("rule_from") in (None, "default") else f" ({check['rule_from']})")
+    return [check["metric"], check["config"], format_value(check["baseline"]), format_value(check["now"]), change, rule, p_value,
+            format_value(check.get("rerun")), check.get("note") or ""]
 
 
-def render_regressions_terminal(title: str, checks: Iterable[Any], width: int, color: bool) -> str:
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=max(width, 80), force_terminal=color, color_system="standard" if color else None)
-    console.print(_rich_table(title, REGRESSION_HEADER, regression_rows(checks), 2))
+def render_regressions_terminal(title: str, checks: Iterable[dict[str, Any]], width: int, color: bool) -> str:
+    out, buffer = console(width, color)
+    out.print(_rich_table(title, REGRESSION_HEADER, [regression_row(check) for check in checks], 2))
     return buffer.getvalue()
-
-
-def markdown_table(header: list[str], body: list[list[str]], text_columns: int) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join("---:" if i >= text_columns else "---" for i in range(len(header))) + "|")
-    lines.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body)
-    return lines
-
-
-def render_markdown(records: list[dict[str, Any]], baseline_of: BaselineOf | None = None) -> str:
-    """The records as markdown tables, one per suite."""
-    out = []
-    for suite, suite_records in by_suite(records).items():
-        header, body, text_columns = rows(suite_records, baseline_of)
-        out.append(f"### {suite}\n")
-        out.extend(markdown_table(header, body, text_columns))
-        out.append("")
-    return "\n".join(out)
 
 
 LISTED = 10  # configs named in a line before "... and N more" (the results JSON has them all)
@@ -206,14 +226,3 @@ def _names(names: Iterable[str]) -> str:
     names = list(dict.fromkeys(names))
     shown = ", ".join(names[:LISTED])
     return shown + (f" ... and {len(names) - LISTED} more" if len(names) > LISTED else "")
-
-
-def render_gate_markdown(comparison: Any) -> str:
-    """The gate's section of the markdown report."""
-    out = ["## Regression gate\n"]
-    out.extend(f"- {text}" for text, _ in gate_lines(comparison))
-    out.append("")
-    if comparison.regressions:
-        out.extend(markdown_table(REGRESSION_HEADER, regression_rows(comparison.regressions), 2))
-        out.append("")
-    return "\n".join(out)

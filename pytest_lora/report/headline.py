@@ -1,0 +1,442 @@
+"""The headline of a run: the five answers a reader looks for, each a small table.
+
+What does quantization save (memory), what does it cost (speed), which merge to use (fidelity),
+how much does LoRA forget against full fine-tuning, and how many parameters does it train. Each
+section is built from the records alone, so the run's report and ``pytest-lora report`` on its
+JSON give the same tables. The markdown report shows the full sections (every config); the
+terminal shows the compact ones (one LoRA spec and workload per grid) that fit 120 columns.
+
+Reductions and changes are set against the full-precision base of the same model, LoRA spec and
+workload: bf16 when the run measured it, else the model's own dtype (``none``), fp32, fp16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .table import case_cell, format_change, format_value, function_name
+
+QUANT_ORDER = ("none", "fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq")  # wider to narrower
+FULL_PRECISION = ("bf16", "none", "fp32", "fp16")  # the reference of a config, the first one measured
+STRATEGIES = {  # merge strategy -> the metric suffix the merge suite records it under, and what it is
+    "peft merge": ("_requantize", "merge_and_unload: W + sBA, re-quantized on a quantized base"),
+    "dequantized": ("_dequantize", "the base dequantized to the compute dtype, then merged"),
+    "original": ("_original", "merged into the full-precision weights the base was quantized from"),
+}
+
+
+@dataclass
+class Section:
+    """One headline table: a title, lines that say what it shows, and its cells as text."""
+
+    key: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    text_columns: int
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def ok_records(records: Iterable[dict[str, Any]], test: str) -> list[dict[str, Any]]:
+    return [r for r in records if function_name(r) == test and r["status"] == "ok"]
+
+
+def of_test(records: Iterable[dict[str, Any]], test: str) -> list[dict[str, Any]]:
+    """Records of one test function that say something: skipped ones (GPU-only on a CPU) don't."""
+    return [r for r in records if function_name(r) == test and r["status"] != "skipped"]
+
+
+def lora_label(record: dict[str, Any], workloads: int = 1) -> str:
+    """The LoRA spec, with the workload when the run had more than one."""
+    label = case_cell("lora", record.get("lora"))
+    return f"{label}, {case_cell('workload', record.get('workload'))}" if workloads > 1 else label
+
+
+def format_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def format_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def format_pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def with_reference(text: str, value: Any, reference: Any, is_reference: bool) -> str:
+    """A cell and its change from the full-precision reference: ``1.2 MiB (-42.1%)``, ``(ref)``."""
+    if is_reference:
+        return f"{text} (ref)"
+    if not isinstance(value, (int, float)) or not isinstance(reference, (int, float)):
+        return text
+    return f"{text} ({format_change(value, reference)})"
+
+
+def status_cell(record: dict[str, Any]) -> str | None:
+    """What a config that did not finish shows instead of its number."""
+    return None if record["status"] == "ok" else record["status"]
+
+
+def quant_order(quant: str) -> tuple[int, str]:
+    return (QUANT_ORDER.index(quant) if quant in QUANT_ORDER else len(QUANT_ORDER), str(quant))
+
+
+def in_matrix_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records by model (first seen), quantization (wider to narrower), then as they ran."""
+    models = list(dict.fromkeys(r.get("model") for r in records))
+    return sorted(records, key=lambda r: (models.index(r.get("model")), quant_order(r.get("quant"))))
+
+
+class Configs:
+    """Records of one test by (model, quant, LoRA spec, workload), with the full-precision reference."""
+
+    def __init__(self, records: list[dict[str, Any]]):
+        self.records = records
+        self.workloads = len({case_cell("workload", r.get("workload")) for r in records})
+        self.by_key = {self.key(r): r for r in records}
+
+    def key(self, record: dict[str, Any], quant: str | None = None) -> tuple[str, str, str]:
+        return (record.get("model"), quant or record.get("quant"), lora_label(record, self.workloads))
+
+    def reference(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The same model, spec and workload on its full-precision base, if the run measured it."""
+        for quant in FULL_PRECISION:
+            found = self.by_key.get(self.key(record, quant))
+            if found is not None and found["status"] == "ok":
+                return found
+        return None
+
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r["model"] for r in self.records))
+
+    def quants(self) -> list[str]:
+        return sorted(dict.fromkeys(r["quant"] for r in self.records), key=quant_order)
+
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys(lora_label(r, self.workloads) for r in self.records))
+
+
+def grid(configs: Configs, cell: Callable[[dict[str, Any]], str], compact: bool) -> tuple[list[str], list[list[str]], int]:
+    """A model x quantization x LoRA-spec grid. Full: one row per model and quantization, one column
+    per spec. Compact: one row per quantization, one column per model, for the first spec."""
+    columns = configs.columns()
+    if compact:
+        first = columns[0]
+        header = ["quant", *configs.models()]
+        rows = [[quant, *(_cell(configs.by_key.get((model, quant, first)), cell) for model in configs.models())] for quant in configs.quants()]
+        return header, rows, 1
+    header = ["model", "quant", *columns]
+    rows = []
+    for model in configs.models():
+        for quant in configs.quants():
+            found = [configs.by_key.get((model, quant, column)) for column in columns]
+            if any(found):
+                rows.append([model, quant, *(_cell(record, cell) for record in found)])
+    return header, rows, 2
+
+
+def _cell(record: dict[str, Any] | None, cell: Callable[[dict[str, Any]], str]) -> str:
+    if record is None:
+        return "-"
+    return status_cell(record) or cell(record)
+
+
+# ----------------------------------------------------------------- memory
+
+
+def step_memory(records: list[dict[str, Any]]) -> tuple[str, Configs, Callable[[dict[str, Any]], Any]] | None:
+    """What the memory grid shows, its configs, and each config's bytes.
+
+    On a GPU: the peak allocated bytes of one training step. On the CPU, which has no allocator
+    peak: the bytes the memory suite measured in the step, summed: the base's weights, the adapter
+    with its gradients and AdamW state, and the activations saved for backward (not measured with
+    gradient checkpointing: ``-``). The analytic model covers these for every architecture but
+    activations only for Llama-style decoders, so the measured sum is the figure every model has.
+    """
+    peaks = of_test(records, "test_step_peak_memory")
+    if any("peak_allocated_bytes" in r["metrics"] for r in peaks if r["status"] == "ok"):
+        return ("peak allocated bytes in one training step (torch's allocator, GPU)", Configs(peaks),
+                lambda record: record["metrics"].get("peak_allocated_bytes"))
+    steps = [r for r in of_test(records, "test_step_memory") if r["status"] != "ok" or "adapter_bytes" in r["metrics"]]
+    if not steps:
+        return None
+    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in ok_records(records, "test_weight_storage")}
+
+    def measured(record: dict[str, Any]) -> int | None:
+        parts = [weights.get((record["model"], record["quant"])), *(record["metrics"].get(name) for name in STEP_PARTS)]
+        return None if any(part is None for part in parts) else sum(parts)
+
+    return ("bytes of one training step, measured on the CPU: the base's weights + the adapter, its gradients and AdamW "
+            "state + the activations saved for backward", Configs(steps), measured)
+
+
+STEP_PARTS = ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes")
+
+
+def memory_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    found = step_memory(records)
+    if found is None:
+        return None
+    what, configs, value_of = found
+
+    def cell(record: dict[str, Any]) -> str:
+        value, reference = value_of(record), configs.reference(record)
+        before = None if reference is None else value_of(reference)
+        return with_reference(format_bytes(value), value, before, reference is record)
+
+    header, rows, text = grid(configs, cell, compact)
+    notes = [f"{what}; in brackets, the change from the full-precision base of the same model, spec and workload."]
+    if compact:
+        notes = [f"{what}; LoRA {configs.columns()[0]}; (change from the full-precision base)."]
+    return Section("memory", "Memory", header, rows, text, notes)
+
+
+# ----------------------------------------------------------------- speed
+
+
+def speed_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    timed = of_test(records, "test_step_time")
+    if not any(r["status"] == "ok" for r in timed):
+        return None
+    configs = Configs(timed)
+
+    def change(record: dict[str, Any], metric: str) -> str:
+        reference = configs.reference(record)
+        if reference is record:
+            return "ref"
+        value, before = record["metrics"].get(metric), (reference or {}).get("metrics", {}).get(metric)
+        return format_change(value, before) if isinstance(value, (int, float)) and isinstance(before, (int, float)) else "-"
+
+    notes = ["median of the timed steps (warm-up excluded); tokens/s = batch x sequence / median step; MFU = model FLOPs "
+             "per step / step time / the device's dense bf16 peak (GPU only); change in tokens/s from the full-precision base."]
+    if compact:
+        header, rows, text = grid(configs, lambda r: f"{format_rate(r['metrics'].get('tokens_per_s'))} ({change(r, 'tokens_per_s')})", True)
+        notes = ["tokens/s, and its change from the full-precision base; " + f"LoRA {configs.columns()[0]}; every config in the report."]
+        return Section("speed", "Speed", header, rows, text, notes)
+    header = ["model", "quant", "lora", "step time [s]", "IQR [s]", "tokens/s", "vs base", "MFU"]
+    rows = []
+    for record in in_matrix_order(timed):
+        metrics = record["metrics"]
+        case = [record["model"], record["quant"], lora_label(record, configs.workloads)]
+        if status_cell(record):
+            rows.append([*case, status_cell(record), "-", "-", "-", "-"])
+            continue
+        rows.append([*case, format_value(metrics.get("step_time_median_s")), format_value(metrics.get("step_time_iqr_s")),
+                     format_rate(metrics.get("tokens_per_s")), change(record, "tokens_per_s"), format_pct(metrics.get("mfu"))])
+    header, rows = drop_empty_columns(header, rows, 3)
+    return Section("speed", "Speed", header, rows, 3, notes)
+
+
+def drop_empty_columns(header: list[str], rows: list[list[str]], text_columns: int) -> tuple[list[str], list[list[str]]]:
+    """Leave out number columns in which no row has a value (MFU on a CPU)."""
+    keep = [i for i in range(len(header)) if i < text_columns or any(row[i] not in ("-", "") for row in rows)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
+# ----------------------------------------------------------------- merge
+
+
+def merge_source(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str] | None:
+    """The trained model's merges when the run made them (its logits mean something), else the
+    random-weight configs' medians."""
+    trained = ok_records(records, "test_merge_on_a_trained_model")
+    if trained:
+        return trained, f"{trained[0]['model']}, LoRA-fine-tuned on a second task (test_merge_on_a_trained_model)"
+    matrix = ok_records(records, "test_merge_quantized") + ok_records(records, "test_merge_full_precision")
+    if matrix:
+        return matrix, "median over the matrix's random-weight configs (test_merge_quantized, test_merge_full_precision)"
+    return None
+
+
+def merge_errors(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """quant -> strategy -> (KL, top-1 agreement) against the unmerged adapter's logits; the median
+    over the configs of a quantization. A full-precision base has one strategy, peft's merge."""
+    found: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for record in records:
+        metrics = record["metrics"]
+        for strategy, (suffix, _) in STRATEGIES.items():
+            for name in (suffix, "") if strategy == "peft merge" else (suffix,):
+                if metrics.get(f"merge_kl{name}") is not None:
+                    found.setdefault(record["quant"], {}).setdefault(strategy, []).append((metrics[f"merge_kl{name}"], metrics[f"merge_top1{name}"]))
+    return {quant: {strategy: (median([v[0] for v in values]), median([v[1] for v in values])) for strategy, values in by.items()}
+            for quant, by in found.items()}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def merge_verdict(errors: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """Which strategy to use on a quantized base: the one with the lowest KL on most formats."""
+    quantized = {quant: by for quant, by in errors.items() if len(by) > 1}
+    if not quantized:
+        worst = max(kl for by in errors.values() for kl, _ in by.values())
+        return f"Full-precision bases only: peft's merge matches the unmerged adapter (KL at most {worst:.2g} nats)."
+    winners = {quant: min(by, key=lambda s: by[s][0]) for quant, by in quantized.items()}
+    best = max(STRATEGIES, key=lambda s: list(winners.values()).count(s))
+    won = [quant for quant, strategy in winners.items() if strategy == best]
+    kls = [by[best][0] for by in quantized.values() if best in by]
+    return (f"On a quantized base use the {best} merge: the lowest KL against the unmerged adapter on {len(won)} of "
+            f"{len(quantized)} formats ({', '.join(won)}), KL {min(kls):.2g} to {max(kls):.2g} nats.")
+
+
+def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    source = merge_source(records)
+    if source is None:
+        return None
+    chosen, what = source
+    errors = merge_errors(chosen)
+    strategies = [s for s in STRATEGIES if any(s in by for by in errors.values())]
+    columns = ("KL", "top-1") if compact else ("KL [nats]", "top-1")
+    header = ["quant", *(f"{name} {column}" for name in strategies for column in columns)]
+    rows = []
+    for quant, by in sorted(errors.items(), key=lambda item: quant_order(item[0])):
+        cells = []
+        for strategy in strategies:
+            kl, top1 = by.get(strategy, (None, None))
+            cells.extend(["-", "-"] if kl is None else [f"{kl:.2g}", format_pct(top1)])
+        rows.append([quant, *cells])
+    notes = [f"{merge_verdict(errors)}",
+             f"Against the unmerged adapter's logits: KL(unmerged || merged) and top-1 agreement; {what}."]
+    if compact:
+        notes = [merge_verdict(errors), "KL [nats] and top-1 agreement against the unmerged adapter."]
+    else:
+        notes.extend(f"{name}: {description}." for name, (_, description) in STRATEGIES.items() if name in strategies)
+    return Section("merge", "Merge fidelity", header, rows, 1, notes)
+
+
+# ----------------------------------------------------------------- forgetting
+
+
+def forgetting_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    methods = ok_records(records, "test_forgetting_lora") + ok_records(records, "test_forgetting_full_finetuning")
+    methods = [r for r in methods if "forgetting_delta_loss" in r["metrics"]]
+    if not methods:
+        return None
+    header = ["method", "learning [nats]", "forgetting [nats]", "seeds"]
+    rows = [[method_label(r), spread(r, "learning_delta_loss"), spread(r, "forgetting_delta_loss"), format_value(r["metrics"].get("seeds"))]
+            for r in methods]
+    notes = ["learning: held-out loss on the new task, before minus after; forgetting: held-out loss on the task the base "
+             "learnt, after minus before; mean ± standard deviation over seeds."]
+    base = ok_records(records, "test_the_base_has_learnt_task_a")
+    if base and not compact:
+        metrics = base[0]["metrics"]
+        notes.append(f"The base: loss {metrics.get('loss_a_before', math.nan):.3g} nats on its task, "
+                     f"{metrics.get('loss_b_before', math.nan):.3g} on the new one before fine-tuning.")
+    return Section("forgetting", "Forgetting", header, rows, 1, notes)
+
+
+def method_label(record: dict[str, Any]) -> str:
+    lora = record.get("lora") or {}
+    return case_cell("lora", lora) if lora.get("r") is None else f"LoRA {case_cell('lora', lora)}"
+
+
+def spread(record: dict[str, Any], metric: str) -> str:
+    mean, std = record["metrics"].get(metric), record["metrics"].get(f"{metric}_std")
+    if mean is None:
+        return "-"
+    return f"{mean:.3g}" if std is None else f"{mean:.3g} ± {std:.2g}"
+
+
+# ----------------------------------------------------------------- parameters
+
+
+def parameter_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    counted = ok_records(records, "test_trainable_parameters")
+    if not counted:
+        return None
+    if compact:
+        configs = Configs(counted)
+        header = ["lora", *configs.models()]
+        first = {}
+        for record in counted:
+            first.setdefault((record["model"], lora_label(record)), record)
+        rows = [[column, *(_count(first.get((model, column))) for model in configs.models())] for column in configs.columns()]
+        return Section("params", "Trainable parameters", header, rows, 1, ["trainable (share of all parameters), counted by peft."])
+    groups: dict[tuple, list[str]] = {}
+    every_quant = {record["quant"] for record in counted}
+    for record in in_matrix_order(counted):
+        metrics = record["metrics"]
+        key = (record["model"], lora_label(record), metrics["trainable_params"], metrics["total_params"], metrics.get("trainable_pct"))
+        groups.setdefault(key, []).append(record["quant"])
+    header = ["model", "lora", "quant", "trainable", "total", "trainable [%]"]
+    rows = [[model, lora, "all" if set(quants) == every_quant and len(quants) > 1 else ", ".join(quants), format_value(trainable), format_value(total), f"{pct:.3g}"]
+            for (model, lora, trainable, total, pct), quants in groups.items()]
+    return Section("params", "Trainable parameters", header, rows, 3, ["counted by peft's get_nb_trainable_parameters; "
+                                                                           "the quantizations that share a count share a row."])
+
+
+def _count(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "-"
+    metrics = record["metrics"]
+    return f"{format_value(metrics['trainable_params'])} ({metrics['trainable_pct']:.3g}%)"
+
+
+def published_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    published = of_test(records, "test_published_counts")
+    if not published:
+        return None
+    header = ["model", "lora", "trainable", "published", "total", "published total", "reproduced"]
+    rows = []
+    for record in published:
+        metrics = record["metrics"]
+        count, total = metrics.get("trainable_params"), metrics.get("total_params")
+        wanted, wanted_total = metrics.get("published_trainable_params"), metrics.get("published_total_params")
+        if wanted is None:
+            verdict = "not recorded"
+        elif record["status"] == "ok" and (count, total) == (wanted, wanted_total):
+            verdict = "yes"
+        else:
+            verdict = f"no ({record['status']})"
+        rows.append([record["model"], case_cell("lora", record.get("lora")), format_value(count), format_value(wanted),
+                     format_value(total), format_value(wanted_total), verdict])
+    reproduced = sum(row[-1] == "yes" for row in rows)
+    compared = sum(row[-1] != "not recorded" for row in rows)
+    notes = [f"{reproduced} of {compared} published counts reproduced exactly, for the real architectures (meta device, no weights)."]
+    if compact:
+        return Section("published", "Published counts", [], [], 0, notes)
+    return Section("published", "Published counts", header, rows, 2, notes)
+
+
+# ----------------------------------------------------------------- all
+
+# The built-in suites' tests: those the headline reads, and those it leaves to the report's full
+# tables (tests/test_report.py checks that together they are every test of suites/). A record of
+# any other test (a user's own suite) has no headline: the terminal shows its table instead.
+HEADLINED = frozenset({
+    "test_step_peak_memory", "test_step_memory", "test_weight_storage", "test_step_time", "test_merge_on_a_trained_model",
+    "test_merge_quantized", "test_merge_full_precision", "test_forgetting_lora", "test_forgetting_full_finetuning",
+    "test_the_base_has_learnt_task_a", "test_trainable_parameters", "test_published_counts",
+})
+REPORT_ONLY = frozenset({
+    "test_save_and_reload", "test_weighted_adapters", "test_base_build_time", "test_harness_overhead",
+    "test_analytic_step_of_published_shapes",
+})
+
+
+def without_headline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of tests that are not the built-in suites': a user's own measurements."""
+    return [r for r in records if function_name(r) not in HEADLINED | REPORT_ONLY]
+
+
+
+BUILDERS = (memory_section, speed_section, merge_section, forgetting_section, parameter_section, published_section)
+
+
+def sections(records: list[dict[str, Any]], compact: bool = False) -> list[Section]:
+    """The headline sections the records can fill, in reading order."""
+    return [section for build in BUILDERS if (section := build(records, compact)) is not None]

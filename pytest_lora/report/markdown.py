@@ -1,0 +1,214 @@
+"""A run's report as GitHub-flavoured markdown: what ran where, the headline, then every table.
+
+The report is a pure function of the results document (``render_run``), so the run's own
+``<run-id>.md`` and ``pytest-lora report RUN.json`` are the same text. It opens with the machine,
+the library versions, the git state and how many configs ended how; then the headline sections
+(``report.headline``) with their plots; then the regression gate's verdict, when the run was
+compared; then the full tables, one per suite and test, with skipped records and columns no
+record fills left out. Every cell is escaped, so a unit such as ``max|W-W0|/max|W0|`` stays in
+its cell.
+
+Several runs (``render_runs``) go side by side: one column per run for each headline number of
+each config, and the change of the last run from the first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterable
+
+from . import headline, plots
+from .table import REGRESSION_HEADER, by_suite, config_label, format_change, format_value, regression_row, rows
+
+STATUS_ORDER = ("ok", "oom", "error", "skipped")
+
+
+def escape(cell: Any) -> str:
+    """A table cell's text that GFM reads as text: pipes, newlines, emphasis and HTML escaped."""
+    text = str(cell).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return text.replace("*", "\\*").replace("<", "&lt;").replace("`", "\\`")
+
+
+def table(header: list[str], body: list[list[str]], text_columns: int) -> list[str]:
+    """A GFM table: text columns left-aligned, numbers right-aligned."""
+    lines = ["| " + " | ".join(escape(name) for name in header) + " |"]
+    lines.append("|" + "|".join("---:" if i >= text_columns else "---" for i in range(len(header))) + "|")
+    lines.extend("| " + " | ".join(escape(cell) for cell in row) + " |" for row in body)
+    return lines
+
+
+def status_counts(records: Iterable[dict[str, Any]]) -> str:
+    counts = Counter(record["status"] for record in records)
+    return ", ".join(f"{counts[status]} {status}" for status in STATUS_ORDER if counts[status] or status == "ok")
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    device = machine.get("gpu_name") or machine.get("cpu") or machine.get("device")
+    extra = f", driver {machine['driver']}, CUDA {machine['cuda']}" if machine.get("driver") else ""
+    threads = f"; steps timed on {machine['cpu_threads']} thread(s)" if machine.get("cpu_threads") else ""
+    return f"{machine.get('device')}: {device}{extra}{threads}"
+
+
+def versions_line(machine: dict[str, Any]) -> str:
+    names = ("torch", "transformers", "peft", "bitsandbytes")
+    return ", ".join(f"{name} {machine.get(name)}" for name in names) + f", Python {machine.get('python')}"
+
+
+def git_line(run: dict[str, Any]) -> str:
+    git = run.get("git") or {}
+    if not git.get("commit"):
+        return "not a git checkout"
+    return f"{git['commit'][:12]}" + (" with uncommitted changes" if git.get("dirty") else " (clean)")
+
+
+def provenance(document: dict[str, Any]) -> list[str]:
+    run, machine = document["run"], document["machine"]
+    skipped = sum(r["status"] == "skipped" for r in document["records"])
+    lines = [
+        f"- **Machine**: {machine_line(machine)}",
+        f"- **Versions**: {versions_line(machine)}",
+        f"- **Code**: {git_line(run)}; run `{' '.join(run.get('argv') or [])}`",
+        f"- **Run**: {run.get('status')}, {run.get('started')} to {run.get('finished')}",
+        f"- **Records**: {status_counts(document['records'])}" + (" (skipped: measurements this device can't make)" if skipped else ""),
+    ]
+    if run.get("failed_by"):
+        lines.append(f"- **Failed by**: {'; '.join(run['failed_by'])}")
+    return lines
+
+
+def section(part: headline.Section, level: str = "###") -> list[str]:
+    out = [f"{level} {part.title}", ""]
+    for note in part.notes:
+        out.extend([note, ""])
+    if part.header:
+        out.extend(table(part.header, part.rows, part.text_columns))
+        out.append("")
+    return out
+
+
+PLOT_OF_SECTION = {"memory": "memory", "speed": "speed", "merge": "merge", "forgetting": "forgetting"}
+
+
+def render_run(document: dict[str, Any]) -> str:
+    """The whole report of one run."""
+    run, records = document["run"], document["records"]
+    drawn = plots.available(records)
+    out = [f"# pytest-lora run {run['id']}", "", *provenance(document), ""]
+    parts = headline.sections(records)
+    if parts:
+        out.extend(["## Headline", ""])
+    for part in parts:
+        out.extend(section(part))
+        plot = PLOT_OF_SECTION.get(part.key)
+        if plot in drawn:
+            out.extend([f"![{plots.TITLES[plot]}]({plots.file_name(run['id'], plot)})", ""])
+    if run.get("gate"):
+        out.extend(gate(run["gate"]))
+    out.extend(full_tables(records))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+README_START = "<!-- published headline: generated by `make publish` from results/published; do not edit -->"
+README_END = "<!-- end of published headline -->"
+
+
+def published_headline(document: dict[str, Any], directory: str) -> str:
+    """The compact headline of a published run, with one plot, for a README: ``directory`` is
+    where the run's files are, relative to the README."""
+    run = document["run"]
+    out = [README_START, "", f"- **Machine**: {machine_line(document['machine'])}; {versions_line(document['machine'])}",
+           f"- **Run**: [{run['id']}]({directory}/{run['id']}.md) ({status_counts(document['records'])}), "
+           f"[CSV]({directory}/{run['id']}.csv)", ""]
+    for part in headline.sections(document["records"], compact=True):
+        out.extend(section(part, "####"))
+    drawn = plots.available(document["records"])
+    if "forgetting" in drawn:
+        out.extend([f"![{plots.TITLES['forgetting']}]({directory}/{plots.file_name(run['id'], 'forgetting')})", ""])
+    out.append(README_END)
+    return "\n".join(out)
+
+
+def with_published_headline(readme: str, block: str) -> str:
+    """``readme`` with its generated block replaced by ``block``."""
+    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
+    return readme[:start] + block + readme[end:]
+
+
+def gate(summary: dict[str, Any]) -> list[str]:
+    """The regression gate's section, from what the results file keeps of its decision."""
+    out = ["## Regression gate", ""]
+    out.extend(f"- {line}" for line in summary.get("lines", ()))
+    out.append("")
+    if summary.get("regressions"):
+        out.extend(table(REGRESSION_HEADER, [regression_row(check) for check in summary["regressions"]], 2))
+        out.append("")
+    return out
+
+
+def full_tables(records: list[dict[str, Any]]) -> list[str]:
+    groups = by_suite(records, skipped=False)
+    if not groups:
+        return []
+    out = ["## Every record", "", "One table per suite and test; configs this device can't measure (skipped) and columns no "
+           "record fills are left out. Units in the headers.", ""]
+    for suite, suite_records in groups.items():
+        header, body, text_columns = rows(suite_records)
+        out.extend([f"### {suite}", ""])
+        out.extend(table(header, body, text_columns))
+        out.append("")
+    return out
+
+
+# ----------------------------------------------------------------- several runs
+
+SIDE_BY_SIDE = (  # (test, metric, what) of the numbers set side by side
+    ("test_step_peak_memory", "peak_allocated_bytes", "peak allocated bytes in one step (GPU)"),
+    ("test_step_memory", "analytic_bytes", "analytic bytes of one step"),
+    ("test_step_time", "tokens_per_s", "tokens/s"),
+    ("test_step_time", "step_time_median_s", "median step time (s)"),
+    ("test_step_time", "mfu", "MFU"),
+    ("test_merge_on_a_trained_model", "merge_kl", "merge KL (nats), trained model"),
+    ("test_forgetting_lora", "forgetting_delta_loss", "forgetting (nats), LoRA"),
+    ("test_forgetting_full_finetuning", "forgetting_delta_loss", "forgetting (nats), full fine-tuning"),
+    ("test_trainable_parameters", "trainable_params", "trainable parameters"),
+)
+
+
+def run_label(document: dict[str, Any], index: int) -> str:
+    machine = document["machine"]
+    device = machine.get("gpu_name") or machine.get("cpu") or machine.get("device")
+    return f"{index + 1}: {device}, torch {machine.get('torch')}"
+
+
+def render_runs(documents: list[dict[str, Any]]) -> str:
+    """Several runs side by side: for each headline number, one row per config, one column per run."""
+    labels = [run_label(document, index) for index, document in enumerate(documents)]
+    out = ["# pytest-lora runs side by side", ""]
+    for label, document in zip(labels, documents):
+        out.append(f"- **Run {label}**: `{document['run']['id']}`, {document['run'].get('status')}; {machine_line(document['machine'])}; "
+                   f"{versions_line(document['machine'])}; code {git_line(document['run'])}; {status_counts(document['records'])}")
+    out.append("")
+    for test, metric, what in SIDE_BY_SIDE:
+        body = side_by_side_rows(documents, test, metric)
+        if body:
+            out.extend([f"### {what}", "", f"`{metric}` of `{test}`; change: the last run against the first.", ""])
+            out.extend(table(["config", *(f"run {label}" for label in labels), "change"], body, 1))
+            out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def side_by_side_rows(documents: list[dict[str, Any]], test: str, metric: str) -> list[list[str]]:
+    values: dict[str, list[Any]] = {}
+    for index, document in enumerate(documents):
+        for record in document["records"]:
+            if headline.function_name(record) == test and record["status"] != "skipped":
+                value = record["metrics"].get(metric) if record["status"] == "ok" else record["status"]
+                values.setdefault(config_label(record), [None] * len(documents))[index] = value
+    body = []
+    for name, row in values.items():
+        if all(value is None for value in row):
+            continue
+        first, last = row[0], row[-1]
+        numbers = isinstance(first, (int, float)) and isinstance(last, (int, float))
+        body.append([name, *(format_value(value) for value in row), format_change(last, first) if numbers else "-"])
+    return body

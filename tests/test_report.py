@@ -1,0 +1,412 @@
+"""The published report of a run, read as its readers read it.
+
+The markdown is parsed with a GFM parser (markdown-it-py with the table extension, as GitHub
+renders), never matched as text: a cell that breaks its table shows up as a row of the wrong
+width. Each headline number is traced back to the records it comes from, and each reduction or
+change is recomputed here from the records. The source is the session's run of the default CPU
+matrix (conftest's ``default_run``), so these tests read exactly what ``pytest --lora-bench``
+publishes; a few small documents, built here, check what is left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import io
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+
+from conftest import TINY
+from pytest_lora import cli
+from pytest_lora.report import headline, markdown, plots, spreadsheet
+
+FULL_PRECISION = ("bf16", "none", "fp32", "fp16")  # the reference, the first of these the run measured
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+# ----------------------------------------------------------------- reading markdown as GitHub does
+
+
+def parse(text: str) -> list[dict]:
+    """The document as sections: heading, paragraphs, tables (header and rows of cell text), images."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    sections = [{"heading": "", "paragraphs": [], "tables": [], "images": []}]
+    row: list[str] | None = None
+    table: list[list[str]] | None = None
+    for index, token in enumerate(tokens):
+        if token.type == "heading_open":
+            sections.append({"heading": inline_text(tokens[index + 1]), "level": int(token.tag[1]), "paragraphs": [], "tables": [], "images": []})
+        elif token.type == "table_open":
+            table = []
+        elif token.type == "table_close":
+            sections[-1]["tables"].append(table)
+            table = None
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "tr_close":
+            table.append(row)
+        elif token.type == "inline" and row is not None and tokens[index - 1].type in ("th_open", "td_open"):
+            row.append(inline_text(token))
+        elif token.type == "inline" and tokens[index - 1].type == "paragraph_open":
+            sections[-1]["paragraphs"].append(inline_text(token))
+            sections[-1]["images"].extend(child.attrGet("src") for child in token.children if child.type == "image")
+    return sections
+
+
+def inline_text(token) -> str:
+    return "".join(child.content for child in token.children or () if child.type in ("text", "code_inline", "softbreak"))
+
+
+def section(sections: list[dict], heading: str) -> dict:
+    (found,) = [s for s in sections if s["heading"] == heading]
+    return found
+
+
+def as_dicts(table: list[list[str]]) -> list[dict[str, str]]:
+    header, *body = table
+    return [dict(zip(header, row)) for row in body]
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def bytes_and_change(cell: str) -> tuple[float, str]:
+    """``968 KiB (-10.0%)`` -> (991232.0, '-10.0%')."""
+    match = re.fullmatch(r"([\d.]+) (B|KiB|MiB|GiB) \((.*)\)", cell)
+    assert match, cell
+    return float(match[1]) * UNITS[match[2]], match[3]
+
+
+def change(value: float, reference: float) -> float:
+    return (value - reference) / reference
+
+
+def percent(text: str) -> float:
+    return float(text.rstrip("%")) / 100
+
+
+@pytest.fixture(scope="module")
+def report(default_run) -> list[dict]:
+    run_id = default_run.document["run"]["id"]
+    text = (default_run.results / f"{run_id}.md").read_text()
+    assert text == (default_run.results / "latest.md").read_text()
+    return parse(text)
+
+
+def records_of(document: dict, test: str) -> list[dict]:
+    return [r for r in document["records"] if r["test"].split("[", 1)[0].rsplit("::", 1)[-1] == test]
+
+
+def lora_label(record: dict) -> str:
+    lora = record["lora"]
+    return f"r{lora['r']} a{lora['alpha']:.4g} {lora['targets'] if isinstance(lora['targets'], str) else ','.join(lora['targets'])}"
+
+
+def reference_of(records: list[dict], record: dict) -> dict:
+    for quant in FULL_PRECISION:
+        for other in records:
+            if (other["model"], other["quant"], other["lora"], other["workload"]) == (record["model"], quant, record["lora"], record["workload"]):
+                return other
+    raise AssertionError(f"no full-precision base for {record['test']}")
+
+
+# ----------------------------------------------------------------- structure
+
+
+def test_the_report_opens_with_machine_versions_and_code_then_the_headline(report, default_run):
+    title = report[1]
+    assert title["heading"] == f"pytest-lora run {default_run.document['run']['id']}"
+    opening = " ".join(title["paragraphs"] + [report[0]["paragraphs"][0] if report[0]["paragraphs"] else ""])
+    text = (default_run.results / "latest.md").read_text()
+    head = text.split("## Headline", 1)[0]
+    machine = default_run.document["machine"]
+    for fact in ("**Machine**", machine["cpu"], f"torch {machine['torch']}", f"peft {machine['peft']}", f"bitsandbytes {machine['bitsandbytes']}",
+                 "**Code**", (default_run.document["run"]["git"]["commit"] or "not a git checkout")[:12], "**Records**", "518 ok", "96 skipped"):
+        assert fact in head, (fact, opening)
+    headings = [s["heading"] for s in report if s.get("level") in (2, 3)]
+    assert headings[:7] == ["Headline", "Memory", "Speed", "Merge fidelity", "Forgetting", "Trainable parameters", "Published counts"]
+    assert "Every record" in headings
+
+
+def test_every_table_renders_as_a_table_with_every_row_as_wide_as_its_header(report, default_run):
+    tables = [table for s in report for table in s["tables"]]
+    text = (default_run.results / "latest.md").read_text()
+    assert len(tables) == sum(1 for line in text.splitlines() if re.fullmatch(r"\|(-+:?\|)+", line))
+    for table in tables:
+        assert all(len(row) == len(table[0]) for row in table), table[0]
+    drift = as_dicts(section(report, "merge: test_merge_full_precision")["tables"][0])[0]
+    assert "merge_drift_k1 [max|W-W0|/max|W0|]" in drift  # a unit with pipes stays one header cell
+    assert float(drift["merge_drift_k1 [max|W-W0|/max|W0|]"]) >= 0
+
+
+def test_the_full_tables_leave_out_skipped_configs_and_empty_columns(report, default_run):
+    headings = [s["heading"] for s in report]
+    assert "memory: test_step_peak_memory" not in headings  # all 96 skipped on a CPU
+    for s in report[headings.index("Every record"):]:
+        for row in as_dicts(s["tables"][0]) if s["tables"] else ():
+            assert row.get("status") != "skipped"
+    step = as_dicts(section(report, "step_time: test_step_time")["tables"][0])
+    assert len(step) == 96 and "mfu [fraction]" not in step[0] and "tokens_per_s [tokens/s]" in step[0]
+
+
+# ----------------------------------------------------------------- headline numbers
+
+
+def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precision_base(report, default_run):
+    steps = [r for r in records_of(default_run.document, "test_step_memory") if r["status"] == "ok"]
+    weights = {(r["model"], r["quant"]): r["metrics"]["weight_bytes"] for r in records_of(default_run.document, "test_weight_storage")}
+
+    def measured(record: dict) -> int:
+        m = record["metrics"]
+        return weights[record["model"], record["quant"]] + m["adapter_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"] + m["activation_bytes"]
+
+    rows = {(row["model"], row["quant"]): row for row in as_dicts(section(report, "Memory")["tables"][0])}
+    assert len(rows) == 24 and len(steps) == 96
+    for record in steps:
+        shown, shown_change = bytes_and_change(rows[record["model"], record["quant"]][lora_label(record)])
+        assert abs(shown - measured(record)) <= 0.005 * measured(record)  # three significant figures
+        reference = reference_of(steps, record)
+        if reference is record:
+            assert shown_change == "ref"
+        elif measured(record) == measured(reference):
+            assert shown_change == "="
+        else:
+            assert abs(percent(shown_change) - change(measured(record), measured(reference))) <= 0.0005
+    # quantization shrinks the base: on every model and spec nf4 is below its bf16 reference
+    assert all(percent(bytes_and_change(cell)[1]) < 0 for (model, quant), row in rows.items() if quant == "nf4"
+               for column, cell in row.items() if column not in ("model", "quant"))
+
+
+def test_speed_table_gives_each_config_its_tokens_per_second_and_change_from_the_base(report, default_run):
+    timed = records_of(default_run.document, "test_step_time")
+    rows = as_dicts(section(report, "Speed")["tables"][0])
+    assert len(rows) == len(timed) == 96
+    shown = {(row["model"], row["quant"], row["lora"]): row for row in rows}
+    for record in timed:
+        row = shown[record["model"], record["quant"], lora_label(record)]
+        metrics = record["metrics"]
+        assert number(row["tokens/s"]) == round(metrics["tokens_per_s"])
+        assert float(row["step time [s]"]) == pytest.approx(metrics["step_time_median_s"], rel=5e-4)
+        assert float(row["IQR [s]"]) == pytest.approx(metrics["step_time_iqr_s"], rel=5e-4)
+        assert metrics["tokens_per_s"] == pytest.approx(record["workload"]["batch"] * record["workload"]["seq_len"] / metrics["step_time_median_s"])
+        reference = reference_of(timed, record)
+        if reference is record:
+            assert row["vs base"] == "ref"
+        else:
+            assert percent(row["vs base"]) == pytest.approx(change(metrics["tokens_per_s"], reference["metrics"]["tokens_per_s"]), abs=5e-4)
+    assert "MFU" not in rows[0]  # no MFU on a CPU: the column is left out
+
+
+def test_merge_fidelity_gives_each_strategy_per_quantization_and_names_the_best(report, default_run):
+    trained = {r["quant"]: r["metrics"] for r in records_of(default_run.document, "test_merge_on_a_trained_model")}
+    part = section(report, "Merge fidelity")
+    rows = {row["quant"]: row for row in as_dicts(part["tables"][0])}
+    assert set(rows) == set(trained)
+    best_of = {}
+    for quant, metrics in trained.items():
+        suffixes = {"peft merge": "_requantize", "dequantized": "_dequantize", "original": "_original"} if "merge_kl_requantize" in metrics else {"peft merge": ""}
+        for strategy, suffix in suffixes.items():
+            assert float(rows[quant][f"{strategy} KL [nats]"]) == pytest.approx(metrics[f"merge_kl{suffix}"], rel=0.05)
+            assert percent(rows[quant][f"{strategy} top-1"]) == pytest.approx(metrics[f"merge_top1{suffix}"], abs=5e-4)
+        if len(suffixes) > 1:
+            best_of[quant] = min(suffixes, key=lambda s: metrics[f"merge_kl{suffixes[s]}"])
+    best = max(set(best_of.values()), key=list(best_of.values()).count)
+    verdict = part["paragraphs"][0]
+    assert verdict.startswith(f"On a quantized base use the {best} merge")
+    assert f"on {list(best_of.values()).count(best)} of {len(best_of)} formats" in verdict
+
+
+def test_forgetting_sets_lora_beside_full_finetuning_with_the_spread_over_seeds(report, default_run):
+    methods = records_of(default_run.document, "test_forgetting_lora") + records_of(default_run.document, "test_forgetting_full_finetuning")
+    rows = as_dicts(section(report, "Forgetting")["tables"][0])
+    assert len(rows) == len(methods) == 6
+    for row, record in zip(rows, methods):
+        metrics = record["metrics"]
+        for column, metric in (("learning [nats]", "learning_delta_loss"), ("forgetting [nats]", "forgetting_delta_loss")):
+            mean, spread = row[column].split(" ± ")
+            assert float(mean) == pytest.approx(metrics[metric], rel=5e-3)
+            assert float(spread) == pytest.approx(metrics[f"{metric}_std"], rel=5e-2)
+        assert int(row["seeds"]) == metrics["seeds"] == 3
+    assert sum(row["method"].startswith("full fine-tuning") for row in rows) == 2
+
+
+def test_parameter_counts_per_config_and_the_published_counts_reproduced(report, default_run):
+    counted = records_of(default_run.document, "test_trainable_parameters")
+    rows = as_dicts(section(report, "Trainable parameters")["tables"][0])
+    assert len(rows) == 12  # 3 models x 4 specs: every quantization counts the same
+    for row in rows:
+        matching = [r for r in counted if r["model"] == row["model"] and lora_label(r) == row["lora"]]
+        assert row["quant"] == "all" and len(matching) == 8
+        assert {(r["metrics"]["trainable_params"], r["metrics"]["total_params"]) for r in matching} == {(number(row["trainable"]), number(row["total"]))}
+        assert float(row["trainable [%]"]) == pytest.approx(100 * number(row["trainable"]) / number(row["total"]), rel=5e-3)
+    published = section(report, "Published counts")
+    assert published["paragraphs"][0].startswith("6 of 6 published counts reproduced exactly")
+    flan = next(row for row in as_dicts(published["tables"][0]) if row["model"] == "flan-t5-xxl")
+    assert (flan["trainable"], flan["published"], flan["total"], flan["reproduced"]) == ("18,874,368", "18,874,368", "11,154,206,720", "yes")
+
+
+# ----------------------------------------------------------------- plots, CSV, report command
+
+
+def test_every_plot_is_written_linked_and_captioned(report, default_run):
+    run_id = default_run.document["run"]["id"]
+    images = [image for s in report for image in s["images"]]
+    assert images == [f"{run_id}-{name}.png" for name in ("memory", "speed", "merge", "forgetting")]
+    for image in images:
+        assert (default_run.results / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cpu: AMD" in plots.caption(default_run.document) or default_run.document["machine"]["cpu"] in plots.caption(default_run.document)
+
+
+def small_document(records: list[dict]) -> dict:
+    return {"schema_version": 1, "run": {"id": "20260101-000000-abcdef", "git": {}, "argv": []},
+            "machine": {"device": "cpu", "cpu": "test"}, "records": records}
+
+
+def test_a_plot_with_nothing_to_show_is_not_written(default_run, tmp_path):
+    counts = [r for r in default_run.document["records"] if "test_trainable_parameters" in r["test"]]
+    assert plots.write(small_document(counts), tmp_path) == [] and list(tmp_path.iterdir()) == []
+    forgetting = [r for r in default_run.document["records"] if r["suite"] == "forgetting"]
+    written = plots.write(small_document(forgetting), tmp_path)
+    assert [path.name for path in written] == ["20260101-000000-abcdef-forgetting.png"] and len(list(tmp_path.iterdir())) == 1
+    text = markdown.render_run(small_document(counts))
+    assert ".png" not in text and "### Memory" not in text and "### Trainable parameters" in text
+    skipped = [r for r in default_run.document["records"] if "test_step_peak_memory" in r["test"]]
+    assert plots.available(skipped) == [] and headline.sections(skipped) == []
+
+
+def test_csv_has_one_row_per_record_equal_to_the_json(default_run):
+    document = default_run.document
+    rows = list(csv.DictReader(io.StringIO((default_run.results / "latest.csv").read_text(), newline="")))
+    assert len(rows) == len(document["records"])
+    for row, record in zip(rows, document["records"]):
+        assert (row["run_id"], row["test"], row["model"], row["quant"], row["status"]) == (
+            document["run"]["id"], record["test"], record["model"] or "", record["quant"] or "", record["status"])
+        if record["lora"] and record["lora"]["r"] is not None:
+            assert int(row["lora_r"]) == record["lora"]["r"] and float(row["lora_alpha"]) == record["lora"]["alpha"]
+        if record["workload"]:
+            assert (int(row["batch"]), int(row["seq_len"])) == (record["workload"]["batch"], record["workload"]["seq_len"])
+        for metric, value in record["metrics"].items():
+            cell = row[f"{metric} [{record['units'][metric]}]"]
+            assert (cell == "" if value is None else ast.literal_eval(cell) == value), (metric, cell, value)
+        shown = {name for name, cell in row.items() if "[" in name and cell != ""}
+        assert shown == {f"{m} [{record['units'][m]}]" for m, v in record["metrics"].items() if v is not None}
+
+
+def test_report_command_writes_the_same_report_from_the_saved_run(default_run, tmp_path):
+    run_id = default_run.document["run"]["id"]
+    assert cli.main(["report", str(default_run.latest), "-o", str(tmp_path)]) == 0
+    assert (tmp_path / f"{run_id}.md").read_text() == (default_run.results / f"{run_id}.md").read_text()
+    assert (tmp_path / f"{run_id}.csv").read_text() == (default_run.results / f"{run_id}.csv").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in default_run.results.glob(f"{run_id}-*.png"))
+
+
+def test_report_command_sets_several_runs_side_by_side(default_run, tmp_path):
+    other = copy.deepcopy(default_run.document)
+    other["run"]["id"] = "20990101-000000-ffffff"
+    other["machine"].update(device="cuda", gpu_name="NVIDIA H200", torch="2.11.0")
+    for record in other["records"]:
+        if record["metrics"].get("tokens_per_s"):
+            record["metrics"]["tokens_per_s"] *= 2
+    (tmp_path / "gpu.json").write_text(json.dumps(other))
+    assert cli.main(["report", str(default_run.latest), str(tmp_path / "gpu.json"), "-o", str(tmp_path)]) == 0
+    written = tmp_path / f"runs-{default_run.document['run']['id']}-20990101-000000-ffffff.md"
+    sections = parse(written.read_text())
+    rows = as_dicts(section(sections, "tokens/s")["tables"][0])
+    assert len(rows) == 96
+    first = next(r for r in records_of(default_run.document, "test_step_time"))
+    assert rows[0]["config"] == f"{first['model']} {first['quant']} {lora_label(first)} 2x64"
+    header = list(rows[0])
+    assert header[1].startswith("run 1: ") and header[2] == "run 2: NVIDIA H200, torch 2.11.0" and rows[0]["change"] == "+100.0%"
+    assert cli.main(["report", str(tmp_path / "missing.json")]) == cli.USAGE_ERROR
+
+
+# ----------------------------------------------------------------- terminal
+
+
+def test_the_default_runs_terminal_summary_fits_a_screen(default_run):
+    summary = default_run.stdout.split("pytest-lora results", 1)[1].splitlines()[1:]
+    summary = summary[:next(i for i, line in enumerate(summary) if re.search(r"\d+ passed", line))]
+    assert 20 < len(summary) < 80, "\n".join(summary)
+    assert max(len(line) for line in summary) <= 120
+    text = "\n".join(summary)
+    for title in ("Memory:", "Speed:", "Merge fidelity:", "Forgetting:", "Trainable parameters:", "Published counts:"):
+        assert title in text
+    assert "518 ok, 96 skipped" in text and "latest.json" in text
+    assert "warnings summary" not in default_run.stdout  # library noise the harness causes is filtered
+
+
+def test_full_tables_with_the_report_option_or_verbose(pytester, suite):
+    suite()
+    compact = pytester.runpytest("--lora-bench", *TINY, "-p", "no:cacheprovider")
+    compact.stdout.fnmatch_lines(["*pytest-lora params: test_count*"])  # a user's own test has no headline: its table shows
+    for flag in ("--lora-report=full", "-v"):
+        pytester.runpytest("--lora-bench", *TINY, flag).stdout.fnmatch_lines(["*pytest-lora params: test_count*", "*r8 a16 q_proj,v_proj*"])
+    bad = pytester.runpytest("--lora-bench", *TINY, "--lora-report=everything")
+    assert bad.ret == 4
+    bad.stderr.fnmatch_lines(["*--lora-report: 'everything' is not a report; allowed: summary, full*"])
+
+
+def test_wide_tables_are_cut_into_column_groups_that_fit(default_run):
+    from pytest_lora.report import table
+
+    merged = [r for r in default_run.document["records"] if "test_merge_quantized" in r["test"]]
+    text = table.render_full_terminal(merged, 120, False)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    groups = re.findall(r"pytest-lora merge: test_merge_quantized \((\d)/(\d)\)", text)
+    assert len(groups) >= 2 and all(total == str(len(groups)) for _, total in groups)
+    assert text.count("llama-3.2-1b-tiny") == len(groups) * 16  # every row in every group: 2 models' worth of 8 configs each
+
+
+def test_results_files_are_created_with_the_users_permissions(pytester, suite):
+    suite()
+    mask = os.umask(0o027)
+    try:
+        pytester.runpytest("--lora-bench", *TINY).assert_outcomes(passed=1)
+    finally:
+        os.umask(mask)
+    for path in (pytester.path / "results").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
+
+
+def test_every_builtin_test_is_headlined_or_left_to_the_report():
+    suites = Path(__file__).parent.parent / "suites"
+    functions = {node.name for path in suites.glob("test_*.py") for node in ast.parse(path.read_text()).body
+                 if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    assert functions == headline.HEADLINED | headline.REPORT_ONLY
+
+
+def test_a_cell_is_escaped_for_github():
+    text = "\n".join(markdown.table(["unit [a|b]", "n"], [["x*y <b> `c` \\ d\ne", "1"]], 1))
+    (table,) = parse(text)[0]["tables"]
+    assert table == [["unit [a|b]", "n"], ["x*y <b> `c` \\ d e", "1"]]
+
+
+def test_the_spreadsheet_keeps_floats_exactly():
+    document = small_document([{"suite": "s", "test": "t::test_x", "model": None, "quant": None, "lora": None, "workload": None,
+                                "status": "ok", "metrics": {"v": 0.1 + 0.2, "n": 3, "missing": None}, "units": {"v": "s", "n": "n", "missing": "s"},
+                                "error": None}])
+    (row,) = csv.DictReader(io.StringIO(spreadsheet.render(document)))
+    assert float(row["v [s]"]) == 0.1 + 0.2 and row["n [n]"] == "3" and row["missing [s]"] == ""
+
+
+def test_the_readme_shows_the_published_runs_headline():
+    """The README's headline block is the compact headline of the run committed under results/published/."""
+    root = Path(__file__).parent.parent
+    (published,) = (root / "results" / "published").glob("*.json")
+    document = json.loads(published.read_text())
+    readme = (root / "README.md").read_text()
+    block = markdown.published_headline(document, "results/published")
+    assert block in readme
+    assert document["run"]["status"] == "passed" and not document["run"]["git"]["dirty"]
+    for name in ("md", "csv"):
+        assert (published.with_suffix(f".{name}")).read_text() == (markdown.render_run(document) if name == "md" else spreadsheet.render(document))
+    for image in re.findall(r"\]\((results/published/[^)]+\.png)\)", block):
+        assert (root / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
