@@ -124,7 +124,7 @@ def test_a_plain_run_writes_nothing_unless_asked(pytester):
     pytester.makepyfile(test_mine=RECORDING_TEST)
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["pytest-lora: 1 records, not written (--lora-bench or --lora-results=DIR writes them)"])
+    result.stdout.fnmatch_lines(["pytest-lora: 1 records (1 ok), not written (--lora-bench or --lora-results=DIR writes them)"])
     assert not (pytester.path / "results").exists()
     pytester.runpytest("--lora-results=out").assert_outcomes(passed=1)
     assert json.loads((pytester.path / "out" / "latest.json").read_text())["records"][0]["metrics"] == {"answer": 42}

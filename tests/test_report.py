@@ -407,6 +407,41 @@ def test_the_readme_shows_the_published_runs_headline():
     assert block in readme
     assert document["run"]["status"] == "passed" and not document["run"]["git"]["dirty"]
     for name in ("md", "csv"):
-        assert (published.with_suffix(f".{name}")).read_text() == (markdown.render_run(document) if name == "md" else spreadsheet.render(document))
+        written = published.with_suffix(f".{name}").read_bytes().decode("utf-8")  # as written: the CSV's lines end in \r\n
+        assert written == (markdown.render_run(document) if name == "md" else spreadsheet.render(document))
     for image in re.findall(r"\]\((results/published/[^)]+\.png)\)", block):
         assert (root / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def record(test: str, quant: str, metrics: dict, status: str = "ok", dropout: float = 0.05, model: str = "llama-3.1-8b") -> dict:
+    units = {name: "bytes" if name.endswith("bytes") else "x" for name in metrics}
+    return {"suite": "s", "test": f"suites/t.py::{test}[{quant}-{dropout}]", "model": model, "quant": quant,
+            "lora": {"r": 16, "alpha": 32, "targets": "all-linear", "dropout": dropout, "variant": "lora", "bias": "none", "modules_to_save": []},
+            "workload": {"batch": 2, "seq_len": 2048, "grad_ckpt": False, "compile": False}, "status": status,
+            "metrics": metrics, "units": units, "error": None, "warnings": []}
+
+
+def test_on_a_gpu_the_grid_is_the_peak_an_oom_says_so_and_mfu_is_shown():
+    """What a GPU run's records give: the step's peak, an OOM cell, MFU as a percentage (records as the GPU suites write them)."""
+    gib = 2**30
+    records = [record("test_step_peak_memory", "bf16", {"peak_allocated_bytes": 57 * gib}),
+               record("test_step_peak_memory", "nf4", {"peak_allocated_bytes": 47 * gib}),
+               record("test_step_peak_memory", "int8", {"peak_allocated_bytes": 140 * gib}, status="oom"),
+               record("test_step_time", "bf16", {"step_time_median_s": 2.0, "step_time_iqr_s": 0.01, "tokens_per_s": 2048.0, "mfu": 0.41}),
+               record("test_step_time", "nf4", {"step_time_median_s": 2.5, "step_time_iqr_s": 0.02, "tokens_per_s": 1638.4, "mfu": 0.33})]
+    memory = headline.memory_section(records)
+    assert memory.notes[0].startswith("peak allocated bytes in one training step")
+    cells = {row[1]: row[2] for row in memory.rows}
+    assert cells == {"bf16": "57 GiB (ref)", "nf4": f"47 GiB ({(47 - 57) / 57:+.1%})", "int8": "oom"}
+    speed = as_dicts([headline.speed_section(records).header, *headline.speed_section(records).rows])
+    assert [(row["quant"], row["vs base"], row["MFU"]) for row in speed] == [("bf16", "ref", "41.0%"), ("nf4", "-20.0%", "33.0%")]
+    assert "total" in plots.memory_bars(records + [record("test_step_memory", "nf4", {"adapter_bytes": 1, "gradient_bytes": 1,
+                                                                                          "optimizer_state_bytes": 2, "activation_bytes": 5})])["llama-3.1-8b"]["r16 a32 all-linear"]["nf4"]
+
+
+def test_specs_that_differ_only_in_dropout_get_columns_of_their_own():
+    steps = [record("test_step_time", quant, {"step_time_median_s": 1.0, "step_time_iqr_s": 0.0, "tokens_per_s": tokens}, dropout=dropout)
+             for quant, dropout, tokens in (("bf16", 0.0, 100.0), ("bf16", 0.1, 80.0), ("nf4", 0.0, 50.0), ("nf4", 0.1, 60.0))]
+    rows = headline.speed_section(steps).rows
+    assert [(row[1], row[2], row[-1]) for row in rows] == [("bf16", "r16 a32 all-linear, dropout 0.0", "ref"), ("bf16", "r16 a32 all-linear, dropout 0.1", "ref"),
+                                                          ("nf4", "r16 a32 all-linear, dropout 0.0", "-50.0%"), ("nf4", "r16 a32 all-linear, dropout 0.1", "-25.0%")]

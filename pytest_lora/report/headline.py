@@ -12,6 +12,7 @@ workload: bf16 when the run measured it, else the model's own dtype (``none``), 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -104,10 +105,17 @@ class Configs:
     def __init__(self, records: list[dict[str, Any]]):
         self.records = records
         self.workloads = len({case_cell("workload", r.get("workload")) for r in records})
+        self.extra = distinguishing_fields(records, self.workloads)
         self.by_key = {self.key(r): r for r in records}
 
+    def label(self, record: dict[str, Any]) -> str:
+        """The spec as a column or row names it: rank, alpha and targets, and whatever else the
+        matrix varied (dropout, bias, ...) when those alone would name two specs alike."""
+        extra = [f"{name} {(record.get('lora') or {}).get(name)}" for name in self.extra]
+        return ", ".join([lora_label(record, self.workloads), *extra])
+
     def key(self, record: dict[str, Any], quant: str | None = None) -> tuple[str, str, str]:
-        return (record.get("model"), quant or record.get("quant"), lora_label(record, self.workloads))
+        return (record.get("model"), quant or record.get("quant"), self.label(record))
 
     def reference(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """The same model, spec and workload on its full-precision base, if the run measured it."""
@@ -124,7 +132,19 @@ class Configs:
         return sorted(dict.fromkeys(r["quant"] for r in self.records), key=quant_order)
 
     def columns(self) -> list[str]:
-        return list(dict.fromkeys(lora_label(r, self.workloads) for r in self.records))
+        return list(dict.fromkeys(self.label(r) for r in self.records))
+
+
+def distinguishing_fields(records: list[dict[str, Any]], workloads: int) -> list[str]:
+    """LoRA fields beyond rank, alpha, targets and variant that tell apart specs the short label
+    names alike (a matrix of two dropouts)."""
+    specs: dict[tuple, set[str]] = {}
+    for record in records:
+        short = (record.get("model"), record.get("quant"), lora_label(record, workloads))
+        specs.setdefault(short, set()).add(json.dumps(record.get("lora"), sort_keys=True))
+    clashing = [[json.loads(spec) or {} for spec in found] for found in specs.values() if len(found) > 1]
+    fields = {name for group in clashing for spec in group for name in spec if len({json.dumps(s.get(name)) for s in group}) > 1}
+    return sorted(fields)
 
 
 def grid(configs: Configs, cell: Callable[[dict[str, Any]], str], compact: bool) -> tuple[list[str], list[list[str]], int]:
@@ -228,7 +248,7 @@ def speed_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
     rows = []
     for record in in_matrix_order(timed):
         metrics = record["metrics"]
-        case = [record["model"], record["quant"], lora_label(record, configs.workloads)]
+        case = [record["model"], record["quant"], configs.label(record)]
         if status_cell(record):
             rows.append([*case, status_cell(record), "-", "-", "-", "-"])
             continue
@@ -363,14 +383,15 @@ def parameter_section(records: list[dict[str, Any]], compact: bool = False) -> S
         header = ["lora", *configs.models()]
         first = {}
         for record in counted:
-            first.setdefault((record["model"], lora_label(record)), record)
+            first.setdefault((record["model"], configs.label(record)), record)
         rows = [[column, *(_count(first.get((model, column))) for model in configs.models())] for column in configs.columns()]
         return Section("params", "Trainable parameters", header, rows, 1, ["trainable (share of all parameters), counted by peft."])
     groups: dict[tuple, list[str]] = {}
     every_quant = {record["quant"] for record in counted}
+    configs = Configs(counted)
     for record in in_matrix_order(counted):
         metrics = record["metrics"]
-        key = (record["model"], lora_label(record), metrics["trainable_params"], metrics["total_params"], metrics.get("trainable_pct"))
+        key = (record["model"], configs.label(record), metrics["trainable_params"], metrics["total_params"], metrics.get("trainable_pct"))
         groups.setdefault(key, []).append(record["quant"])
     header = ["model", "lora", "quant", "trainable", "total", "trainable [%]"]
     rows = [[model, lora, "all" if set(quants) == every_quant and len(quants) > 1 else ", ".join(quants), format_value(trainable), format_value(total), f"{pct:.3g}"]

@@ -49,7 +49,7 @@ def memory_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
                  "total": peaks.get(configs.key(record)) if peaks else metrics.get("analytic_bytes")}
         parts = {name: value for name, value in parts.items() if value is not None}
         if any(name != "total" for name in parts):
-            spec = headline.lora_label(record, configs.workloads)
+            spec = configs.label(record)
             bars.setdefault(record["model"], {}).setdefault(spec, {})[record["quant"]] = parts
     return bars
 
@@ -70,7 +70,7 @@ def speed_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, t
             continue
         samples = sorted((record.get("samples") or {}).get("tokens_per_s") or [value])
         low, high = quartiles(samples)
-        bars.setdefault(record["model"], {}).setdefault(headline.lora_label(record, configs.workloads), {})[record["quant"]] = (value, low, high)
+        bars.setdefault(record["model"], {}).setdefault(configs.label(record), {})[record["quant"]] = (value, low, high)
     return bars
 
 

@@ -136,7 +136,8 @@ def render_full_terminal(records: list[dict[str, Any]], width: int, color: bool)
         for index, group in enumerate(groups):
             title = f"pytest-lora {suite}" + (f" ({index + 1}/{len(groups)})" if len(groups) > 1 else "")
             columns = [*range(text_columns), *group]
-            out.print(_rich_table(title, [header[i] for i in columns], [[row[i] for i in columns] for row in body], text_columns))
+            out.print(title, markup=False, highlight=False)  # on a line of its own: a narrow table would wrap it
+            out.print(_rich_table(None, [header[i] for i in columns], [[row[i] for i in columns] for row in body], text_columns))
     return buffer.getvalue()
 
 
