@@ -103,8 +103,8 @@ def compare_command(arguments: argparse.Namespace) -> int:
 
 def report_command(arguments: argparse.Namespace) -> int:
     """One run: the same report, CSV and plots the run wrote, from its JSON. Several: a side-by-side
-    markdown, ``runs-<first id>-<last id>.md``."""
-    from .report import markdown
+    markdown, ``runs-<first id>-<last id>.md``, and its tokens/s plot (``-speed.png``)."""
+    from .report import markdown, plots
     from .report.publish import write_report
     from .report.store import atomic_write_text
 
@@ -114,9 +114,11 @@ def report_command(arguments: argparse.Namespace) -> int:
     if len(documents) == 1:
         written = write_report(documents[0], directory, (documents[0]["run"]["id"],))
     else:
-        path = directory / f"runs-{documents[0]['run']['id']}-{documents[-1]['run']['id']}.md"
-        atomic_write_text(path, markdown.render_runs(documents))
-        written = [path]
+        stem = f"runs-{documents[0]['run']['id']}-{documents[-1]['run']['id']}"
+        plot = directory / f"{stem}-speed.png"
+        atomic_write_text(directory / f"{stem}.md", markdown.render_runs(documents, plot.name))
+        drawn = plots.write_runs(documents, plot, markdown.run_labels(documents))
+        written = [directory / f"{stem}.md", *([plot] if drawn else [])]
     for path in written:
         print(f"pytest-lora: wrote {path}")
     return 0

@@ -51,8 +51,8 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
     if store.writes:
         directory = shown_path(store.directory, config.invocation_params.dir)
         writer.write_line(f"pytest-lora: {counts} in {directory / store.run_path.name} (and {store.latest_path.name})")
-        writer.write_line(f"pytest-lora: report {directory / (store.run['id'] + '.md')} (CSV, plots beside it)"
-                          + ("" if full else "; all tables: -v or --lora-report=full"))
+        writer.write_line(f"pytest-lora: report {directory / (store.run['id'] + '.md')} (+ CSV, plots)"
+                          + ("" if full else "; every table: -v"))
     else:
         writer.write_line(f"pytest-lora: {counts}, not written (--lora-bench or --lora-results=DIR writes them)")
 

@@ -325,6 +325,16 @@ def test_report_command_sets_several_runs_side_by_side(default_run, tmp_path):
     assert rows[0]["config"] == f"{first['model']} {first['quant']} {lora_label(first)} 2x64"
     header = list(rows[0])
     assert header[1].startswith("run 1: ") and header[2] == "run 2: NVIDIA H200, torch 2.11.0" and rows[0]["change"] == "+100.0%"
+    memory = as_dicts(sections[2]["tables"][0])  # the step memory the headline grid shows, per run
+    step = next(r for r in records_of(default_run.document, "test_step_memory"))
+    weights = next(r for r in records_of(default_run.document, "test_weight_storage") if (r["model"], r["quant"]) == (step["model"], step["quant"]))
+    measured = weights["metrics"]["weight_bytes"] + sum(step["metrics"][m] for m in ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes"))
+    assert sections[2]["heading"].startswith("step memory in bytes") and number(memory[0][header[1]]) == measured and memory[0]["change"] == "="
+    plot = written.with_name(written.stem + "-speed.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sections[0]["images"] + sections[1]["images"] == [plot.name]
+    assert plots.runs_speed([default_run.document, other])[rows[0]["config"]] == [first["metrics"]["tokens_per_s"], 2 * first["metrics"]["tokens_per_s"]]
+    counts_only = [r for r in default_run.document["records"] if "test_trainable_parameters" in r["test"]]
+    assert not plots.write_runs([small_document(counts_only)] * 2, tmp_path / "none.png", ["a", "b"]) and not (tmp_path / "none.png").exists()
     assert cli.main(["report", str(tmp_path / "missing.json")]) == cli.USAGE_ERROR
 
 

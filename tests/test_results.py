@@ -41,7 +41,7 @@ def test_bench_writes_run_file_and_latest_with_the_contract_schema(pytester, sui
     # llama-3.2-1b-tiny: two layers, q_proj 64 -> 64 and v_proj 64 -> 16 (one of four heads for keys/values)
     assert record["metrics"]["trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 16))
     assert record["units"] == {"trainable_params": "params", "total_params": "params"}
-    result.stdout.fnmatch_lines(["*pytest-lora results*", "*pytest-lora params: test_count*", "*llama-3.2-1b-tiny*none*r8 a16 q_proj,v_proj*ok*", "pytest-lora: 1 records (1 ok) in results/*.json (and latest.json)", "pytest-lora: report results/*.md (CSV, plots beside it); all tables: -v or --lora-report=full"])
+    result.stdout.fnmatch_lines(["*pytest-lora results*", "*pytest-lora params: test_count*", "*llama-3.2-1b-tiny*none*r8 a16 q_proj,v_proj*ok*", "pytest-lora: 1 records (1 ok) in results/*.json (and latest.json)", "pytest-lora: report results/*.md (+ CSV, plots); every table: -v"])
 
 
 def test_the_run_publishes_its_tables_as_markdown(pytester, suite):

@@ -15,7 +15,7 @@ each config, and the change of the last run from the first.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import headline, plots
 from .table import REGRESSION_HEADER, by_suite, config_label, format_change, format_value, regression_row, rows
@@ -161,16 +161,32 @@ def full_tables(records: list[dict[str, Any]]) -> list[str]:
 
 # ----------------------------------------------------------------- several runs
 
-SIDE_BY_SIDE = (  # (test, metric, what) of the numbers set side by side
-    ("test_step_peak_memory", "peak_allocated_bytes", "peak allocated bytes in one step (GPU)"),
-    ("test_step_memory", "analytic_bytes", "analytic bytes of one step"),
-    ("test_step_time", "tokens_per_s", "tokens/s"),
-    ("test_step_time", "step_time_median_s", "median step time (s)"),
-    ("test_step_time", "mfu", "MFU"),
-    ("test_merge_on_a_trained_model", "merge_kl", "merge KL (nats), trained model"),
-    ("test_forgetting_lora", "forgetting_delta_loss", "forgetting (nats), LoRA"),
-    ("test_forgetting_full_finetuning", "forgetting_delta_loss", "forgetting (nats), full fine-tuning"),
-    ("test_trainable_parameters", "trainable_params", "trainable parameters"),
+def metric_of(test: str, metric: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Each config's ``metric`` of ``test`` (its status when it did not end ok)."""
+    def values(records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {config_label(r): r["metrics"].get(metric) if r["status"] == "ok" else r["status"] for r in headline.of_test(records, test)}
+    return values
+
+
+def step_memory_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each config's step memory as the headline's grid has it (GPU peak, or measured on the CPU)."""
+    found = headline.step_memory(records)
+    if found is None:
+        return {}
+    _, configs, value_of = found
+    return {config_label(r): value_of(r) if r["status"] == "ok" else r["status"] for r in configs.records}
+
+
+SIDE_BY_SIDE = (  # (what, each config's value in one run's records)
+    ("step memory in bytes (GPU: peak allocated; CPU: weights + training state + activations, measured)", step_memory_of),
+    ("tokens/s", metric_of("test_step_time", "tokens_per_s")),
+    ("median step time (s)", metric_of("test_step_time", "step_time_median_s")),
+    ("MFU", metric_of("test_step_time", "mfu")),
+    ("merge KL (nats), trained model, peft's merge", metric_of("test_merge_on_a_trained_model", "merge_kl")),
+    ("merge KL (nats), trained model, peft's merge into a quantized base", metric_of("test_merge_on_a_trained_model", "merge_kl_requantize")),
+    ("forgetting (nats), LoRA", metric_of("test_forgetting_lora", "forgetting_delta_loss")),
+    ("forgetting (nats), full fine-tuning", metric_of("test_forgetting_full_finetuning", "forgetting_delta_loss")),
+    ("trainable parameters", metric_of("test_trainable_parameters", "trainable_params")),
 )
 
 
@@ -180,32 +196,36 @@ def run_label(document: dict[str, Any], index: int) -> str:
     return f"{index + 1}: {device}, torch {machine.get('torch')}"
 
 
-def render_runs(documents: list[dict[str, Any]]) -> str:
-    """Several runs side by side: for each headline number, one row per config, one column per run."""
-    labels = [run_label(document, index) for index, document in enumerate(documents)]
+def run_labels(documents: list[dict[str, Any]]) -> list[str]:
+    return [run_label(document, index) for index, document in enumerate(documents)]
+
+
+def render_runs(documents: list[dict[str, Any]], plot: str | None = None) -> str:
+    """Several runs side by side: for each headline number, one row per config, one column per run;
+    ``plot``, the file name of their tokens/s plot (``plots.write_runs``), linked when it has data."""
+    labels = run_labels(documents)
     out = ["# pytest-lora runs side by side", ""]
     for label, document in zip(labels, documents):
         out.append(f"- **Run {label}**: `{document['run']['id']}`, {document['run'].get('status')}; {machine_line(document['machine'])}; "
                    f"{versions_line(document['machine'])}; code {git_line(document['run'])}; {status_counts(document['records'])}")
     out.append("")
-    for test, metric, what in SIDE_BY_SIDE:
-        body = side_by_side_rows(documents, test, metric)
+    if plot is not None and plots.runs_speed(documents):
+        out.extend([f"![Training throughput, run by run]({plot})", ""])
+    for what, values in SIDE_BY_SIDE:
+        body = side_by_side_rows([values(document["records"]) for document in documents])
         if body:
-            out.extend([f"### {what}", "", f"`{metric}` of `{test}`; change: the last run against the first.", ""])
+            out.extend([f"### {what}", "", "change: the last run against the first.", ""])
             out.extend(table(["config", *(f"run {label}" for label in labels), "change"], body, 1))
             out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def side_by_side_rows(documents: list[dict[str, Any]], test: str, metric: str) -> list[list[str]]:
-    values: dict[str, list[Any]] = {}
-    for index, document in enumerate(documents):
-        for record in document["records"]:
-            if headline.function_name(record) == test and record["status"] != "skipped":
-                value = record["metrics"].get(metric) if record["status"] == "ok" else record["status"]
-                values.setdefault(config_label(record), [None] * len(documents))[index] = value
+def side_by_side_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per config of any run: its value in each run, and the change from the first to the last."""
+    names = list(dict.fromkeys(name for values in runs for name in values))
     body = []
-    for name, row in values.items():
+    for name in names:
+        row = [values.get(name) for values in runs]
         if all(value is None for value in row):
             continue
         first, last = row[0], row[-1]

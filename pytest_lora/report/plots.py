@@ -14,6 +14,9 @@ run in a caption, so a plot copied into a blog post still says where its numbers
 - merge: KL of each merge strategy against the unmerged adapter, by quantization (log scale);
 - forgetting: the learning / forgetting plane of Biderman et al. 2024 ("LoRA Learns Less and
   Forgets Less"): one point per method, with its spread over seeds.
+
+Several runs side by side (``pytest-lora report A.json B.json``) get one plot: the tokens/s of
+each config that every run timed, one bar per run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ COMPONENTS = (  # (label, metrics summed, the test that records them)
 )
 TOTAL_LABELS = {True: "peak allocated in the step (GPU)", False: "analytic step model"}
 MAX_BARS = 6  # LoRA specs per quantization in one panel; the report's tables have them all
+MAX_CONFIGS = 24  # configs in the side-by-side plot of several runs
 
 
 def memory_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -265,3 +269,43 @@ def draw_forgetting(plt: Any, points: list[tuple[str, float, float, float, float
 
 
 DRAW = {"memory": draw_memory, "speed": draw_speed, "merge": draw_merge, "forgetting": draw_forgetting}
+
+
+# ----------------------------------------------------------------- several runs
+
+
+def runs_speed(documents: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """config -> each run's tokens/s, for the configs every run timed (two GPUs, a library upgrade)."""
+    from .table import config_label
+
+    by_run = [{config_label(r): r["metrics"].get("tokens_per_s") for r in headline.ok_records(d["records"], "test_step_time")} for d in documents]
+    common = [name for name in by_run[0] if all(by.get(name) is not None for by in by_run)]
+    return {name: [by[name] for by in by_run] for name in common}
+
+
+def write_runs(documents: list[dict[str, Any]], path: Path, labels: list[str]) -> bool:
+    """Tokens/s of the configs every run timed, one bar per run; False (nothing written) when no
+    config was timed by all of them."""
+    speeds = runs_speed(documents)
+    if not speeds:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(speeds)[:MAX_CONFIGS]
+    figure, axis = plt.subplots(figsize=(max(7, 0.45 * len(names) * len(documents)), 5))
+    width = 0.8 / len(documents)
+    for index, label in enumerate(labels):
+        axis.bar([p + (index - (len(documents) - 1) / 2) * width for p in range(len(names))], [speeds[n][index] for n in names], width * 0.9, label=label)
+    axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    axis.set_ylabel("tokens/s (median step)")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.suptitle("Training throughput, run by run" + (f" (first {MAX_CONFIGS} common configs)" if len(speeds) > MAX_CONFIGS else ""))
+    figure.text(0.01, 0.005, "; ".join(f"run {label}: {documents[i]['run'].get('id')}" for i, label in enumerate(labels)), fontsize=7, color="0.35")
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    _save(figure, path)
+    plt.close(figure)
+    return True
