@@ -8,6 +8,9 @@ or a history directory with the same rules, defaults and verdicts as ``pytest --
 ``pytest-lora report RUN [RUN2 ...] [-o DIR]`` writes a run's report again from its JSON (the same
 markdown, CSV and plots the run wrote), or several runs side by side (two GPUs, a library upgrade).
 
+``pytest-lora merge SHARD ... -o RUN.json [--allow-mixed]`` joins the results of ``--lora-shard=K/N``
+runs into one run (``report.shards``), refusing what would make it a lie, and writes its report.
+
 ``pytest-lora export --format gab RUN -o DIR`` writes github-action-benchmark's two custom formats
 (``customSmallerIsBetter.json``, ``customBiggerIsBetter.json``): every gated metric of every config,
 for its charts and alerts.
@@ -25,6 +28,7 @@ from typing import Any, Sequence
 from .report import baseline as baseline_module
 from .report import rules as rules_module
 from .report.compare import check_record, compare, config_name
+from .report.shards import MergeError
 from .report.store import atomic_write_json
 
 USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
@@ -42,7 +46,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    main = Parser(prog="pytest-lora", description="Compare, gate, report and export pytest-lora results (runs nothing).")
+    main = Parser(prog="pytest-lora", description="Compare, gate, report, merge and export pytest-lora results (runs nothing).")
     commands = main.add_subparsers(dest="command", required=True, parser_class=Parser)
     comparing = commands.add_parser("compare", help="judge NEW against BASE (a results file or a directory of runs)")
     comparing.add_argument("base", metavar="BASE", help="baseline: a results JSON, or a directory of runs (the history)")
@@ -53,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     reporting = commands.add_parser("report", help="write the report (markdown, CSV, plots) of one run, or several runs side by side")
     reporting.add_argument("runs", metavar="RUN", nargs="+", help="a results JSON, or a results directory (its latest.json)")
     reporting.add_argument("-o", "--output", metavar="DIR", help="where the files go (default: beside the first RUN)")
+    merging = commands.add_parser("merge", help="join the results of --lora-shard=K/N runs into one run")
+    merging.add_argument("shards", metavar="SHARD", nargs="+", help="a shard's results JSON, or its results directory (its latest.json)")
+    merging.add_argument("-o", "--output", required=True, metavar="RUN.json", help="the joined run; its report, CSV and plots go beside it")
+    merging.add_argument("--allow-mixed", action="store_true", help="join shards of different library versions, hardware or commits")
     exporting = commands.add_parser("export", help="write a run's gated metrics for another tool")
     exporting.add_argument("run", metavar="RUN", help="a results JSON, or a results directory (its latest.json)")
     exporting.add_argument("--format", required=True, choices=["gab"], help="gab: github-action-benchmark's custom JSON")
@@ -67,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return compare_command(arguments)
         if arguments.command == "report":
             return report_command(arguments)
+        if arguments.command == "merge":
+            return merge_command(arguments)
         return export_command(arguments)
-    except (UsageError, baseline_module.BaselineError, rules_module.RuleError) as error:
+    except (UsageError, baseline_module.BaselineError, rules_module.RuleError, MergeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
 
@@ -119,6 +129,24 @@ def report_command(arguments: argparse.Namespace) -> int:
         atomic_write_text(directory / f"{stem}.md", markdown.render_runs(documents, plot.name))
         drawn = plots.write_runs(documents, plot, markdown.run_labels(documents))
         written = [directory / f"{stem}.md", *([plot] if drawn else [])]
+    for path in written:
+        print(f"pytest-lora: wrote {path}")
+    return 0
+
+
+def merge_command(arguments: argparse.Namespace) -> int:
+    """The shards joined (``report.shards``) into RUN.json, with its report, CSV and plots beside it."""
+    from .report.publish import write_report
+    from .report.shards import merge
+
+    documents = [_run_file(path, "SHARD") for path in arguments.shards]
+    output = Path(arguments.output)
+    if output.suffix != ".json":
+        raise UsageError(f"-o: {arguments.output!r} is not a .json path; allowed: e.g. -o results/run.json")
+    joined = merge(documents, list(arguments.shards), arguments.allow_mixed)
+    atomic_write_json(output, joined)
+    written = [output, *write_report(joined, output.parent, (output.stem,))]
+    print(f"pytest-lora: {len(joined['records'])} records of {len(documents)} shard(s), status {joined['run']['status']}")
     for path in written:
         print(f"pytest-lora: wrote {path}")
     return 0

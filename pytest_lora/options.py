@@ -117,6 +117,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SIZE",
     ),
     Option(
+        "shard",
+        "run shard K of N of the selected tests (a CI job matrix, a Slurm array): deterministic, each base's tests "
+        "together, balanced by parameters x tokens; pytest-lora merge joins the shards' results.",
+        metavar="K/N",
+    ),
+    Option(
         "report",
         "the terminal summary: summary (the headline tables, one screen) or full (every table too; -v does the same).",
         metavar="summary|full",

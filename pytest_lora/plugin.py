@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, budget, confirm, hooks, markers, options, quiet, summary
+from . import bench, budget, confirm, hooks, markers, options, quiet, shard, summary
 from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
@@ -80,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", line)
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
+    if lora.shard is not None:
+        config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
         lora.data_checkpoint()

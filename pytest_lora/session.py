@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import budget, summary
+from . import budget, shard, summary
 from . import matrix as matrix_module
 from . import options
 from .matrix import Matrix, MatrixError, RawValue
@@ -55,6 +55,7 @@ class LoraSession:
         self._check_timing_options()
         self._check_data_options()
         summary.check_report_option(self.settings["report"])
+        self.shard = shard.parse(self.settings["shard"])  # (K, N) or None
         matrix_file = self.path_setting("matrix") if self.settings["matrix"].value else None
         self.gate = Gate(self.settings, matrix_file)
         self.memory_limit = budget.option_limit(self.settings["limit_memory"])
@@ -254,6 +255,8 @@ class LoraSession:
         if self.store is None:
             argv = ["pytest", *self.config.invocation_params.args]
             run = provenance.run_info(self.run_id, self.started, argv, self.config.rootpath)
+            if self.shard is not None:
+                run["shard"] = f"{self.shard[0]}/{self.shard[1]}"
             directory = self.path_setting("results") if self.records_wanted else None
             self.store = ResultsStore(directory, run, self.machine)
         if self.peak_source is not None:
