@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, budget, confirm, hooks, markers, options, quiet, shard, summary
+from . import bench, budget, confirm, hooks, markers, options, quiet, shard, summary, workers
 from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
@@ -74,6 +74,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: its own GPU, before anything starts CUDA
+        workers.pin(config.workerinput)
     config.stash[MARKERS_KEY] = markers.SuiteMarkers(config)
     config.addinivalue_line("markers", budget.MARKER_LINE)
     for line in quiet.WARNING_FILTERS:
@@ -291,6 +293,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.config.workeroutput[WORKER_RECORDS] = list(lora.pending)
     else:
         session.exitstatus = lora.finish(int(session.exitstatus))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` under ``--lora-bench`` with GPUs: one worker per GPU (``workers``)."""
+    return workers.auto_workers(options.resolve(config))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: hand each worker the GPU it owns (``workers``)."""
+    lora = node.config.stash[SESSION_KEY]
+    if lora.bench and str(lora.settings["device"].value).lower() != "cpu":
+        device = workers.worker_device(node.gateway.id, lora.visible_devices())
+        if device is not None:
+            node.workerinput[workers.WORKER_DEVICE] = device
 
 
 @pytest.hookimpl(optionalhook=True)

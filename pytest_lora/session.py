@@ -7,6 +7,7 @@ builds (so that tests can prove each base is built once).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class LoraSession:
         self.reruns = 0  # configs run again to confirm a timing regression (--lora-confirm)
         self.session: pytest.Session | None = None  # set when the session starts (the gate sets its exit status)
         self._machine: dict[str, Any] | None = None
+        self._visible: list[str] | None = None
         self._check_device_name()
         self._check_timing_options()
         self._check_data_options()
@@ -128,6 +130,14 @@ class LoraSession:
         from .progress import Progress
 
         return Progress(self.config, self.current_test, label, total, max(self.tests_total - self.tests_started, 0))
+
+    def visible_devices(self) -> list[str]:
+        """The GPUs this run may hand to xdist workers (``workers.visible_devices``), read once."""
+        if self._visible is None:
+            from . import workers
+
+            self._visible = workers.visible_devices(os.environ, workers.nvml_device_count)
+        return self._visible
 
     def waiting(self, label: str) -> Any:
         """A line for one long call of the current test (a base's build), shown if it takes seconds."""

@@ -1,0 +1,84 @@
+"""One xdist worker per GPU, without a GPU: the worker-to-device mapping for the ways
+``CUDA_VISIBLE_DEVICES`` is set, ``-n auto``'s worker count, and the pinning a worker does,
+end to end through xdist with a list of device UUIDs that no CUDA ever reads on this machine."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_lora import workers
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, ["0", "1", "2", "3"]),  # unset: every device the driver counts
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, ["0", "1", "2", "3"]),
+    ({"CUDA_VISIBLE_DEVICES": "3,1"}, ["3", "1"]),  # a subset, reordered
+    ({"CUDA_VISIBLE_DEVICES": " 2 , 0 "}, ["2", "0"]),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-8f2c1e4a-aaaa,GPU-1b3d5f7e-bbbb"}, ["GPU-8f2c1e4a-aaaa", "GPU-1b3d5f7e-bbbb"]),
+    ({"CUDA_VISIBLE_DEVICES": "MIG-5d1f0e2a-cccc"}, ["MIG-5d1f0e2a-cccc"]),
+    ({"CUDA_VISIBLE_DEVICES": "1,,2"}, ["1"]),  # CUDA reads up to the first empty entry
+    ({"CUDA_VISIBLE_DEVICES": ""}, []),  # no GPU
+])
+def test_the_visible_devices_are_the_callers_list(environ, expected):
+    assert workers.visible_devices(environ, lambda: 4) == expected
+
+
+def test_each_worker_owns_an_entry_of_the_list_not_a_raw_device_number():
+    devices = workers.visible_devices({"CUDA_VISIBLE_DEVICES": "3,1"}, lambda: 8)
+    assert [workers.worker_device(f"gw{n}", devices) for n in range(4)] == ["3", "1", "3", "1"]  # more workers: round robin
+    uuids = ["GPU-a", "GPU-b", "GPU-c"]
+    assert [workers.worker_device(f"gw{n}", uuids) for n in range(3)] == uuids
+    assert workers.worker_device("gw0", []) is None and workers.worker_device("master", uuids) is None
+
+
+def settings(bench=True, device="auto"):
+    return {"bench": SimpleNamespace(value=bench), "device": SimpleNamespace(value=device)}
+
+
+def test_n_auto_starts_one_worker_per_gpu_and_leaves_a_cpu_machine_to_xdist():
+    assert workers.auto_workers(settings(), {}, lambda: 4) == 4
+    assert workers.auto_workers(settings(), {"CUDA_VISIBLE_DEVICES": "2,3"}, lambda: 8) == 2
+    assert workers.auto_workers(settings(), {}, lambda: 0) is None  # no GPU: xdist's own count
+    assert workers.auto_workers(settings(device="cpu"), {}, lambda: 4) is None
+    assert workers.auto_workers(settings(bench=False), {}, lambda: 4) is None
+    assert workers.nvml_device_count() >= 0  # on a machine without a driver: 0, no error
+
+
+def test_a_worker_pins_itself_to_its_device():
+    environ = {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b"}
+    assert workers.pin({workers.WORKER_DEVICE: "GPU-b"}, environ) == "GPU-b" and environ == {"CUDA_VISIBLE_DEVICES": "GPU-b"}
+    assert workers.pin({}, environ) is None and environ == {"CUDA_VISIBLE_DEVICES": "GPU-b"}
+
+
+SEES = """
+import os
+import pytest
+
+@pytest.mark.parametrize("n", range(8))
+def test_sees(n, worker_id, lora_bench):
+    lora_bench.describe(model=worker_id)
+    lora_bench.record("device_entry", len(os.environ["CUDA_VISIBLE_DEVICES"]), "characters")
+    with open(f"{os.environ['SEEN_DIR']}/{worker_id}", "a") as seen:
+        seen.write(os.environ["CUDA_VISIBLE_DEVICES"] + "\\n")
+"""
+
+
+def test_under_xdist_each_worker_sees_only_its_own_gpu(pytester, monkeypatch):
+    pytester.makepyfile(test_sees=SEES)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e4a,GPU-1b3d5f7e")  # no CUDA reads it here: the torch build is the CPU one
+    monkeypatch.setenv("SEEN_DIR", str(pytester.path))
+    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "test_sees.py", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    seen = {worker: set((pytester.path / worker).read_text().split()) for worker in ("gw0", "gw1")}
+    assert seen == {"gw0": {"GPU-8f2c1e4a"}, "gw1": {"GPU-1b3d5f7e"}}
+
+
+def test_with_the_cpu_device_workers_are_not_pinned(pytester, monkeypatch):
+    pytester.makepyfile(test_sees=SEES)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e4a,GPU-1b3d5f7e")
+    monkeypatch.setenv("SEEN_DIR", str(pytester.path))
+    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", "test_sees.py", "-p", "no:cacheprovider")
+    assert result.ret == 0
+    assert {line for worker in ("gw0", "gw1") for line in (pytester.path / worker).read_text().split()} == {"GPU-8f2c1e4a,GPU-1b3d5f7e"}
