@@ -22,6 +22,7 @@ from .markers import suite_of
 from .matrix import Matrix
 from .report.recorder import Recorder
 from .session import LoraSession
+from .workers import without_group
 
 SESSION_KEY = pytest.StashKey[LoraSession]()
 RECORDER_KEY = pytest.StashKey[Recorder]()
@@ -140,6 +141,7 @@ def record_test_id(item: pytest.Item) -> str:
     package is installed (a checkout, a wheel in site-packages), so that their runs compare."""
     suites = bench.builtin_suites()
     path = getattr(item, "path", None)
-    if path is not None and path.is_relative_to(suites) and "::" in item.nodeid:
-        return f"suites/{path.relative_to(suites).as_posix()}::{item.nodeid.split('::', 1)[1]}"
-    return item.nodeid
+    nodeid = without_group(item.nodeid)
+    if path is not None and path.is_relative_to(suites) and "::" in nodeid:
+        return f"suites/{path.relative_to(suites).as_posix()}::{nodeid.split('::', 1)[1]}"
+    return nodeid

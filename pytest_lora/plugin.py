@@ -119,10 +119,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(name, values, ids=[value.id for value in values], scope=scope)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's: it reads the dist mode there
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Under ``-n`` the bench distributes by base (``--dist loadgroup``) unless the user chose a mode."""
+    chosen = any(arg == "--dist" or arg.startswith("--dist=") or arg == "-d" for arg in config.invocation_params.args)
+    if getattr(config.option, "numprocesses", None) and not chosen and options.resolve(config)["bench"].value:
+        config.option.dist = "loadgroup"
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     lora = config.stash[SESSION_KEY]
     config.stash[MARKERS_KEY].mark(items)
+    if lora.bench:  # one worker per base under --dist loadgroup (``workers``)
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(shard.group_of(item)))
     budget.check_markers(items)
     if not lora.bench:
         skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
@@ -173,7 +184,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     lora = item.config.stash[SESSION_KEY]
     lora.tests_started += 1
-    lora.current_test = item.nodeid.rsplit("/", 1)[-1]
+    lora.current_test = workers.without_group(item.nodeid).rsplit("/", 1)[-1]
     if LORA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
         _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):

@@ -36,19 +36,23 @@ def parse(setting: Any) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
+def spec(item: Any, name: str) -> Any:
+    """A test's matrix parameter, or ``None`` (also for an empty parametrization's NOTSET)."""
+    value = getattr(getattr(item, "callspec", None), "params", {}).get(name)
+    return value if hasattr(value, "id") or hasattr(value, "tokens") else None
+
+
 def group_of(item: Any) -> str:
     """The name of the group a test runs in: its base, or its module (and model)."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    model, quant = params.get("model_spec"), params.get("quant_spec")
+    model, quant = spec(item, "model_spec"), spec(item, "quant_spec")
     if model is not None and quant is not None:
-        return f"base {model.id} {quant.id}"
-    return f"module {item.nodeid.split('::', 1)[0]}" + (f" {model.id}" if model is not None else "")
+        return f"base:{model.id}:{quant.id}"
+    return f"module:{item.nodeid.split('::', 1)[0]}" + (f":{model.id}" if model is not None else "")
 
 
 def cost_of(item: Any, sizes: dict[str, float]) -> float:
     """Parameters x tokens of one test: the estimate that balances the shards."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    model, workload = params.get("model_spec"), params.get("workload_spec")
+    model, workload = spec(item, "model_spec"), spec(item, "workload_spec")
     if model is None:
         return NO_MODEL_COST
     if model.id not in sizes:

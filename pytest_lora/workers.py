@@ -9,6 +9,10 @@ or UUID, never by index, so NVML readings are of the worker's own GPU.
 
 ``-n auto`` under ``--lora-bench`` on a machine with GPUs starts one worker per listed GPU; on a
 machine without (or with ``--lora-device=cpu``) xdist chooses as it always does.
+
+Tests that share a base share a worker: each gets xdist's ``xdist_group`` mark named after its base
+(``shard.group_of``), and under ``-n`` the bench distributes with ``--dist loadgroup`` unless the
+user chose another mode, so each base is built once per run, as in a serial run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ import re
 from typing import Any, Callable, Mapping
 
 WORKER_DEVICE = "lora_cuda_visible_device"  # the workerinput key of a worker's GPU
+GROUP_SEPARATOR = "@"  # xdist's loadgroup appends "@<group>" to the ids of the tests it groups
+
+
+def without_group(nodeid: str) -> str:
+    """A test id as a serial run has it: xdist's ``loadgroup`` appends ``@<group>`` in workers, and
+    the records, seeds and progress line must name (and seed) a test the same with and without -n."""
+    return nodeid.split(GROUP_SEPARATOR, 1)[0]
 
 
 def visible_devices(environ: Mapping[str, str], device_count: Callable[[], int]) -> list[str]:

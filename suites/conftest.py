@@ -27,6 +27,18 @@ class TrainedModel:
     losses: list[float]
 
 
+@pytest.fixture(autouse=True)
+def seeded_by_test_id(request) -> None:
+    """Every suite test starts from torch's global generator seeded by its id, so what it draws
+    without a generator of its own (peft's initialisation of lora_A, ...) is the same whatever ran
+    before it in the process: in a serial run, an xdist worker or a shard."""
+    import torch
+
+    from pytest_lora.models import build
+
+    torch.manual_seed(build.seed_for(request.node.nodeid))
+
+
 @pytest.fixture(scope="session")
 def trained_task_model(lora_session, lora_device: str) -> TrainedModel:
     """The task model trained on Markov language A (batch 16 x 64 tokens, AdamW 3e-3); task B is

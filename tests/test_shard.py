@@ -63,6 +63,9 @@ def item(model: str | None, quant: str | None, module: str = "suites/test_memory
 def test_every_test_is_in_exactly_one_shard_with_its_base_and_the_shards_balance():
     items = [item(m, q, tokens=t) for m in ("a", "b", "c") for q in ("bf16", "nf4", "int8") for t in (128, 2048)]
     items += [item(None, None, module="suites/test_params.py"), item(None, "nf4", module="suites/test_merge.py")]
+    empty = item(None, None, module="suites/test_merge.py")  # an empty parametrization leaves NOTSET in callspec.params
+    empty.callspec.params.update(model_spec=object(), quant_spec=object())
+    assert shard.group_of(empty) == "module:suites/test_merge.py" and shard.cost_of(empty, {}) == shard.NO_MODEL_COST
     chosen = [shard.select(items, k, 4)[0] for k in (1, 2, 3, 4)]
     assert sorted(id(i) for part in chosen for i in part) == sorted(id(i) for i in items)
     groups = [{shard.group_of(i) for i in part} for part in chosen]

@@ -82,3 +82,25 @@ def test_with_the_cpu_device_workers_are_not_pinned(pytester, monkeypatch):
     result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", "test_sees.py", "-p", "no:cacheprovider")
     assert result.ret == 0
     assert {line for worker in ("gw0", "gw1") for line in (pytester.path / worker).read_text().split()} == {"GPU-8f2c1e4a,GPU-1b3d5f7e"}
+
+
+SMALL = ("--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", "--lora-quant=none,nf4", "--lora-ranks=8", "--lora-targets=default",
+         "--lora-device=cpu", "-p", "no:cacheprovider", "-m", "lora_params or lora_merge or lora_step_time")
+TIMINGS = ("_s", "tokens_per_s", "cpu_pressure", "other_cpu_load", "harness_overhead_pct", "mfu")
+
+
+def untimed(document: dict) -> dict:
+    return {r["test"]: (r["status"], {k: v for k, v in r["metrics"].items() if not k.endswith(TIMINGS)}) for r in document["records"]}
+
+
+def test_two_workers_write_the_records_of_a_serial_run_and_build_each_base_once(pytester):
+    import json
+
+    serial = pytester.runpytest_subprocess("--lora-bench", *SMALL, "--lora-results=serial")
+    parallel = pytester.runpytest_subprocess("-n", "2", "--lora-bench", *SMALL, "--lora-results=parallel")
+    assert serial.ret == parallel.ret == 0, parallel.stdout.str()[-3000:]
+    one, two = (json.loads((pytester.path / name / "latest.json").read_text()) for name in ("serial", "parallel"))
+    assert len(one["records"]) > 30 and untimed(one) == untimed(two)  # same test ids, statuses and numbers
+    assert not any("@" in record["test"] for record in two["records"])  # loadgroup's suffix stays out of the records
+    builds = [r["metrics"]["builds"] for r in two["records"] if "test_base_build_time" in r["test"]]
+    assert builds == [1, 1, 1, 1]  # each base built once, by the one worker that ran its tests

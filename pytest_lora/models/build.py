@@ -108,8 +108,11 @@ def untie_published_output(model: nn.Module, config_dict: dict[str, Any]) -> Non
 
 
 def seed_for(*parts: str) -> int:
-    """A stable seed from names (``zlib.crc32``; Python's ``hash`` changes between runs)."""
-    return zlib.crc32("::".join(parts).encode())
+    """A stable seed from names (``zlib.crc32``; Python's ``hash`` changes between runs); a test id
+    seeds the same under xdist's loadgroup, which appends ``@<group>`` to it."""
+    from ..workers import without_group
+
+    return zlib.crc32("::".join(without_group(part) for part in parts).encode())
 
 
 def build_base(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
