@@ -45,9 +45,11 @@ class Progress:
         self._write(self.text(done, now), first=self.shown_at is None)
         self.shown_at = now
 
-    def text(self, done: int, now: float) -> str:
+    def text(self, done: int | None, now: float) -> str:
+        """The line; ``done`` None for a call that counts no steps (``Waiting``)."""
         tests = f"{self.remaining} more test{'s' if self.remaining != 1 else ''}" if self.remaining else "last test"
-        return f"[lora] {self.label} {done}/{self.total} ({now - self.started:.0f} s; {tests}) {self.test}"
+        count = "" if done is None else f" {done}/{self.total}"
+        return f"[lora] {self.label}{count} ({now - self.started:.0f} s; {tests}) {self.test}"
 
     def close(self) -> None:
         """Leave the last line standing, and have pytest start its next result on a new line."""
@@ -89,5 +91,5 @@ class Waiting:
     def _show(self) -> None:
         with self.lock:  # never after the call has returned: the main thread may be writing again
             if not self.done:
-                self.progress._write(self.progress.text(0, self.progress.clock()).replace(" 0/1", "", 1), first=True)
+                self.progress._write(self.progress.text(None, self.progress.clock()), first=True)
                 self.progress.shown_at = self.progress.clock()

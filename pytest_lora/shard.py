@@ -89,11 +89,12 @@ def select(items: list[Any], shard: int, shards: int) -> tuple[list[Any], list[A
     """The tests of shard ``shard`` (1-based) of ``shards``, and the others."""
     sizes: dict[str, float] = {}
     groups: dict[str, float] = {}
-    for item in items:
-        groups[group_of(item)] = groups.get(group_of(item), 0.0) + cost_of(item, sizes)
+    names = [group_of(item) for item in items]
+    for item, name in zip(items, names):
+        groups[name] = groups.get(name, 0.0) + cost_of(item, sizes)
     placed = assign(groups, shards)
-    kept = [item for item in items if placed[group_of(item)] == shard - 1]
-    return kept, [item for item in items if placed[group_of(item)] != shard - 1]
+    kept = [item for item, name in zip(items, names) if placed[name] == shard - 1]
+    return kept, [item for item, name in zip(items, names) if placed[name] != shard - 1]
 
 
 class Sharding:

@@ -43,7 +43,22 @@ def test_n_auto_starts_one_worker_per_gpu_and_leaves_a_cpu_machine_to_xdist():
     assert workers.auto_workers(settings(), {}, lambda: 0) is None  # no GPU: xdist's own count
     assert workers.auto_workers(settings(device="cpu"), {}, lambda: 4) is None
     assert workers.auto_workers(settings(bench=False), {}, lambda: 4) is None
-    assert workers.nvml_device_count() >= 0  # on a machine without a driver: 0, no error
+
+
+def test_the_gpu_count_is_nvmls_and_zero_without_a_driver(monkeypatch):
+    import pynvml
+
+    calls = []
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 3)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
+    assert workers.nvml_device_count() == 3 and calls == ["init", "shutdown"]
+
+    def no_driver():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    assert workers.nvml_device_count() == 0
 
 
 def test_a_worker_pins_itself_to_its_device():

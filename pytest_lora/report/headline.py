@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from .stats import median
 from .table import case_cell, format_change, format_value, function_name
 
 QUANT_ORDER = ("none", "fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq")  # wider to narrower
@@ -293,12 +294,6 @@ def merge_errors(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[flo
             for quant, by in found.items()}
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def merge_verdict(errors: dict[str, dict[str, tuple[float, float]]]) -> str:
     """Which strategy to use on a quantized base: the one with the lowest KL on most formats."""
     quantized = {quant: by for quant, by in errors.items() if len(by) > 1}
@@ -341,9 +336,14 @@ def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
 # ----------------------------------------------------------------- forgetting
 
 
-def forgetting_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+def forgetting_methods(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The LoRA and full fine-tuning records of the forgetting suite that measured forgetting."""
     methods = ok_records(records, "test_forgetting_lora") + ok_records(records, "test_forgetting_full_finetuning")
-    methods = [r for r in methods if "forgetting_delta_loss" in r["metrics"]]
+    return [r for r in methods if "forgetting_delta_loss" in r["metrics"]]
+
+
+def forgetting_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    methods = forgetting_methods(records)
     if not methods:
         return None
     header = ["method", "learning [nats]", "forgetting [nats]", "seeds"]

@@ -86,9 +86,6 @@ def section(part: headline.Section, level: str = "###") -> list[str]:
     return out
 
 
-PLOT_OF_SECTION = {"memory": "memory", "speed": "speed", "merge": "merge", "forgetting": "forgetting"}
-
-
 def render_run(document: dict[str, Any]) -> str:
     """The whole report of one run."""
     run, records = document["run"], document["records"]
@@ -99,9 +96,8 @@ def render_run(document: dict[str, Any]) -> str:
         out.extend(["## Headline", ""])
     for part in parts:
         out.extend(section(part))
-        plot = PLOT_OF_SECTION.get(part.key)
-        if plot in drawn:
-            out.extend([f"![{plots.TITLES[plot]}]({plots.file_name(run['id'], plot)})", ""])
+        if part.key in drawn:  # a section and its plot share a name
+            out.extend([f"![{plots.TITLES[part.key]}]({plots.file_name(run['id'], part.key)})", ""])
     if run.get("gate"):
         out.extend(gate(run["gate"]))
     out.extend(full_tables(records))

@@ -96,10 +96,8 @@ def merge_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float
 def forgetting_points(records: list[dict[str, Any]]) -> list[tuple[str, float, float, float, float]]:
     """(label, learning, learning spread, forgetting, forgetting spread) of every forgetting record."""
     points = []
-    for record in records:
+    for record in headline.forgetting_methods(records):
         metrics = record["metrics"]
-        if record["suite"] != "forgetting" or "forgetting_delta_loss" not in metrics or record["status"] != "ok":
-            continue
         label = headline.method_label(record) if record.get("lora") else record["test"]
         points.append((label, metrics["learning_delta_loss"], metrics.get("learning_delta_loss_std", 0.0),
                        metrics["forgetting_delta_loss"], metrics.get("forgetting_delta_loss_std", 0.0)))
