@@ -119,6 +119,8 @@ def report_command(arguments: argparse.Namespace) -> int:
     from .report.store import atomic_write_text
 
     documents = [_run_file(path, "RUN") for path in arguments.runs]
+    for path, document in zip(arguments.runs, documents):
+        _recover(document, Path(path))
     first = Path(arguments.runs[0])
     directory = Path(arguments.output) if arguments.output else (first if first.is_dir() else first.parent)
     if len(documents) == 1:
@@ -132,6 +134,15 @@ def report_command(arguments: argparse.Namespace) -> int:
     for path in written:
         print(f"pytest-lora: wrote {path}")
     return 0
+
+
+def _recover(document: dict[str, Any], path: Path) -> None:
+    """A run that never finished: its xdist workers' journals may hold records its JSON lacks."""
+    from .journal import recover
+
+    gained = recover(document, path if path.is_dir() else path.parent)
+    if gained:
+        print(f"pytest-lora: run {document['run']['id']} did not finish; {gained} record(s) taken from its workers' journals")
 
 
 def merge_command(arguments: argparse.Namespace) -> int:

@@ -76,9 +76,7 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
         model = build.build_base(model_spec, quant_spec, lora_device)
     if gpu is not None:
         gpu.synchronize()
-    key = (model_spec.id, quant_spec.id, lora_device)
-    lora_session.build_seconds[key] = clock() - started
-    lora_session.builds[key] += 1
+    lora_session.note_build((model_spec.id, quant_spec.id, lora_device), clock() - started)
     yield model
     del model
     build.free_memory(gpu)

@@ -123,6 +123,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="K/N",
     ),
     Option(
+        "gpus_per_worker",
+        "GPUs each xdist worker owns (default 1): -n auto starts one worker per group of K GPUs of CUDA_VISIBLE_DEVICES, "
+        "and a base too large for one GPU is spread over its worker's GPUs (device_map auto).",
+        metavar="K",
+    ),
+    Option(
         "report",
         "the terminal summary: summary (the headline tables, one screen) or full (every table too; -v does the same).",
         metavar="summary|full",

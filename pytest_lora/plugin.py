@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, budget, confirm, hooks, markers, options, quiet, shard, summary, workers
+from . import bench, budget, confirm, hooks, journal, markers, options, quiet, shard, summary, workers
 from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
@@ -35,7 +35,6 @@ from .session import LoraSession
 MARKERS_KEY = pytest.StashKey[markers.SuiteMarkers]()
 DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
-WORKER_RECORDS = "pytest_lora_records"
 # Fixtures that build or measure on the device: before them, nothing of a failed test may be alive.
 LORA_FIXTURES = frozenset({"base_model", "lora_model", "lora_bench", "lora_gpu"})
 
@@ -74,7 +73,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):  # an xdist worker: its own GPU, before anything starts CUDA
+    if hasattr(config, "workerinput"):  # an xdist worker: its own GPUs, before anything starts CUDA
         workers.pin(config.workerinput)
     config.stash[MARKERS_KEY] = markers.SuiteMarkers(config)
     config.addinivalue_line("markers", budget.MARKER_LINE)
@@ -82,6 +81,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", line)
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
+    if journal.WORKER_JOURNAL in getattr(config, "workerinput", {}):
+        lora.journal = journal.Journal(config.workerinput[journal.WORKER_JOURNAL])
     if lora.shard is not None:
         config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:
@@ -176,8 +177,12 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"{where}: " + "\n  ".join(dict.fromkeys(found)))
 
 
+@pytest.hookimpl(tryfirst=True)  # an xdist worker: before it tells the controller what it collected
 def pytest_collection_finish(session: pytest.Session) -> None:
-    session.config.stash[SESSION_KEY].tests_total = len(session.items)
+    lora = session.config.stash[SESSION_KEY]
+    lora.tests_total = len(session.items)
+    if lora.journal is not None and lora.bench:
+        lora.journal.groups({item.nodeid: shard.group_of(item) for item in session.items})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -189,6 +194,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):
         item.stash[RECORDER_KEY] = new_recorder(item)
+        if lora.journal is not None:  # the controller's record of this config if the worker dies in it
+            lora.journal.started(item.nodeid, item.stash[RECORDER_KEY].to_record())
 
 
 @pytest.hookimpl(wrapper=True)
@@ -283,26 +290,24 @@ def _deliver(item: pytest.Item, recorder: Any) -> None:
     config = item.config
     lora = config.stash[SESSION_KEY]
     if recorder.status == "skipped" and not lora.bench:
+        if lora.journal is not None:
+            lora.journal.dropped(item.nodeid)
         return
     record = recorder.to_record()
     first = confirm.first_run(item)
     if first is not None:  # the first run's record is already with the store or the controller
         first["confirmation"] = confirm.confirmation_of(record)
-        if lora.store is not None:
-            lora.store.write()
+        lora.deliver(first, again=True)
         return
     item.stash[RECORD_KEY] = record
-    if hasattr(config, "workerinput"):  # an xdist worker: the controller writes
-        lora.pending.append(record)
-    else:
-        lora.add_records(record)
+    lora.deliver(record)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     lora = session.config.stash[SESSION_KEY]
-    if hasattr(session.config, "workeroutput"):
-        session.config.workeroutput[WORKER_RECORDS] = list(lora.pending)
-    else:
+    if lora.journal is not None:
+        lora.journal.close()
+    elif not hasattr(session.config, "workerinput"):
         session.exitstatus = lora.finish(int(session.exitstatus))
 
 
@@ -314,20 +319,46 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist controller: hand each worker the GPU it owns (``workers``)."""
+    """xdist controller: hand each worker its journal, the GPUs it owns and the dist mode (``workers``)."""
     lora = node.config.stash[SESSION_KEY]
+    node.workerinput[journal.WORKER_JOURNAL] = str(lora.collector().expect(node.gateway.id))
     if lora.bench and str(lora.settings["device"].value).lower() != "cpu":
-        device = workers.worker_device(node.gateway.id, lora.visible_devices())
+        device = workers.worker_device(node.gateway.id, lora.visible_devices(), lora.gpus_per_worker)
         if device is not None:
             node.workerinput[workers.WORKER_DEVICE] = device
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist controller: under the bench, ``--dist loadgroup`` keeps each base's tests on one worker."""
+    lora = config.stash[SESSION_KEY]
+    if lora.bench and config.getvalue("dist") == "loadgroup":
+        from .scheduling import BaseScheduling
+
+        return BaseScheduling(config, log, lora.test_groups)
+    return None
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """xdist controller: a worker's records join the run as it reports its tests (``journal``)."""
+    node = getattr(report, "node", None)
+    if node is not None and report.when == "teardown":
+        node.config.stash[SESSION_KEY].collect(node.gateway.id)
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist controller: the records a worker measured arrive when it finishes."""
-    records = getattr(node, "workeroutput", {}).get(WORKER_RECORDS, [])
-    if records:
-        node.config.stash[SESSION_KEY].add_records(*records)
+    """xdist controller: a worker went down; the rest of its journal joins the run."""
+    lora = node.config.stash[SESSION_KEY]
+    if error is not None:
+        lora.worker_errors[node.gateway.id] = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    lora.collect(node.gateway.id)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: Any) -> None:
+    """xdist controller: the test a worker died in becomes an ``error`` record that says so."""
+    report.node.config.stash[SESSION_KEY].worker_crashed(report.node.gateway.id, crashitem)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from . import budget, shard, summary
+from . import budget, shard, summary, workers
 from . import matrix as matrix_module
 from . import options
 from .matrix import Matrix, MatrixError, RawValue
@@ -36,7 +36,9 @@ class LoraSession:
         self.started = provenance.now()
         self.builds: Counter[tuple[str, str, str]] = Counter()
         self.store: ResultsStore | None = None
-        self.pending: list[dict[str, Any]] = []  # an xdist worker's records, sent at the end
+        self.journal: Any = None  # an xdist worker's journal.Journal: its records, as measured
+        self._collector: Any = None  # the xdist controller's journal.Collector
+        self.worker_errors: dict[str, str] = {}  # why each worker that went down early did
         self.allocated_before_build: list[int] = []  # CUDA bytes allocated before each base build
         self._gpu: Any = "unresolved"
         self._layers: list[dict[str, RawValue]] | None = None
@@ -58,6 +60,7 @@ class LoraSession:
         self._check_data_options()
         summary.check_report_option(self.settings["report"])
         self.shard = shard.parse(self.settings["shard"])  # (K, N) or None
+        self.gpus_per_worker = workers.gpus_per_worker(self.settings["gpus_per_worker"])
         matrix_file = self.path_setting("matrix") if self.settings["matrix"].value else None
         self.gate = Gate(self.settings, matrix_file)
         self.memory_limit = budget.option_limit(self.settings["limit_memory"])
@@ -134,8 +137,6 @@ class LoraSession:
     def visible_devices(self) -> list[str]:
         """The GPUs this run may hand to xdist workers (``workers.visible_devices``), read once."""
         if self._visible is None:
-            from . import workers
-
             self._visible = workers.visible_devices(os.environ, workers.nvml_device_count)
         return self._visible
 
@@ -261,6 +262,72 @@ class LoraSession:
             self._machine["cpu_threads"] = self.timing_threads()
         return self._machine
 
+    def note_build(self, base: tuple[str, str, str], seconds: float) -> None:
+        """A base (model, quantization, device) was built: counted for the run (``builds`` in its JSON)."""
+        self.build_seconds[base] = seconds
+        self.builds[base] += 1
+        if self.journal is not None:
+            self.journal.build(base, seconds)
+
+    def builds_summary(self) -> list[dict[str, Any]]:
+        """The run's base builds: each base once, unless a test asked for it after it was released."""
+        return [{"model": model, "quant": quant, "device": device, "count": count,
+                 "seconds": round(self.build_seconds.get((model, quant, device), 0.0), 6)}
+                for (model, quant, device), count in self.builds.items()]
+
+    def deliver(self, record: dict[str, Any], again: bool = False) -> None:
+        """A test's record: to the worker's journal under xdist, else to the store. ``again``: a
+        record delivered before, now with more in it (a confirming rerun's result)."""
+        if self.journal is not None:
+            self.journal.record(record)
+        elif again:
+            if self.store is not None:
+                self.store.write()
+        else:
+            self.add_records(record)
+
+    # ----------------------------------------------------------------- xdist workers' journals
+
+    def collector(self) -> Any:
+        """The controller's reader of its workers' journals, made when the first worker starts."""
+        if self._collector is None:
+            import tempfile
+
+            from . import journal
+
+            if self.records_wanted:
+                self._collector = journal.Collector(journal.directory_of(self.path_setting("results"), self.run_id))
+            else:  # no results directory: the journals live as long as the run
+                self._collector = journal.Collector(Path(tempfile.mkdtemp(prefix="pytest-lora-")), temporary=True)
+        return self._collector
+
+    def collect(self, worker_id: str) -> None:
+        """Take worker ``worker_id``'s new records and builds into the run (written at once)."""
+        if self._collector is None:
+            return
+        arrivals = self._collector.collect(worker_id)
+        for base, seconds in arrivals.builds:
+            self.note_build(base, seconds)
+        if arrivals.records or arrivals.builds:
+            self.add_records(*arrivals.records)
+
+    def test_groups(self) -> dict[str, str]:
+        """Each collected test's group, as the workers named them (read by ``scheduling``)."""
+        if self._collector is not None and not self._collector.groups:
+            for worker_id in list(self._collector.readers):
+                self.collect(worker_id)
+        return self._collector.groups if self._collector is not None else {}
+
+    def worker_crashed(self, worker_id: str, nodeid: str) -> None:
+        """xdist says worker ``worker_id`` died while running ``nodeid``: its config is an ``error``."""
+        if self._collector is None:
+            return
+        self.collect(worker_id)
+        why = f"worker {worker_id} died while running this config ({self.worker_errors.get(worker_id, 'no reason given')})"
+        record = self._collector.interrupted(nodeid, why)
+        if record is not None:
+            self.add_records(record)
+
     def add_records(self, *records: dict[str, Any]) -> None:
         if self.store is None:
             argv = ["pytest", *self.config.invocation_params.args]
@@ -272,7 +339,8 @@ class LoraSession:
         if self.peak_source is not None:
             self.store.machine["mfu_peak_tflops"] = self._peak / 1e12
             self.store.machine["mfu_peak_source"] = self.peak_source
-        self.store.add(*records)
+        self.store.run["builds"] = self.builds_summary()
+        self.store.put(*records)
 
     def finish(self, exitstatus: int) -> int:
         """Judge the run with the gate, write its status; the exit status, 1 if the gate failed it."""
@@ -285,7 +353,10 @@ class LoraSession:
             comparison.annotate(self.store.records)
             if comparison.regressions and exitstatus == 0:
                 exitstatus = 1
+        self.store.run["builds"] = self.builds_summary()
         self.store.finish(run_status(exitstatus), provenance.now())
+        if self._collector is not None:
+            self._collector.remove()  # after the final write: the JSON holds every journal's records
         return exitstatus
 
     def fail_run(self, reason: str) -> None:

@@ -1,17 +1,20 @@
-"""One pytest-xdist worker per GPU: how many workers ``-n auto`` starts, and which GPU each owns.
+"""One pytest-xdist worker per GPU (or per group of GPUs): how many workers ``-n auto`` starts,
+and which GPUs each owns.
 
 The caller's ``CUDA_VISIBLE_DEVICES`` (indices, UUIDs or MIG ids, in any order; or unset: every
-device NVML counts) lists the GPUs the run may use. Worker ``gwN`` owns entry N of that list
-(round robin when there are more workers than GPUs) and sees only it: the controller hands the
-entry to the worker, which sets ``CUDA_VISIBLE_DEVICES`` to it before anything initialises CUDA.
-Inside the worker that GPU is ``cuda:0``, and ``measure.gpu`` finds its NVML handle by PCI bus id
-or UUID, never by index, so NVML readings are of the worker's own GPU.
+device NVML counts) lists the GPUs the run may use. With ``--lora-gpus-per-worker=K`` (default 1)
+the list is cut into groups of K consecutive entries (a remainder shorter than K is left idle);
+worker ``gwN`` owns group N (round robin when there are more workers than groups) and sees only
+it: the controller hands the entries to the worker, which sets ``CUDA_VISIBLE_DEVICES`` to them
+before anything initialises CUDA. Inside the worker its GPUs are ``cuda:0`` to ``cuda:K-1`` (a model
+too large for one is spread over them: ``models.build``), and ``measure.gpu`` finds each NVML
+handle by PCI bus id or UUID, never by index, so NVML readings are of the worker's own GPUs.
 
-``-n auto`` under ``--lora-bench`` on a machine with GPUs starts one worker per listed GPU; on a
+``-n auto`` under ``--lora-bench`` on a machine with GPUs starts one worker per group; on a
 machine without (or with ``--lora-device=cpu``) xdist chooses as it always does.
 
 Tests that share a base share a worker: each gets xdist's ``xdist_group`` mark named after its base
-(``shard.group_of``), and under ``-n`` the bench distributes with ``--dist loadgroup`` unless the
+(``shard.group_of``), and under ``-n`` the bench distributes by group (``scheduling``) unless the
 user chose another mode, so each base is built once per run, as in a serial run.
 """
 
@@ -21,7 +24,7 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-WORKER_DEVICE = "lora_cuda_visible_device"  # the workerinput key of a worker's GPU
+WORKER_DEVICE = "lora_cuda_visible_device"  # the workerinput key of a worker's GPUs
 GROUP_SEPARATOR = "@"  # xdist's loadgroup appends "@<group>" to the ids of the tests it groups
 
 
@@ -48,12 +51,28 @@ def visible_devices(environ: Mapping[str, str], device_count: Callable[[], int])
     return entries
 
 
-def worker_device(worker_id: str, devices: list[str]) -> str | None:
-    """The entry worker ``gwN`` owns: the N-th, round robin; ``None`` when there is no GPU."""
+def gpu_groups(devices: list[str], per_worker: int = 1) -> list[list[str]]:
+    """The list cut into groups of ``per_worker`` consecutive entries; a shorter remainder is idle."""
+    return [devices[start:start + per_worker] for start in range(0, len(devices) - per_worker + 1, per_worker)]
+
+
+def worker_device(worker_id: str, devices: list[str], per_worker: int = 1) -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` of worker ``gwN``: group N, round robin; ``None`` without a GPU."""
     match = re.fullmatch(r"gw(\d+)", worker_id)
-    if not devices or match is None:
+    groups = gpu_groups(devices, per_worker)
+    if not groups or match is None:
         return None
-    return devices[int(match[1]) % len(devices)]
+    return ",".join(groups[int(match[1]) % len(groups)])
+
+
+def gpus_per_worker(setting: Any) -> int:
+    """``--lora-gpus-per-worker``: a whole number >= 1 (default 1)."""
+    value = str(setting.value if setting.value is not None else 1).strip()
+    if not value.isdigit() or int(value) < 1:
+        import pytest
+
+        raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a GPU count; allowed: an integer >= 1")
+    return int(value)
 
 
 def nvml_device_count() -> int:
@@ -75,12 +94,15 @@ def auto_workers(settings: Mapping[str, Any], environ: Mapping[str, str] = os.en
     """``-n auto``: one worker per GPU under ``--lora-bench``; ``None`` leaves xdist's own choice."""
     if not settings["bench"].value or str(settings["device"].value).lower() == "cpu":
         return None
-    return len(visible_devices(environ, device_count)) or None
+    per_worker = gpus_per_worker(settings["gpus_per_worker"])
+    return len(gpu_groups(visible_devices(environ, device_count), per_worker)) or None
 
 
 def pin(workerinput: Mapping[str, Any], environ: Any = os.environ) -> str | None:
-    """In a worker: see only the GPU the controller handed it (before CUDA starts)."""
+    """In a worker: see only the GPUs the controller handed it (before CUDA starts)."""
     device = workerinput.get(WORKER_DEVICE)
     if device is not None:
         environ["CUDA_VISIBLE_DEVICES"] = device
     return device
+
+

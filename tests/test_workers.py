@@ -33,13 +33,32 @@ def test_each_worker_owns_an_entry_of_the_list_not_a_raw_device_number():
     assert workers.worker_device("gw0", []) is None and workers.worker_device("master", uuids) is None
 
 
-def settings(bench=True, device="auto"):
-    return {"bench": SimpleNamespace(value=bench), "device": SimpleNamespace(value=device)}
+def test_a_worker_of_k_gpus_owns_k_consecutive_entries_and_a_remainder_is_idle():
+    devices = ["3", "1", "GPU-c", "0", "2"]
+    assert workers.gpu_groups(devices, 2) == [["3", "1"], ["GPU-c", "0"]]  # "2" is left over
+    assert [workers.worker_device(f"gw{n}", devices, 2) for n in range(3)] == ["3,1", "GPU-c,0", "3,1"]
+    assert workers.worker_device("gw0", devices, 5) == "3,1,GPU-c,0,2"
+    assert workers.worker_device("gw0", devices, 6) is None  # fewer GPUs than one worker needs
+
+
+def test_gpus_per_worker_is_a_whole_number_of_at_least_one():
+    assert workers.gpus_per_worker(SimpleNamespace(value=None)) == 1
+    assert workers.gpus_per_worker(SimpleNamespace(value="4")) == 4
+    for bad in ("0", "two", "-1", "1.5"):
+        with pytest.raises(pytest.UsageError, match=r"--lora-gpus-per-worker: .* is not a GPU count; allowed: an integer >= 1"):
+            workers.gpus_per_worker(SimpleNamespace(value=bad, describe=lambda: "--lora-gpus-per-worker"))
+
+
+def settings(bench=True, device="auto", per_worker=None):
+    return {"bench": SimpleNamespace(value=bench), "device": SimpleNamespace(value=device),
+            "gpus_per_worker": SimpleNamespace(value=per_worker)}
 
 
 def test_n_auto_starts_one_worker_per_gpu_and_leaves_a_cpu_machine_to_xdist():
     assert workers.auto_workers(settings(), {}, lambda: 4) == 4
     assert workers.auto_workers(settings(), {"CUDA_VISIBLE_DEVICES": "2,3"}, lambda: 8) == 2
+    assert workers.auto_workers(settings(per_worker="2"), {}, lambda: 8) == 4  # one worker per pair of GPUs
+    assert workers.auto_workers(settings(per_worker="3"), {}, lambda: 2) is None  # not one group: xdist's count
     assert workers.auto_workers(settings(), {}, lambda: 0) is None  # no GPU: xdist's own count
     assert workers.auto_workers(settings(device="cpu"), {}, lambda: 4) is None
     assert workers.auto_workers(settings(bench=False), {}, lambda: 4) is None
@@ -84,17 +103,29 @@ def test_under_xdist_each_worker_sees_only_its_own_gpu(pytester, monkeypatch):
     pytester.makepyfile(test_sees=SEES)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e4a,GPU-1b3d5f7e")  # no CUDA reads it here: the torch build is the CPU one
     monkeypatch.setenv("SEEN_DIR", str(pytester.path))
-    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "test_sees.py", "-p", "no:cacheprovider")
+    # --dist load: one module's tests on both workers (the bench's own scheduling keeps them on one)
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "test_sees.py", "-p", "no:cacheprovider")
     assert result.ret == 0, result.stdout.str()[-2000:]
     seen = {worker: set((pytester.path / worker).read_text().split()) for worker in ("gw0", "gw1")}
     assert seen == {"gw0": {"GPU-8f2c1e4a"}, "gw1": {"GPU-1b3d5f7e"}}
+
+
+def test_a_worker_of_two_gpus_sees_its_pair(pytester, monkeypatch):
+    pytester.makepyfile(test_sees=SEES)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d,GPU-e")
+    monkeypatch.setenv("SEEN_DIR", str(pytester.path))
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "--lora-gpus-per-worker=2",
+                                           "test_sees.py", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    seen = {worker: set((pytester.path / worker).read_text().split()) for worker in ("gw0", "gw1")}
+    assert seen == {"gw0": {"GPU-a,GPU-b"}, "gw1": {"GPU-c,GPU-d"}}
 
 
 def test_with_the_cpu_device_workers_are_not_pinned(pytester, monkeypatch):
     pytester.makepyfile(test_sees=SEES)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e4a,GPU-1b3d5f7e")
     monkeypatch.setenv("SEEN_DIR", str(pytester.path))
-    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", "test_sees.py", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "--lora-device=cpu", "test_sees.py", "-p", "no:cacheprovider")
     assert result.ret == 0
     assert {line for worker in ("gw0", "gw1") for line in (pytester.path / worker).read_text().split()} == {"GPU-8f2c1e4a,GPU-1b3d5f7e"}
 
@@ -118,4 +149,5 @@ def test_two_workers_write_the_records_of_a_serial_run_and_build_each_base_once(
     assert len(one["records"]) > 30 and untimed(one) == untimed(two)  # same test ids, statuses and numbers
     assert not any("@" in record["test"] for record in two["records"])  # loadgroup's suffix stays out of the records
     builds = [r["metrics"]["builds"] for r in two["records"] if "test_base_build_time" in r["test"]]
-    assert builds == [1, 1, 1, 1]  # each base built once, by the one worker that ran its tests
+    assert builds == [1, 1, 1, 1]  # each base built once by the worker that timed it ...
+    assert sorted(build["count"] for build in two["run"]["builds"]) == [1, 1, 1, 1]  # ... and by no other worker

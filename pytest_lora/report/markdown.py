@@ -61,6 +61,21 @@ def git_line(run: dict[str, Any]) -> str:
     return f"{git['commit'][:12]}" + (" with uncommitted changes" if git.get("dirty") else " (clean)")
 
 
+def run_line(run: dict[str, Any]) -> str:
+    if run.get("finished") is None:
+        return f"{run.get('status')}, started {run.get('started')}, not finished: the records measured until it was stopped or killed"
+    return f"{run.get('status')}, {run.get('started')} to {run.get('finished')}"
+
+
+def builds_line(builds: list[dict[str, Any]]) -> str:
+    """How many base models the run built: each base once, or which were built again (a base
+    released and asked for later, e.g. a test order that interleaves bases, costs a build)."""
+    total = sum(build["count"] for build in builds)
+    again = [f"{b['model']} {b['quant']} on {b['device']} x{b['count']}" for b in builds if b["count"] > 1]
+    text = f"{total} for {len(builds)} base{'s' * (len(builds) != 1)}"
+    return text + (f"; built more than once: {', '.join(again)}" if again else ", each built once")
+
+
 def provenance(document: dict[str, Any]) -> list[str]:
     run, machine = document["run"], document["machine"]
     skipped = sum(r["status"] == "skipped" for r in document["records"])
@@ -68,9 +83,11 @@ def provenance(document: dict[str, Any]) -> list[str]:
         f"- **Machine**: {machine_line(machine)}",
         f"- **Versions**: {versions_line(machine)}",
         f"- **Code**: {git_line(run)}; run `{' '.join(run.get('argv') or [])}`",
-        f"- **Run**: {run.get('status')}, {run.get('started')} to {run.get('finished')}",
+        f"- **Run**: {run_line(run)}",
         f"- **Records**: {status_counts(document['records'])}" + (" (skipped: measurements this device can't make)" if skipped else ""),
     ]
+    if run.get("builds"):
+        lines.append(f"- **Base builds**: {builds_line(run['builds'])}")
     if run.get("failed_by"):
         lines.append(f"- **Failed by**: {'; '.join(run['failed_by'])}")
     return lines

@@ -44,9 +44,17 @@ class ResultsStore:
     def document(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "run": self.run, "machine": self.machine, "records": self.records}
 
-    def add(self, *records: dict[str, Any]) -> None:
-        """Append records and write the document at once: nothing measured is lost."""
-        self.records.extend(records)
+    def put(self, *records: dict[str, Any]) -> None:
+        """Add records, each replacing an earlier one of its test, and write the document at once:
+        nothing measured is lost. (An xdist worker sends a record again when a confirming rerun
+        adds to it.)"""
+        index = {record["test"]: position for position, record in enumerate(self.records)}
+        for record in records:
+            if record["test"] in index:
+                self.records[index[record["test"]]] = record
+            else:
+                index[record["test"]] = len(self.records)
+                self.records.append(record)
         self.write()
 
     @property

@@ -1,0 +1,200 @@
+"""Records of xdist workers as they are measured: one append-only journal per worker.
+
+A worker that dies (a segfault in a CUDA kernel, the kernel's OOM killer, a driver reset) sends
+nothing at its end, so nothing may wait for the end. Each worker appends every event to its own
+file, ``<results>/<run-id>.workers/<worker id>.jsonl``: one JSON object per line, written by one
+``write`` call on a file opened for appending and then ``fsync``'d, so what is on disk is every
+event before the last one plus, at worst, a torn last line, which readers leave alone.
+
+The events:
+
+- ``started``: a recorded test begins (its xdist node id and its record, case and suite filled);
+- ``record``: its record, once it is torn down; a later line for the same test replaces an earlier
+  one (a confirming rerun adds its ``confirmation`` to the first run's record);
+- ``dropped``: a started test leaves no record (skipped outside the bench);
+- ``build``: a base model was built (model, quantization, device) in so many seconds;
+- ``groups``: the group (``shard.group_of``) of every test the worker collected, which xdist's
+  scheduler in the controller reads to keep each base's tests on one worker (``scheduling``).
+
+The controller (``Collector``) reads each worker's new lines whenever that worker reports a test,
+once more when the worker goes down, and writes them into the run's JSON at once. When xdist says
+a worker crashed while running a test, the test's ``started`` line becomes an ``error`` record that
+says so. A run killed as a whole leaves its JSON (records up to the last report) and the journals:
+``recover`` folds the journals into the document, which ``pytest-lora report`` does for a run that
+never finished. A run that ends removes its journals once its JSON holds everything in them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+WORKER_JOURNAL = "lora_journal"  # the workerinput key of a worker's journal path
+SUFFIX = ".workers"
+
+
+def directory_of(results: Path, run_id: str) -> Path:
+    """Where the journals of run ``run_id`` go: beside its JSON."""
+    return Path(results) / f"{run_id}{SUFFIX}"
+
+
+class Journal:
+    """A worker's side: append one event per line, each on disk before the call returns."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+
+    def started(self, nodeid: str, record: dict[str, Any]) -> None:
+        self._append({"event": "started", "nodeid": nodeid, "record": record})
+
+    def record(self, record: dict[str, Any]) -> None:
+        self._append({"event": "record", "record": record})
+
+    def dropped(self, nodeid: str) -> None:
+        self._append({"event": "dropped", "nodeid": nodeid})
+
+    def groups(self, groups: dict[str, str]) -> None:
+        self._append({"event": "groups", "groups": groups})
+
+    def build(self, base: tuple[str, str, str], seconds: float) -> None:
+        self._append({"event": "build", "base": list(base), "seconds": seconds})
+
+    def _append(self, event: dict[str, Any]) -> None:
+        line = (json.dumps(event, allow_nan=False, separators=(",", ":")) + "\n").encode()
+        written = os.write(self._fd, line)  # O_APPEND: one write lands whole at the end
+        if written != len(line):  # pragma: no cover - a full disk; the reader skips the torn line
+            raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes")
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class Reader:
+    """One journal read as it grows: each call returns the complete lines added since the last."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+
+    def new_events(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as stream:
+                stream.seek(self.offset)
+                data = stream.read()
+        except FileNotFoundError:  # the worker has not measured anything yet
+            return []
+        complete = data[: data.rfind(b"\n") + 1]  # a torn last line waits (or is dropped at recovery)
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+@dataclass
+class Arrivals:
+    """What a read of the journals brought: records (new or replacing), and base builds."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    builds: list[tuple[tuple[str, str, str], float]] = field(default_factory=list)
+
+
+class Collector:
+    """The controller's side: the journals of every worker of one run."""
+
+    def __init__(self, directory: Path, temporary: bool = False):
+        self.directory = Path(directory)
+        self.temporary = temporary  # a run that writes no results: the journals go with the run
+        self.readers: dict[str, Reader] = {}
+        self.started: dict[str, dict[str, Any]] = {}  # xdist node id: the record it started
+        self.recorded: set[str] = set()  # test ids with a record
+        self.groups: dict[str, str] = {}  # xdist node id: its group, as the workers collected them
+
+    def path(self, worker_id: str) -> Path:
+        return self.directory / f"{worker_id}.jsonl"
+
+    def expect(self, worker_id: str) -> Path:
+        """The journal worker ``worker_id`` will write, read from now on."""
+        self.readers.setdefault(worker_id, Reader(self.path(worker_id)))
+        return self.path(worker_id)
+
+    def collect(self, worker_id: str) -> Arrivals:
+        """The events worker ``worker_id`` wrote since the last call."""
+        reader = self.readers.setdefault(worker_id, Reader(self.path(worker_id)))
+        return self._take(reader.new_events())
+
+    def collect_all(self) -> Arrivals:
+        """Every worker's new events, the journals on disk included (a run's recovery)."""
+        for path in sorted(self.directory.glob("*.jsonl")):
+            self.readers.setdefault(path.stem, Reader(path))
+        arrivals = Arrivals()
+        for worker_id in sorted(self.readers):
+            more = self.collect(worker_id)
+            arrivals.records += more.records
+            arrivals.builds += more.builds
+        return arrivals
+
+    def _take(self, events: Iterable[dict[str, Any]]) -> Arrivals:
+        arrivals = Arrivals()
+        for event in events:
+            if event["event"] == "started":
+                self.started[event["nodeid"]] = event["record"]
+            elif event["event"] == "dropped":
+                self.started.pop(event["nodeid"], None)
+            elif event["event"] == "record":
+                self.recorded.add(event["record"]["test"])
+                arrivals.records.append(event["record"])
+            elif event["event"] == "build":
+                arrivals.builds.append((tuple(event["base"]), event["seconds"]))
+            elif event["event"] == "groups":
+                self.groups.update(event["groups"])
+        return arrivals
+
+    def interrupted(self, nodeid: str, why: str) -> dict[str, Any] | None:
+        """The ``error`` record of a test its worker did not finish; ``None`` if it recorded
+        nothing (not a bench test) or its record arrived after all."""
+        started = self.started.get(nodeid)
+        if started is None or started["test"] in self.recorded:
+            return None
+        self.recorded.add(started["test"])
+        return {**started, "status": "error", "error": why}
+
+    def unfinished(self, why: str) -> list[dict[str, Any]]:
+        """The ``error`` records of every started test without a record (a run killed as a whole)."""
+        records = [self.interrupted(nodeid, why) for nodeid in list(self.started)]
+        return [record for record in records if record is not None]
+
+    def remove(self) -> None:
+        """Drop the journals: the run's JSON holds everything they hold."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+KILLED = "the run ended while this config ran (killed before it finished)"
+
+
+def recover(document: dict[str, Any], results: Path) -> int:
+    """Fold the journals of a run that never finished into its document; how many records it gained.
+
+    The JSON of a killed run holds the records up to the last one the controller wrote; its workers'
+    journals may hold later ones, and say which configs were running: those become ``error``.
+    """
+    run = document["run"]
+    directory = directory_of(results, run["id"])
+    if run.get("finished") is not None or not directory.is_dir():
+        return 0
+    collector = Collector(directory)
+    arrivals = collector.collect_all()
+    by_test = {record["test"]: index for index, record in enumerate(document["records"])}
+    gained = 0
+    for record in [*arrivals.records, *collector.unfinished(KILLED)]:
+        if record["test"] in by_test:  # the journal's line is the record's last word
+            document["records"][by_test[record["test"]]] = record
+            continue
+        by_test[record["test"]] = len(document["records"])
+        document["records"].append(record)
+        gained += 1
+    return gained
