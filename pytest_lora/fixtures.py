@@ -73,7 +73,7 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
     clock = gpu.clock if gpu is not None else time.perf_counter
     started = clock()
     with lora_session.waiting(f"building the base {model_spec.id} {quant_spec.id} on {lora_device}"):
-        model = build.build_base(model_spec, quant_spec, lora_device)
+        model = build.build_base(model_spec, quant_spec, lora_device, lora_session.capacities())
     if gpu is not None:
         gpu.synchronize()
     lora_session.note_build((model_spec.id, quant_spec.id, lora_device), clock() - started)

@@ -199,6 +199,12 @@ class LoraSession:
             self._gpu = found
         return self._gpu
 
+    def capacities(self) -> dict[int, int] | None:
+        """The memory of each GPU this process owns, when it owns several (a base too large for one
+        is spread over them: ``models.placement``); ``None`` on the CPU or with one GPU."""
+        gpu = self.gpu
+        return gpu.capacities() if gpu is not None and len(gpu.indices) > 1 else None
+
     @property
     def device(self) -> str:
         """Where tensors go: ``cuda`` with a GPU (a fake GPU keeps them on the CPU), else ``cpu``."""

@@ -107,6 +107,8 @@ def test_step_peak_memory(base_model, lora_config, model_spec, quant_spec, lora_
     baseline = lora_session.allocated_before_build[-1]  # the process without this base: cuBLAS workspaces, ...
     lora_bench.record("process_baseline_bytes", baseline, "bytes")
     lora_bench.record("peak_allocated_bytes", phases.peak_allocated, "bytes")
+    for index, peak in (phases.device_peaks or {}).items():  # a base spread over the worker's GPUs
+        lora_bench.record(f"peak_allocated_bytes_cuda{index}", peak, "bytes")
     lora_bench.record("peak_reserved_bytes", phases.peak_reserved, "bytes")
     lora_bench.record("peak_device_bytes", phases.device_used, "bytes")
     lora_bench.record("analytic_bytes", estimate.total, "bytes")

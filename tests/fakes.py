@@ -127,7 +127,8 @@ class FakeCudaRuntime:
         self.device = Device(self)
         # CUDA_VISIBLE_DEVICES picks and reorders: this process's cuda:i is PCI bus 0x40 - 0x10 * i
         self.properties = [
-            SimpleNamespace(name=n, pci_domain_id=0, pci_bus_id=0x40 - 0x10 * i, pci_device_id=0, uuid=f"0000000{i}-fake-uuid")
+            SimpleNamespace(name=n, pci_domain_id=0, pci_bus_id=0x40 - 0x10 * i, pci_device_id=0, uuid=f"0000000{i}-fake-uuid",
+                            total_memory=capacity)
             for i, n in enumerate(names)
         ]
 
@@ -238,8 +239,9 @@ class FakeNvml:
         return SimpleNamespace(used=self.context + mine + device.other_processes)
 
 
-def fake_gpu(runtime: FakeCudaRuntime | None = None, nvml: FakeNvml | None = None) -> Gpu:
-    """A ``Gpu`` on a fake runtime and a fake NVML that numbers devices in the other order."""
+def fake_gpu(runtime: FakeCudaRuntime | None = None, nvml: FakeNvml | None = None, indices: tuple[int, ...] | None = None) -> Gpu:
+    """A ``Gpu`` on a fake runtime and a fake NVML that numbers devices in the other order
+    (``indices``: the devices it owns, for a worker of several GPUs)."""
     runtime = runtime or FakeCudaRuntime()
     if nvml is None:
         nvml = FakeNvml()
@@ -249,7 +251,7 @@ def fake_gpu(runtime: FakeCudaRuntime | None = None, nvml: FakeNvml | None = Non
                 FakeNvmlDevice(f"00000000:{p.pci_bus_id:02x}:00.0", f"GPU-{p.uuid}", other_processes=(index + 1) * 100 * MiB,
                                reserved_of=(lambda i=index: runtime.stats[i].reserved))
             )
-    return Gpu(runtime, nvml, placement="cpu", clock=lambda: runtime.now)
+    return Gpu(runtime, nvml, placement="cpu", clock=lambda: runtime.now, indices=indices)
 
 
 class FakeGpuPlugin:

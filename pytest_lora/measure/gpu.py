@@ -14,8 +14,11 @@ What the code here gets right, and why:
 * CUDA events are asynchronous: ``elapsed_time`` is only defined once the end event has completed
   (CUDA returns ``cudaErrorNotReady`` before). The timer waits for it, and the host clock around a
   step is read after that wait, so both clocks measure the same work.
-* Allocator statistics are per device: peaks are reset and read on the device the model lives on
-  (``index``), after a synchronise, and allocated, reserved and NVML bytes come from that device.
+* Allocator statistics are per device: peaks are reset and read on the devices the model lives on
+  (``indices``: the current device, or every GPU of a worker that owns several, over which a base
+  too large for one is spread), after a synchronise. Allocated, reserved and NVML bytes are the sum
+  over those devices, and ``per_device`` gives each one's. A sum of per-device peaks is what the
+  GPUs must hold between them: each must fit its own peak, whenever it is reached.
 * NVML numbers devices by PCI order, CUDA by ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, in any
   order) or by speed: the NVML device is found through the PCI bus id, else the UUID, never an index.
 * An out-of-memory error comes in several types (``is_out_of_memory``).
@@ -65,9 +68,11 @@ class Gpu:
     keeps them on the CPU).
     """
 
-    def __init__(self, runtime: Any, nvml: Any = None, placement: str = "cuda", clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, runtime: Any, nvml: Any = None, placement: str = "cuda", clock: Callable[[], float] = time.perf_counter,
+                 indices: tuple[int, ...] | None = None):
         self.runtime = runtime
         self.index = runtime.current_device()
+        self.indices = tuple(indices) if indices else (self.index,)  # the devices measured (and owned)
         self.placement = placement
         self.clock = clock  # the host clock that StepTimer compares with the events
         self._nvml = nvml
@@ -82,7 +87,8 @@ class Gpu:
     # ----------------------------------------------------------------- time
 
     def synchronize(self) -> None:
-        self.runtime.synchronize(self.index)
+        for index in self.indices:
+            self.runtime.synchronize(index)
 
     def event(self) -> Any:
         return self.runtime.Event(enable_timing=True)
@@ -103,12 +109,22 @@ class Gpu:
 
     def reset_peak(self) -> None:
         """Start a new phase: the peaks from here on are this phase's."""
-        self._statistic("reset_peak_memory_stats")
-
-    def _statistic(self, name: str) -> Any:
-        """The allocator's ``torch.cuda.<name>`` for this device, once queued work has finished."""
         self.synchronize()
-        return getattr(self.runtime, name)(self.index)
+        for index in self.indices:
+            self.runtime.reset_peak_memory_stats(index)
+
+    def _statistic(self, name: str) -> int:
+        """The allocator's ``torch.cuda.<name>`` summed over the devices, once queued work has finished."""
+        return sum(self.per_device(name).values())
+
+    def per_device(self, name: str) -> dict[int, int]:
+        """The allocator's ``torch.cuda.<name>`` (e.g. ``max_memory_allocated``) of each device."""
+        self.synchronize()
+        return {index: int(getattr(self.runtime, name)(index)) for index in self.indices}
+
+    def capacities(self) -> dict[int, int]:
+        """Each device's memory in bytes: where a base may go (``models.placement``)."""
+        return {index: int(self.runtime.get_device_properties(index).total_memory) for index in self.indices}
 
     def empty_cache(self) -> None:
         """Return cached blocks to the device, so that reserved bytes start from what is allocated."""
@@ -131,21 +147,23 @@ class Gpu:
 
     def device_used(self) -> int | None:
         """NVML's used bytes of this device: every process, and the CUDA context torch doesn't see."""
-        device = self._nvml_handle()
-        if device is None:
+        handles = self._nvml_handles()
+        if handles is None:
             return None
-        return int(self._nvml.nvmlDeviceGetMemoryInfo(device).used)
+        return sum(int(self._nvml.nvmlDeviceGetMemoryInfo(handle).used) for handle in handles)
 
     def driver(self) -> str | None:
         """The driver version NVML reports (``None`` without NVML)."""
-        if self._nvml_handle() is None:
+        if self._nvml_handles() is None:
             return None
         version = self._nvml.nvmlSystemGetDriverVersion()
         return version.decode() if isinstance(version, bytes) else str(version)
 
-    def _nvml_handle(self) -> Any:
+    def _nvml_handles(self) -> list[Any] | None:
+        """NVML's handle of each device, or ``None`` if NVML can't name every one."""
         if self._nvml_device == "unresolved":
-            self._nvml_device = None if self._nvml is None else nvml_handle(self._nvml, self.runtime.get_device_properties(self.index))
+            handles = [] if self._nvml is None else [nvml_handle(self._nvml, self.runtime.get_device_properties(i)) for i in self.indices]
+            self._nvml_device = handles if handles and None not in handles else None
         return self._nvml_device
 
 
@@ -213,4 +231,4 @@ def _real_gpu() -> Gpu:  # pragma: no cover - a GPU host only; the tests build G
         import pynvml
     except ImportError:  # nvidia-ml-py is a dependency; without it device bytes are unknown
         pynvml = None
-    return Gpu(torch.cuda, pynvml)
+    return Gpu(torch.cuda, pynvml, indices=tuple(range(torch.cuda.device_count())))  # every GPU this worker owns

@@ -285,6 +285,7 @@ class PhaseMemory:
     released_allocated: int | None = None
     oom_peak: int | None = None
     oom: str | None = None
+    device_peaks: dict[int, int] | None = None  # each GPU's peak in the step, when the base spans several
 
     @property
     def peak_allocated(self) -> int | None:
@@ -334,6 +335,10 @@ def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt:
         used = gpu.device_used()
         if used is not None:
             device.append(used)
+        if len(gpu.indices) > 1:  # a phase's peak on each GPU; the step's is the largest of its phases
+            peaks = values.setdefault("device_peaks", {})
+            for index, peak in gpu.per_device("max_memory_allocated").items():
+                peaks[index] = max(peaks.get(index, 0), peak)
 
     try:
         with checkpointing(model, grad_ckpt):

@@ -19,7 +19,7 @@ import transformers
 from torch import nn
 
 from ..matrix import ModelSpec, QuantSpec
-from . import quantize
+from . import placement, quantize
 
 # peft task types by the head a published config names; others get peft's generic PeftModel.
 _TASK_TYPES = {
@@ -115,33 +115,40 @@ def seed_for(*parts: str) -> int:
     return zlib.crc32("::".join(without_group(part) for part in parts).encode())
 
 
-def build_base(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
+def build_base(model: ModelSpec, quant: QuantSpec, device: str, capacities: dict[int, int] | None = None) -> nn.Module:
     """The base model of one (model, quantization, device).
 
     Seeded by the model alone: a quantized base holds the quantized weights of exactly the model
     that ``full_precision_of`` builds, so merges can be compared with the original weights.
+    ``capacities`` (GPU index: bytes) are the GPUs of a worker that owns several: a base too large
+    for the first is spread over them (``placement``).
     """
     torch.manual_seed(seed_for(model.id))
     config_dict = model.config_dict()
-    if model.kind == "checkpoint":
-        return load_checkpoint(model.path, quant, device, config_dict)
     dtype = getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
-    base = instantiate(config_dict, device, dtype)
+    spread = placement.device_map(build_meta(config_dict), capacities, dtype) if capacities else None
+    if model.kind == "checkpoint":
+        return load_checkpoint(model.path, quant, device, config_dict, spread)
+    if spread is not None:  # made on the host, then each block to its GPU
+        base = placement.dispatch(instantiate(config_dict, "cpu", dtype), spread)
+    else:
+        base = instantiate(config_dict, device, dtype)
     if quant.is_quantized:
         quantize.quantize_model(base, quant)
     return base
 
 
-def full_precision_of(model: ModelSpec, quant: QuantSpec, device: str) -> nn.Module:
+def full_precision_of(model: ModelSpec, quant: QuantSpec, device: str, capacities: dict[int, int] | None = None) -> nn.Module:
     """The weights a quantized base was made from: the same model in its compute dtype."""
-    return build_base(model, QuantSpec(f"{quant.dtype}-original", "dtype", quant.dtype), device)
+    return build_base(model, QuantSpec(f"{quant.dtype}-original", "dtype", quant.dtype), device, capacities)
 
 
-def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[str, Any]) -> nn.Module:
-    """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader."""
+def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[str, Any], spread: dict[str, Any] | None = None) -> nn.Module:
+    """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader, onto
+    ``device`` or over the GPUs of ``spread`` (``placement.device_map``)."""
     cls = model_class(config_dict)
     dtype = getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": spread or {"": device}}
     if quant.is_quantized:
         kwargs["quantization_config"] = quantize.bnb_config(quant)
     model = cls.from_pretrained(path, **kwargs)
