@@ -11,6 +11,8 @@ The events:
 - ``started``: a recorded test begins (its xdist node id and its record, case and suite filled);
 - ``record``: its record, once it is torn down; a later line for the same test replaces an earlier
   one (a confirming rerun adds its ``confirmation`` to the first run's record);
+- ``machine``: the worker's machine section (its GPU, driver, MFU peak), before its first record
+  and again when it changes: the controller never touches the GPUs and describes the run by it;
 - ``dropped``: a started test leaves no record (skipped outside the bench);
 - ``build``: a base model was built (model, quantization, device) in so many seconds;
 - ``groups``: the group (``shard.group_of``) of every test the worker collected, which xdist's
@@ -55,6 +57,9 @@ class Journal:
 
     def record(self, record: dict[str, Any]) -> None:
         self._append({"event": "record", "record": record})
+
+    def machine(self, machine: dict[str, Any]) -> None:
+        self._append({"event": "machine", "machine": machine})
 
     def dropped(self, nodeid: str) -> None:
         self._append({"event": "dropped", "nodeid": nodeid})
@@ -101,14 +106,14 @@ class Arrivals:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     builds: list[tuple[tuple[str, str, str], float]] = field(default_factory=list)
+    machine: dict[str, Any] | None = None  # the worker's machine section, as it last described it
 
 
 class Collector:
     """The controller's side: the journals of every worker of one run."""
 
-    def __init__(self, directory: Path, temporary: bool = False):
+    def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.temporary = temporary  # a run that writes no results: the journals go with the run
         self.readers: dict[str, Reader] = {}
         self.started: dict[str, dict[str, Any]] = {}  # xdist node id: the record it started
         self.recorded: set[str] = set()  # test ids with a record
@@ -150,6 +155,8 @@ class Collector:
                 arrivals.records.append(event["record"])
             elif event["event"] == "build":
                 arrivals.builds.append((tuple(event["base"]), event["seconds"]))
+            elif event["event"] == "machine":
+                arrivals.machine = event["machine"]
             elif event["event"] == "groups":
                 self.groups.update(event["groups"])
         return arrivals

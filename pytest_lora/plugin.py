@@ -75,6 +75,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: its own GPUs, before anything starts CUDA
         workers.pin(config.workerinput)
+        workers.share_cpus(config.workerinput)
     config.stash[MARKERS_KEY] = markers.SuiteMarkers(config)
     config.addinivalue_line("markers", budget.MARKER_LINE)
     for line in quiet.WARNING_FILTERS:

@@ -38,6 +38,7 @@ class LoraSession:
         self.store: ResultsStore | None = None
         self.journal: Any = None  # an xdist worker's journal.Journal: its records, as measured
         self._collector: Any = None  # the xdist controller's journal.Collector
+        self._machine_sent: dict[str, Any] | None = None  # a worker's machine as last journaled
         self.worker_errors: dict[str, str] = {}  # why each worker that went down early did
         self.allocated_before_build: list[int] = []  # CUDA bytes allocated before each base build
         self._gpu: Any = "unresolved"
@@ -268,6 +269,14 @@ class LoraSession:
             self._machine["cpu_threads"] = self.timing_threads()
         return self._machine
 
+    def machine_section(self) -> dict[str, Any]:
+        """The machine, with the MFU peak once a GPU's peak was resolved (the dict the store holds)."""
+        machine = self.machine
+        if self.peak_source is not None:
+            machine["mfu_peak_tflops"] = self._peak / 1e12
+            machine["mfu_peak_source"] = self.peak_source
+        return machine
+
     def note_build(self, base: tuple[str, str, str], seconds: float) -> None:
         """A base (model, quantization, device) was built: counted for the run (``builds`` in its JSON)."""
         self.build_seconds[base] = seconds
@@ -285,6 +294,10 @@ class LoraSession:
         """A test's record: to the worker's journal under xdist, else to the store. ``again``: a
         record delivered before, now with more in it (a confirming rerun's result)."""
         if self.journal is not None:
+            machine = self.machine_section()
+            if machine != self._machine_sent:  # the controller describes the workers' device, not its own
+                self.journal.machine(machine)
+                self._machine_sent = dict(machine)
             self.journal.record(record)
         elif again:
             if self.store is not None:
@@ -304,7 +317,7 @@ class LoraSession:
             if self.records_wanted:
                 self._collector = journal.Collector(journal.directory_of(self.path_setting("results"), self.run_id))
             else:  # no results directory: the journals live as long as the run
-                self._collector = journal.Collector(Path(tempfile.mkdtemp(prefix="pytest-lora-")), temporary=True)
+                self._collector = journal.Collector(Path(tempfile.mkdtemp(prefix="pytest-lora-")))
         return self._collector
 
     def collect(self, worker_id: str) -> None:
@@ -312,6 +325,8 @@ class LoraSession:
         if self._collector is None:
             return
         arrivals = self._collector.collect(worker_id)
+        if arrivals.machine is not None:  # the controller never touches the GPUs its workers measure on
+            self.machine.update(arrivals.machine)
         for base, seconds in arrivals.builds:
             self.note_build(base, seconds)
         if arrivals.records or arrivals.builds:
@@ -341,10 +356,8 @@ class LoraSession:
             if self.shard is not None:
                 run["shard"] = f"{self.shard[0]}/{self.shard[1]}"
             directory = self.path_setting("results") if self.records_wanted else None
-            self.store = ResultsStore(directory, run, self.machine)
-        if self.peak_source is not None:
-            self.store.machine["mfu_peak_tflops"] = self._peak / 1e12
-            self.store.machine["mfu_peak_source"] = self.peak_source
+            self.store = ResultsStore(directory, run, self.machine_section())
+        self.machine_section()
         self.store.run["builds"] = self.builds_summary()
         self.store.put(*records)
 

@@ -160,3 +160,42 @@ def test_a_killed_run_leaves_results_that_pytest_lora_report_reads_whole(tmp_pat
     killed = "test_trainable_parameters[gpt2-medium-tiny-nf4-r8-a16-default-d0.05]"
     row = next(line for line in csv_tests.splitlines() if killed in line)
     assert "error" in row and "killed before it finished" in row
+
+
+FAKE_GPU_PLUGIN = """
+import sys
+
+import pytest
+
+sys.path.insert(0, {tests!r})
+from fakes import FakeCudaRuntime, fake_gpu
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_lora_gpu(config):
+    return fake_gpu(FakeCudaRuntime(names=("NVIDIA H200",)))
+"""
+
+ON_THE_GPU = """
+import pytest
+
+@pytest.mark.parametrize("n", range(4))
+def test_on_the_gpu(n, lora_gpu, lora_bench):
+    lora_bench.describe(model=f"m{n}")
+    lora_bench.record("gpu_seen", int(lora_gpu is not None), "count")
+"""
+
+
+def test_the_run_describes_the_workers_gpu_not_the_controllers(pytester):
+    """The controller never touches a GPU: the run's machine is the one its workers measured on."""
+    from pathlib import Path
+
+    pytester.makepyfile(fakegpu=FAKE_GPU_PLUGIN.format(tests=str(Path(__file__).parent)), test_on_gpu=ON_THE_GPU)
+    pytester.syspathinsert()
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "-p", "fakegpu", "test_on_gpu.py",
+                                           "--lora-results=results", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    document = json.loads((pytester.path / "results" / "latest.json").read_text())
+    machine = document["machine"]
+    assert (machine["device"], machine["gpu_name"], machine["driver"]) == ("cuda", "NVIDIA H200", "580.95.05")
+    assert [r["metrics"]["gpu_seen"] for r in document["records"]] == [1, 1, 1, 1]

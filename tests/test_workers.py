@@ -49,6 +49,20 @@ def test_gpus_per_worker_is_a_whole_number_of_at_least_one():
             workers.gpus_per_worker(SimpleNamespace(value=bad, describe=lambda: "--lora-gpus-per-worker"))
 
 
+def test_a_worker_takes_its_share_of_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    environ = {}
+    assert workers.share_cpus({"workercount": 4}, environ, lambda: 16) == 4 and environ == {"OMP_NUM_THREADS": "4"}
+    assert torch.get_num_threads() == 4  # torch was imported already: its pool is set too
+    torch.set_num_threads(before)
+    environ = {}
+    assert workers.share_cpus({"workercount": 3}, environ, lambda: 2) == 1 and environ == {"OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(before)
+    assert workers.share_cpus({"workercount": 2}, {"OMP_NUM_THREADS": "8"}, lambda: 16) is None  # the user's choice
+
+
 def settings(bench=True, device="auto", per_worker=None):
     return {"bench": SimpleNamespace(value=bench), "device": SimpleNamespace(value=device),
             "gpus_per_worker": SimpleNamespace(value=per_worker)}
