@@ -363,6 +363,12 @@ class LoraSession:
 
     def finish(self, exitstatus: int) -> int:
         """Judge the run with the gate, write its status; the exit status, 1 if the gate failed it."""
+        if self._collector is not None:  # the workers' last lines, and the configs they were in when stopped
+            for worker_id in list(self._collector.readers):
+                self.collect(worker_id)
+            stopped = self._collector.unfinished("the run stopped while this config ran (interrupted)")
+            if stopped:
+                self.add_records(*stopped)
         if self.store is None:
             return exitstatus
         comparison = self.gate.decide(self.store.records, self.store.machine)

@@ -100,6 +100,17 @@ def pytest_runtest_call(item):
         os._exit(3)
 """
 
+PLANT_CTRL_C = """
+import os
+import signal
+import time
+
+def pytest_runtest_call(item):
+    if "test_trainable_parameters[llama-3.2-1b-tiny-nf4-r8-a16-default" in item.nodeid:
+        os.killpg(0, signal.SIGINT)  # Ctrl-C in the terminal: every process of the run
+        time.sleep(5)
+"""
+
 KILLED_TEST = "suites/test_params.py::test_trainable_parameters[llama-3.2-1b-tiny-nf4-r8-a16-default-d0.05]"
 
 
@@ -121,7 +132,8 @@ def run_pytest(directory, *args: str, plant: str | None = None) -> subprocess.Co
         plugin = ["-p", "planted"]
     small = [arg if not arg.startswith("lora_params") else "lora_params or lora_merge" for arg in SMALL]
     return subprocess.run([sys.executable, "-m", "pytest", *plugin, "--lora-bench", *small, "-q", *args],
-                          cwd=directory, capture_output=True, text=True, env=environment, timeout=300)
+                          cwd=directory, capture_output=True, text=True, env=environment, timeout=300,
+                          start_new_session=True)  # its own process group: a planted Ctrl-C stops only the run
 
 
 def test_a_worker_that_dies_loses_no_record_and_its_config_says_why(tmp_path, serial_run):
@@ -160,6 +172,19 @@ def test_a_killed_run_leaves_results_that_pytest_lora_report_reads_whole(tmp_pat
     killed = "test_trainable_parameters[gpt2-medium-tiny-nf4-r8-a16-default-d0.05]"
     row = next(line for line in csv_tests.splitlines() if killed in line)
     assert "error" in row and "killed before it finished" in row
+
+
+def test_a_run_stopped_with_ctrl_c_marks_what_its_workers_were_running(tmp_path, serial_run):
+    done = run_pytest(tmp_path, "-n", "2", "--lora-results=results", plant=PLANT_CTRL_C)
+    assert done.returncode == 2, done.stdout[-3000:]  # interrupted
+    document = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert document["run"]["status"] == "interrupted"
+    stopped = {r["test"]: r["error"] for r in document["records"] if r["status"] == "error"}
+    assert stopped[KILLED_TEST] == "the run stopped while this config ran (interrupted)"
+    assert set(stopped.values()) == {"the run stopped while this config ran (interrupted)"}  # at most one per worker
+    assert 1 <= len(stopped) <= 2
+    expected = untimed(serial_run)
+    assert all(expected[test] == value for test, value in untimed(document).items() if test not in stopped)
 
 
 FAKE_GPU_PLUGIN = """
