@@ -23,6 +23,17 @@ class MergeError(Exception):
     """Shards that can't be one run; the message says why and what would be accepted."""
 
 
+def joined_builds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shards' base builds, counted together: a base two shards both built shows as built twice."""
+    joined: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for build in (build for run in runs for build in run.get("builds") or ()):
+        key = (build["model"], build["quant"], build["device"])
+        entry = joined.setdefault(key, {**build, "count": 0, "seconds": 0.0})
+        entry["count"] += build["count"]
+        entry["seconds"] = round(entry["seconds"] + build["seconds"], 6)
+    return list(joined.values())
+
+
 def merge(documents: list[dict[str, Any]], names: list[str], allow_mixed: bool = False) -> dict[str, Any]:
     """One results document from the shards' documents (``names``: where each came from, for errors)."""
     for document, name in zip(documents, names):
@@ -41,6 +52,7 @@ def merge(documents: list[dict[str, Any]], names: list[str], allow_mixed: bool =
         "git": runs[0].get("git"),
         "status": max((r.get("status") or "running" for r in runs), key=lambda s: STATUS_RANK.index(s) if s in STATUS_RANK else len(STATUS_RANK)),
         "shards": [{"id": r.get("id"), "shard": r.get("shard"), "status": r.get("status"), "from": name} for r, name in zip(runs, names)],
+        "builds": joined_builds(runs),
     }
     merged = {"schema_version": SCHEMA_VERSION, "run": run, "machine": dict(documents[0]["machine"]),
               "records": [record for document in documents for record in document["records"]]}
