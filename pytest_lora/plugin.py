@@ -201,9 +201,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
-    """A test with a GPU memory budget has its peak reserved bytes read around its call."""
+    """A test with a GPU memory budget has its peak reserved bytes read around its call; a test
+    whose ``lora_bench.check`` found something wrong fails once its body has recorded everything."""
     with budget.peak_watch(item, item.config.stash[SESSION_KEY]):
-        return (yield)
+        result = yield
+    recorder = item.stash.get(RECORDER_KEY, None)
+    if recorder is not None and recorder.failed_checks:
+        raise AssertionError("; ".join(recorder.failed_checks))
+    return result
 
 
 @pytest.hookimpl(wrapper=True)

@@ -103,6 +103,13 @@ def test_the_merge_suite_fails_on_a_wrong_merge(pytester, merge_suite, wrong):
     result = pytester.runpytest(*ARGS)
     result.assert_outcomes(failed=2, deselected=5)
     result.stdout.fnmatch_lines(["FAILED*test_merge_full_precision[[]llama-3.2-1b-tiny-fp32-*", "FAILED*test_merge_quantized[[]llama-3.2-1b-tiny-nf4-*"])
+    import json
+
+    records = {r["test"].split("::")[1].split("[")[0]: r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"]}
+    # the suite checks before it records, but a failed check stops nothing: every metric is kept
+    assert records["test_merge_full_precision"]["status"] == "error" and "peft's delta is not s B A" in records["test_merge_full_precision"]["error"]
+    assert {"merge_drift_k100", "merge_kl", "merge_top1"} <= set(records["test_merge_full_precision"]["metrics"])
+    assert {"merge_kl_dequantize", "merge_kl_original", "requant_err_over_update", "merge_kl_requantize"} <= set(records["test_merge_quantized"]["metrics"])
 
 
 # --------------------------------------------------------------------------- the recorded metrics

@@ -104,13 +104,20 @@ def test_skips(lora_bench):
 
 def test_passes(lora_bench):
     lora_bench.record("after", 2, "params")
+
+
+def test_checks_after_measuring_everything(lora_bench):
+    assert lora_bench.check(1 + 1 == 2, "arithmetic")
+    assert not lora_bench.check(False, "the first layer is wrong")
+    lora_bench.record("recorded_after_a_failed_check", 3, "params")
+    lora_bench.check(False, "the second layer is wrong")
 """
 
 
 def test_each_record_carries_the_test_outcome_and_the_run_goes_on(pytester, suite):
     suite(STATUS_SUITE)
     result = pytester.runpytest("--lora-bench", "-rs")
-    result.assert_outcomes(passed=1, failed=1, skipped=2)
+    result.assert_outcomes(passed=1, failed=2, skipped=2)
     result.stdout.fnmatch_lines(["SKIPPED*out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"])
     records = {r["test"].rsplit("::", 1)[1]: r for r in read_results(pytester)[0]["records"]}
     assert records["test_fails_after_measuring"]["status"] == "error"
@@ -120,6 +127,9 @@ def test_each_record_carries_the_test_outcome_and_the_run_goes_on(pytester, suit
     assert records["test_runs_out_of_memory"]["metrics"] == {"peak_allocated_bytes": 123}
     assert records["test_skips"]["status"] == "skipped" and "needs a GPU" in records["test_skips"]["error"]
     assert records["test_passes"]["status"] == "ok"
+    checked = records["test_checks_after_measuring_everything"]  # a failed check keeps what was recorded after it
+    assert checked["status"] == "error" and checked["metrics"] == {"recorded_after_a_failed_check": 3}
+    assert checked["error"] == "AssertionError: the first layer is wrong; the second layer is wrong"
     assert read_results(pytester)[0]["run"]["status"] == "failed"
 
 

@@ -36,6 +36,7 @@ class Recorder:
         self.warnings: list[str] = []
         self.raw: dict[str, list[float]] = {}
         self.budget: dict[str, Any] | None = None  # a memory budget's check (pytest_lora.budget)
+        self.failed_checks: list[str] = []  # what ``check`` found wrong; the test fails once its call ends
 
     def record(self, metric: str, value: Any, unit: str) -> None:
         """Record one number: a Python or numpy number, or a one-element tensor or array (``.item()``).
@@ -54,6 +55,13 @@ class Recorder:
         if metric not in self.metrics:
             raise ValueError(f"metric {metric!r}: record its value before its samples")
         self.raw[metric] = [_as_number(metric, value) for value in values]
+
+    def check(self, ok: Any, message: str) -> bool:
+        """A check that does not stop the test: it fails once the test's body has run, so the metrics
+        recorded after a failed check are kept. Returns whether it held."""
+        if not ok:
+            self.failed_checks.append(str(message))
+        return bool(ok)
 
     def warn(self, text: str) -> None:
         """Say what makes this record's numbers doubtful (a busy machine); shown after the table."""
