@@ -107,7 +107,7 @@ def int8_tensor_bytes(rows: int, columns: int) -> int:
 
 def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec) -> int:
     """Weight bytes of the architecture stored as ``quant``, from shapes and the format alone."""
-    dtype = getattr(torch, quant.dtype) if quant.dtype else build.config_dtype(config_dict)
+    dtype = build.weight_dtype(quant, config_dict)
     meta = build.instantiate(config_dict, "meta", dtype)
     quantized = {} if not quant.is_quantized else _quantized_weights(meta)
     total = 0
@@ -253,7 +253,7 @@ def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, work
     """The step's memory from the architecture, the quantization, the LoRA config and the workload."""
     from .params import adapted_layers, closed_form, rank_of, trainable_tensor_count
 
-    dtype = getattr(torch, quant.dtype) if quant.dtype else build.config_dtype(config_dict)
+    dtype = build.weight_dtype(quant, config_dict)
     meta = build.instantiate(config_dict, "meta", dtype)
     adapted = adapted_layers(meta, lora, config_dict["model_type"])
     training = analytic_training_state(closed_form(meta, lora).trainable, trainable_tensor_count(meta, lora))

@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..quiet import library_warnings_silenced
 from ..models import build, registry
+from ..models.validate import name_matches
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def trainable_tensor_count(base: nn.Module, lora: peft.LoraConfig, model_type: s
     elif lora.bias == "lora_only":
         tensors += sum(1 for name in adapted if getattr(modules[name], "bias", None) is not None)
     names = set(lora.modules_to_save or ())
-    tensors += sum(len(list(m.parameters())) for n, m in modules.items() if n and (n in names or _suffix_in(n, names)))
+    tensors += sum(len(list(m.parameters())) for n, m in modules.items() if n and name_matches(n, names))
     return tensors
 
 
@@ -178,15 +179,7 @@ def target_matcher(base: nn.Module, targets: Any, model_type: str | None = None)
     if targets == "all-linear":
         output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         return lambda name, module: _is_linear(module) and module is not output
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        return lambda name, module: pattern.fullmatch(name) is not None and _is_adaptable(module)
-    names = set(targets)
-    return lambda name, module: (name in names or _suffix_in(name, names)) and _is_adaptable(module)
-
-
-def _suffix_in(name: str, names: set[str]) -> bool:
-    return any(name.endswith("." + target) for target in names)
+    return lambda name, module: name_matches(name, targets) and _is_adaptable(module)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -231,5 +224,5 @@ def _modules_to_save_weights(base: nn.Module, lora: peft.LoraConfig) -> int:
     return sum(
         sum(weights_in(p) for p in module.parameters())
         for name, module in base.named_modules()
-        if name in names or _suffix_in(name, names)
+        if name_matches(name, names)
     )

@@ -77,6 +77,11 @@ def config_dtype(config_dict: dict[str, Any]) -> torch.dtype:
     return getattr(torch, name)
 
 
+def weight_dtype(quant: QuantSpec, config_dict: dict[str, Any]) -> torch.dtype:
+    """The dtype a base is built in: the quantization's (its compute dtype), else the model's own."""
+    return getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
+
+
 def instantiate(config_dict: dict[str, Any], device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     """The model of a config dict, with random weights, built in ``dtype`` on ``device``."""
     cls = model_class(config_dict)
@@ -125,7 +130,7 @@ def build_base(model: ModelSpec, quant: QuantSpec, device: str, capacities: dict
     """
     torch.manual_seed(seed_for(model.id))
     config_dict = model.config_dict()
-    dtype = getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
+    dtype = weight_dtype(quant, config_dict)
     spread = placement.device_map(build_meta(config_dict), capacities, dtype) if capacities else None
     if model.kind == "checkpoint":
         return load_checkpoint(model.path, quant, device, config_dict, spread)
@@ -147,7 +152,7 @@ def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[
     """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader, onto
     ``device`` or over the GPUs of ``spread`` (``placement.device_map``)."""
     cls = model_class(config_dict)
-    dtype = getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
+    dtype = weight_dtype(quant, config_dict)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": spread or {"": device}}
     if quant.is_quantized:
         kwargs["quantization_config"] = quantize.bnb_config(quant)

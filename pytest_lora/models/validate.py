@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -82,8 +83,13 @@ def inspect_architecture(model: ModelSpec) -> Architecture:
     return Architecture(modules, model.config_dict()["model_type"] in defaults)
 
 
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+def name_matches(name: str, targets: Any) -> bool:
+    """peft's rule for a module's full name, here and in the closed-form counts (``measure.params``):
+    a string is a regular expression that must match all of it; a list entry is the name itself or
+    its last dotted parts (``q_proj`` is ``model.layers.0.self_attn.q_proj``, ``proj`` is not)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith("." + target) for target in targets)
 
 
 def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture) -> list[str]:
@@ -97,9 +103,9 @@ def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture) -> list[str]:
         found.append(f"targets 'default': peft has no default targets for {model.id} (model_type {model_type!r}); name them, e.g. {','.join(adaptable[:3])}")
     elif isinstance(lora.targets, tuple):
         for target in lora.targets:
-            if not any(ok and _matches(name, target) for name, ok in names):
+            if not any(ok and name_matches(name, (target,)) for name, ok in names):
                 found.append(f"target {target!r} matches no Linear, Conv1D or Embedding of {model.id}; its modules end in: {', '.join(adaptable)}")
     for module in lora.modules_to_save:
-        if not any(_matches(name, module) for name, _ in names):
+        if not any(name_matches(name, (module,)) for name, _ in names):
             found.append(f"modules_to_save {module!r} matches no module of {model.id}")
     return found
