@@ -14,7 +14,7 @@ The events:
 - ``machine``: the worker's machine section (its GPU, driver, MFU peak), before its first record
   and again when it changes: the controller never touches the GPUs and describes the run by it;
 - ``dropped``: a started test leaves no record (skipped outside the bench);
-- ``build``: a base model was built (model, quantization, device) in so many seconds;
+- ``build``: a base model was built (model, quantization, device);
 - ``groups``: the group (``shard.group_of``) of every test the worker collected, which xdist's
   scheduler in the controller reads to keep each base's tests on one worker (``scheduling``).
 
@@ -67,8 +67,8 @@ class Journal:
     def groups(self, groups: dict[str, str]) -> None:
         self._append({"event": "groups", "groups": groups})
 
-    def build(self, base: tuple[str, str, str], seconds: float) -> None:
-        self._append({"event": "build", "base": list(base), "seconds": seconds})
+    def build(self, base: tuple[str, str, str]) -> None:
+        self._append({"event": "build", "base": list(base)})
 
     def _append(self, event: dict[str, Any]) -> None:
         line = (json.dumps(event, allow_nan=False, separators=(",", ":")) + "\n").encode()
@@ -105,7 +105,7 @@ class Arrivals:
     """What a read of the journals brought: records (new or replacing), and base builds."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
-    builds: list[tuple[tuple[str, str, str], float]] = field(default_factory=list)
+    builds: list[tuple[str, str, str]] = field(default_factory=list)  # (model, quantization, device) of each build
     machine: dict[str, Any] | None = None  # the worker's machine section, as it last described it
 
 
@@ -154,7 +154,7 @@ class Collector:
                 self.recorded.add(event["record"]["test"])
                 arrivals.records.append(event["record"])
             elif event["event"] == "build":
-                arrivals.builds.append((tuple(event["base"]), event["seconds"]))
+                arrivals.builds.append(tuple(event["base"]))
             elif event["event"] == "machine":
                 arrivals.machine = event["machine"]
             elif event["event"] == "groups":

@@ -133,9 +133,6 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     lora = config.stash[SESSION_KEY]
     config.stash[MARKERS_KEY].mark(items)
-    if lora.bench:  # one worker per base under --dist loadgroup (``workers``)
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(shard.group_of(item)))
     budget.check_markers(items)
     if not lora.bench:
         skip = pytest.mark.skip(reason="benchmark suite: run it with --lora-bench")
@@ -325,7 +322,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist controller: hand each worker its journal, the GPUs it owns and the dist mode (``workers``)."""
+    """xdist controller: hand each worker its journal and the GPUs it owns (``workers``)."""
     lora = node.config.stash[SESSION_KEY]
     node.workerinput[journal.WORKER_JOURNAL] = str(lora.collector().expect(node.gateway.id))
     if lora.bench and str(lora.settings["device"].value).lower() != "cpu":

@@ -282,13 +282,11 @@ class LoraSession:
         self.build_seconds[base] = seconds
         self.builds[base] += 1
         if self.journal is not None:
-            self.journal.build(base, seconds)
+            self.journal.build(base)
 
     def builds_summary(self) -> list[dict[str, Any]]:
         """The run's base builds: each base once, unless a test asked for it after it was released."""
-        return [{"model": model, "quant": quant, "device": device, "count": count,
-                 "seconds": round(self.build_seconds.get((model, quant, device), 0.0), 6)}
-                for (model, quant, device), count in self.builds.items()]
+        return [{"model": model, "quant": quant, "device": device, "count": count} for (model, quant, device), count in self.builds.items()]
 
     def deliver(self, record: dict[str, Any], again: bool = False) -> None:
         """A test's record: to the worker's journal under xdist, else to the store. ``again``: a
@@ -327,8 +325,7 @@ class LoraSession:
         arrivals = self._collector.collect(worker_id)
         if arrivals.machine is not None:  # the controller never touches the GPUs its workers measure on
             self.machine.update(arrivals.machine)
-        for base, seconds in arrivals.builds:
-            self.note_build(base, seconds)
+        self.builds.update(arrivals.builds)
         if arrivals.records or arrivals.builds:
             self.add_records(*arrivals.records)
 

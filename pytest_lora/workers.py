@@ -13,9 +13,10 @@ handle by PCI bus id or UUID, never by index, so NVML readings are of the worker
 ``-n auto`` under ``--lora-bench`` on a machine with GPUs starts one worker per group; on a
 machine without (or with ``--lora-device=cpu``) xdist chooses as it always does.
 
-Tests that share a base share a worker: each gets xdist's ``xdist_group`` mark named after its base
-(``shard.group_of``), and under ``-n`` the bench distributes by group (``scheduling``) unless the
-user chose another mode, so each base is built once per run, as in a serial run.
+Tests that share a base share a worker: under ``-n`` the bench distributes by their group
+(``shard.group_of``: the base, else the module) with ``--dist loadgroup``'s name and its own
+scheduler (``scheduling``) unless the user chose another mode, so each base is built once per run,
+as in a serial run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 import re
 import sys
 from typing import Any, Callable, Mapping
+
+from .report import provenance
 
 WORKER_DEVICE = "lora_cuda_visible_device"  # the workerinput key of a worker's GPUs
 GROUP_SEPARATOR = "@"  # xdist's loadgroup appends "@<group>" to the ids of the tests it groups
@@ -99,14 +102,14 @@ def auto_workers(settings: Mapping[str, Any], environ: Mapping[str, str] = os.en
     return len(gpu_groups(visible_devices(environ, device_count), per_worker)) or None
 
 
-def share_cpus(workerinput: Mapping[str, Any], environ: Any = os.environ, cpu_count: Callable[[], int] = os.cpu_count) -> int | None:
+def share_cpus(workerinput: Mapping[str, Any], environ: Any = os.environ, cpu_count: Callable[[], int] = provenance.cpu_count) -> int | None:
     """In a worker: torch's CPU threads, the worker's share of the cores, unless ``OMP_NUM_THREADS``
     says otherwise. Each worker would start one thread per core, and threads that outnumber the
     cores spin-wait on each other: on 2 cores the default CPU bench took 263 s under ``-n 2``
     against 101 s serially, and 69 s with a thread per worker."""
     if "OMP_NUM_THREADS" in environ:
         return None
-    threads = max(1, (cpu_count() or 1) // max(1, int(workerinput.get("workercount", 1))))
+    threads = max(1, cpu_count() // max(1, int(workerinput.get("workercount", 1))))  # the cores this process may use
     environ["OMP_NUM_THREADS"] = str(threads)  # read when torch starts its thread pool
     torch = sys.modules.get("torch")
     if torch is not None:  # a conftest imported it already

@@ -103,6 +103,28 @@ def bench_subprocess(directory: Path, *args: str) -> subprocess.CompletedProcess
                           cwd=directory, capture_output=True, text=True, env=environment, timeout=900)
 
 
+# A small matrix of the three suites whose numbers repeat exactly (timings aside): -n 2, a killed
+# worker and shards are held against its serial run.
+SMALL = ("--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", "--lora-quant=none,nf4", "--lora-ranks=8", "--lora-targets=default",
+         "--lora-device=cpu", "-p", "no:cacheprovider", "-m", "lora_params or lora_merge or lora_step_time")
+TIMINGS = ("_s", "tokens_per_s", "cpu_pressure", "other_cpu_load", "harness_overhead_pct", "mfu")
+
+
+def untimed(document: dict, suites: tuple[str, ...] | None = None) -> dict:
+    """Each record's status and metrics by test id, timings left out (of ``suites`` only, if given)."""
+    return {r["test"]: (r["status"], {k: v for k, v in r["metrics"].items() if not k.endswith(TIMINGS)})
+            for r in document["records"] if suites is None or r["suite"] in suites}
+
+
+@pytest.fixture(scope="session")
+def small_serial_run(tmp_path_factory) -> dict:
+    """The ``SMALL`` matrix run serially once for the session: the reference of the parallel runs."""
+    directory = tmp_path_factory.mktemp("small-serial")
+    done = bench_subprocess(directory, *SMALL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((directory / "results" / "latest.json").read_text())
+
+
 @dataclass
 class DefaultRun:
     """One run of the default CPU matrix, every suite: its results directory, document and output."""

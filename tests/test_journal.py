@@ -14,7 +14,7 @@ import pytest
 from pytest_lora import journal
 from pytest_lora.report import markdown
 
-from test_workers import SMALL, untimed
+from conftest import SMALL, untimed
 
 
 def record(test: str, status: str = "ok", **metrics) -> dict:
@@ -27,7 +27,7 @@ def test_a_reader_takes_complete_lines_once_and_leaves_a_torn_last_line(tmp_path
     reader = journal.Reader(tmp_path / "gw0.jsonl")
     assert journal.Reader(tmp_path / "gw9.jsonl").new_events() == []  # a worker that wrote nothing yet
     writer.record(record("a", trainable_params=1))
-    writer.build(("m", "nf4", "cpu"), 0.5)
+    writer.build(("m", "nf4", "cpu"))
     assert [event["event"] for event in reader.new_events()] == ["record", "build"]
     assert reader.new_events() == []
     with open(tmp_path / "gw0.jsonl", "ab") as stream:  # a worker killed in the middle of a write
@@ -44,14 +44,14 @@ def test_the_collector_sends_on_records_builds_and_groups_and_knows_what_was_run
     writer = journal.Journal(collector.expect("gw1"))
     writer.groups({"suites/test_params.py::t[a]": "base:m:none"})
     writer.started("suites/test_params.py::t[a]", record("a"))
-    writer.build(("m", "none", "cpu"), 0.25)
+    writer.build(("m", "none", "cpu"))
     writer.record(record("a", trainable_params=7))
     writer.started("suites/test_params.py::t[b]", record("b"))
     writer.started("suites/test_params.py::t[c]", record("c"))
     writer.dropped("suites/test_params.py::t[c]")  # skipped outside the bench: no record, not lost
     arrivals = collector.collect("gw1")
     assert [r["metrics"] for r in arrivals.records] == [{"trainable_params": 7}]
-    assert arrivals.builds == [(("m", "none", "cpu"), 0.25)]
+    assert arrivals.builds == [("m", "none", "cpu")]
     assert collector.groups == {"suites/test_params.py::t[a]": "base:m:none"}
     assert collector.interrupted("suites/test_params.py::t[a]", "died") is None  # its record arrived
     crashed = collector.interrupted("suites/test_params.py::t[b]", "worker gw1 died")
@@ -114,13 +114,12 @@ def pytest_runtest_call(item):
 KILLED_TEST = "suites/test_params.py::test_trainable_parameters[llama-3.2-1b-tiny-nf4-r8-a16-default-d0.05]"
 
 
+SUITES = ("params", "merge")  # the parallel runs here: the serial run's records of these are what they must keep
+
+
 @pytest.fixture(scope="module")
-def serial_run(tmp_path_factory) -> dict:
-    """The params and merge suites of the small matrix, run serially: what the parallel runs must keep."""
-    directory = tmp_path_factory.mktemp("serial")
-    done = run_pytest(directory, "--lora-results=results")
-    assert done.returncode == 0, done.stdout[-3000:]
-    return json.loads((directory / "results" / "latest.json").read_text())
+def serial_run(small_serial_run) -> dict:
+    return {**small_serial_run, "records": [r for r in small_serial_run["records"] if r["suite"] in SUITES]}
 
 
 def run_pytest(directory, *args: str, plant: str | None = None) -> subprocess.CompletedProcess:
@@ -130,8 +129,7 @@ def run_pytest(directory, *args: str, plant: str | None = None) -> subprocess.Co
         (directory / "planted.py").write_text(plant)
         environment["PYTHONPATH"] = str(directory)
         plugin = ["-p", "planted"]
-    small = [arg if not arg.startswith("lora_params") else "lora_params or lora_merge" for arg in SMALL]
-    return subprocess.run([sys.executable, "-m", "pytest", *plugin, "--lora-bench", *small, "-q", *args],
+    return subprocess.run([sys.executable, "-m", "pytest", *plugin, "--lora-bench", *SMALL, "-m", "lora_params or lora_merge", "-q", *args],
                           cwd=directory, capture_output=True, text=True, env=environment, timeout=300,
                           start_new_session=True)  # its own process group: a planted Ctrl-C stops only the run
 

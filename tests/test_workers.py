@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import SMALL, untimed
 from pytest_lora import workers
 
 
@@ -113,53 +114,39 @@ def test_sees(n, worker_id, lora_bench):
 """
 
 
-def test_under_xdist_each_worker_sees_only_its_own_gpu(pytester, monkeypatch):
+def seen_by_workers(pytester, monkeypatch, visible: str, *args: str) -> dict[str, set[str]]:
+    """The ``CUDA_VISIBLE_DEVICES`` each of two workers saw in its tests, the caller's being ``visible``
+    (no CUDA reads it here: the torch build is the CPU one). ``--dist load`` spreads one module's
+    tests over both workers (the bench's own scheduling would keep them on one)."""
     pytester.makepyfile(test_sees=SEES)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e4a,GPU-1b3d5f7e")  # no CUDA reads it here: the torch build is the CPU one
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.setenv("SEEN_DIR", str(pytester.path))
-    # --dist load: one module's tests on both workers (the bench's own scheduling keeps them on one)
-    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "test_sees.py", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", *args, "test_sees.py", "-p", "no:cacheprovider")
     assert result.ret == 0, result.stdout.str()[-2000:]
-    seen = {worker: set((pytester.path / worker).read_text().split()) for worker in ("gw0", "gw1")}
+    return {worker: set((pytester.path / worker).read_text().split()) for worker in ("gw0", "gw1")}
+
+
+def test_under_xdist_each_worker_sees_only_its_own_gpu(pytester, monkeypatch):
+    seen = seen_by_workers(pytester, monkeypatch, "GPU-8f2c1e4a,GPU-1b3d5f7e")
     assert seen == {"gw0": {"GPU-8f2c1e4a"}, "gw1": {"GPU-1b3d5f7e"}}
 
 
 def test_a_worker_of_two_gpus_sees_its_pair(pytester, monkeypatch):
-    pytester.makepyfile(test_sees=SEES)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d,GPU-e")
-    monkeypatch.setenv("SEEN_DIR", str(pytester.path))
-    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "--lora-gpus-per-worker=2",
-                                           "test_sees.py", "-p", "no:cacheprovider")
-    assert result.ret == 0, result.stdout.str()[-2000:]
-    seen = {worker: set((pytester.path / worker).read_text().split()) for worker in ("gw0", "gw1")}
+    seen = seen_by_workers(pytester, monkeypatch, "GPU-a,GPU-b,GPU-c,GPU-d,GPU-e", "--lora-gpus-per-worker=2")
     assert seen == {"gw0": {"GPU-a,GPU-b"}, "gw1": {"GPU-c,GPU-d"}}
 
 
 def test_with_the_cpu_device_workers_are_not_pinned(pytester, monkeypatch):
-    pytester.makepyfile(test_sees=SEES)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1e4a,GPU-1b3d5f7e")
-    monkeypatch.setenv("SEEN_DIR", str(pytester.path))
-    result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--lora-bench", "--lora-device=cpu", "test_sees.py", "-p", "no:cacheprovider")
-    assert result.ret == 0
-    assert {line for worker in ("gw0", "gw1") for line in (pytester.path / worker).read_text().split()} == {"GPU-8f2c1e4a,GPU-1b3d5f7e"}
+    seen = seen_by_workers(pytester, monkeypatch, "GPU-8f2c1e4a,GPU-1b3d5f7e", "--lora-device=cpu")
+    assert seen == {"gw0": {"GPU-8f2c1e4a,GPU-1b3d5f7e"}, "gw1": {"GPU-8f2c1e4a,GPU-1b3d5f7e"}}
 
 
-SMALL = ("--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", "--lora-quant=none,nf4", "--lora-ranks=8", "--lora-targets=default",
-         "--lora-device=cpu", "-p", "no:cacheprovider", "-m", "lora_params or lora_merge or lora_step_time")
-TIMINGS = ("_s", "tokens_per_s", "cpu_pressure", "other_cpu_load", "harness_overhead_pct", "mfu")
-
-
-def untimed(document: dict) -> dict:
-    return {r["test"]: (r["status"], {k: v for k, v in r["metrics"].items() if not k.endswith(TIMINGS)}) for r in document["records"]}
-
-
-def test_two_workers_write_the_records_of_a_serial_run_and_build_each_base_once(pytester):
+def test_two_workers_write_the_records_of_a_serial_run_and_build_each_base_once(pytester, small_serial_run):
     import json
 
-    serial = pytester.runpytest_subprocess("--lora-bench", *SMALL, "--lora-results=serial")
     parallel = pytester.runpytest_subprocess("-n", "2", "--lora-bench", *SMALL, "--lora-results=parallel")
-    assert serial.ret == parallel.ret == 0, parallel.stdout.str()[-3000:]
-    one, two = (json.loads((pytester.path / name / "latest.json").read_text()) for name in ("serial", "parallel"))
+    assert parallel.ret == 0, parallel.stdout.str()[-3000:]
+    one, two = small_serial_run, json.loads((pytester.path / "parallel" / "latest.json").read_text())
     assert len(one["records"]) > 30 and untimed(one) == untimed(two)  # same test ids, statuses and numbers
     assert not any("@" in record["test"] for record in two["records"])  # loadgroup's suffix stays out of the records
     builds = [r["metrics"]["builds"] for r in two["records"] if "test_base_build_time" in r["test"]]

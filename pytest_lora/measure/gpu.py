@@ -76,7 +76,7 @@ class Gpu:
         self.placement = placement
         self.clock = clock  # the host clock that StepTimer compares with the events
         self._nvml = nvml
-        self._nvml_device: Any = "unresolved"
+        self._nvml_handles_found: Any = "unresolved"
 
     # ----------------------------------------------------------------- identity
 
@@ -161,10 +161,10 @@ class Gpu:
 
     def _nvml_handles(self) -> list[Any] | None:
         """NVML's handle of each device, or ``None`` if NVML can't name every one."""
-        if self._nvml_device == "unresolved":
+        if self._nvml_handles_found == "unresolved":
             handles = [] if self._nvml is None else [nvml_handle(self._nvml, self.runtime.get_device_properties(i)) for i in self.indices]
-            self._nvml_device = handles if handles and None not in handles else None
-        return self._nvml_device
+            self._nvml_handles_found = handles if handles and None not in handles else None
+        return self._nvml_handles_found
 
 
 def nvml_handle(nvml: Any, properties: Any) -> Any:

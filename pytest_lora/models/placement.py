@@ -27,9 +27,8 @@ WEIGHT_SHARE = 0.8  # of each GPU's memory, what a base's weights may fill
 
 def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """The bytes of every parameter and buffer of ``model`` (a meta model: no memory) in ``dtype``."""
-    size = dtype.itemsize if hasattr(dtype, "itemsize") else torch.finfo(dtype).bits // 8
     tensors = [*model.parameters(), *model.buffers()]
-    return sum(tensor.numel() * (size if tensor.is_floating_point() else tensor.element_size()) for tensor in tensors)
+    return sum(tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size()) for tensor in tensors)
 
 
 def budgets(capacities: dict[int, int]) -> dict[int, int]:

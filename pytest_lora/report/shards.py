@@ -28,9 +28,7 @@ def joined_builds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     joined: dict[tuple[str, str, str], dict[str, Any]] = {}
     for build in (build for run in runs for build in run.get("builds") or ()):
         key = (build["model"], build["quant"], build["device"])
-        entry = joined.setdefault(key, {**build, "count": 0, "seconds": 0.0})
-        entry["count"] += build["count"]
-        entry["seconds"] = round(entry["seconds"] + build["seconds"], 6)
+        joined.setdefault(key, {**build, "count": 0})["count"] += build["count"]
     return list(joined.values())
 
 
