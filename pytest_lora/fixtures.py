@@ -13,6 +13,7 @@ torch, transformers and peft are imported inside the fixtures, never when the pl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pytest
@@ -55,7 +56,20 @@ def lora_matrix(lora_session: LoraSession) -> Matrix:
 
 
 @pytest.fixture(scope="session")
-def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSession) -> Iterator[Any]:
+def quant_format(quant_spec, lora_device: str) -> Any:
+    """The format object of this test's quantization (``models.formats.Format``): what the suites
+    ask about quantized layers. A format that cannot run here (its backend not installed, no
+    kernel for the device) skips the test with the reason."""
+    from .models import formats
+
+    missing = formats.unavailable(quant_spec, lora_device)
+    if missing is not None:
+        pytest.skip(missing)
+    return formats.of(quant_spec)
+
+
+@pytest.fixture(scope="session")
+def base_model(model_spec, quant_spec, quant_format, lora_device: str, lora_session: LoraSession) -> Iterator[Any]:
     """The base model of one (model, quantization): built once per session and device, then shared.
 
     Random weights of the real architecture, built in the target dtype on the device and quantized
@@ -83,13 +97,44 @@ def base_model(model_spec, quant_spec, lora_device: str, lora_session: LoraSessi
 
 
 @pytest.fixture
-def lora_config(lora_spec, model_spec) -> Any:
-    """The ``peft.LoraConfig`` of this test's LoRA spec, with the task type of the model's head."""
-    import peft
+def lora_config(lora_spec, model_spec, request: pytest.FixtureRequest) -> Any:
+    """The ``peft.LoraConfig`` of this test's LoRA spec, with the task type of the model's head
+    (and, on a format whose layers ``all-linear`` misses, the layers it names)."""
+    from .models import adapters
 
+    quant = request.getfixturevalue("quant_spec") if "quant_spec" in request.fixturenames else None
+    return adapters.lora_config_for(lora_spec, model_spec.config_dict(), quant)
+
+
+@dataclass(frozen=True)
+class BaseBuild:
+    """How this test's base was built: seconds, how many times this session built it, and the
+    GPU bytes allocated before its build and before the session's first (``None`` on the CPU)."""
+
+    seconds: float
+    count: int
+    allocated_before: int | None
+    allocated_before_first: int | None
+
+
+@pytest.fixture
+def base_build(base_model, model_spec, quant_spec, lora_device: str, lora_session: LoraSession) -> BaseBuild:
+    """What the session noted when it built this test's base (``BaseBuild``)."""
+    key = (model_spec.id, quant_spec.id, lora_device)
+    before = lora_session.allocated_before_build
+    return BaseBuild(lora_session.build_seconds[key], lora_session.builds[key],
+                     before[-1] if before else None, before[0] if before else None)
+
+
+@pytest.fixture
+def lora_batch(model_spec, workload_spec, lora_device: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A training batch of this test's workload on the device: synthetic token ids over the
+    model's vocabulary, seeded by the test's id (the same batch in every run and worker)."""
+    from .measure import train
     from .models import build
 
-    return peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
+    vocab = model_spec.config_dict()["vocab_size"]
+    return train.synthetic_batch(vocab, workload_spec, lora_device, build.seed_for(request.node.nodeid))
 
 
 @pytest.fixture

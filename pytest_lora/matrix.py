@@ -1,11 +1,11 @@
 """The configuration matrix: what to measure, as frozen values, validated before anything runs.
 
-A matrix is the cross product of four kinds of spec:
+A matrix is the cross product of four kinds of spec (the values of ``specs.py``):
 
 * ``ModelSpec``: a registry model (a shipped published ``config.json``), a user's config.json,
   or a local checkpoint directory;
-* ``QuantSpec``: the base's storage format (``none``, ``fp32``, ``bf16``, ``fp16``, ``int8``,
-  ``nf4``, ``fp4``, ``nf4-dq``);
+* ``QuantSpec``: the base's storage format, a name of ``specs.QUANTIZATIONS`` (``bf16``, ``nf4``,
+  ``torchao-int8``, ``hqq-4bit``, ...), with another group size where the format has one;
 * ``LoraSpec``: rank, alpha, target modules, dropout, variant (LoRA, DoRA, rsLoRA), bias mode and
   modules to save;
 * ``WorkloadSpec``: sequence length, batch size, gradient checkpointing.
@@ -22,222 +22,18 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import tomllib
 
-from .models import registry
+from .models.resolve import resolve_model
+from .specs import (BIAS_MODES, GROUP_SIZES, QUANTIZATIONS, TARGET_KEYWORDS, VARIANTS, LoraSpec, Matrix, MatrixError, QuantSpec,
+                    WorkloadSpec)
 
 DEFAULT_MATRIX_FILE = Path(__file__).with_name("default_matrix.toml")
 
-
-class MatrixError(ValueError):
-    """A value of the matrix is wrong: says where it came from, what it was and what is allowed."""
-
-    def __init__(self, where: str, value: Any, problem: str, allowed: str = ""):
-        self.where, self.value, self.problem, self.allowed = where, value, problem, allowed
-        text = f"{where}: {value!r} {problem}"
-        if allowed:
-            text += f"; allowed: {allowed}"
-        super().__init__(text)
-
-
-# --------------------------------------------------------------------------- quantization
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How the base model's weights are stored.
-
-    ``dtype`` is the dtype of everything that is not quantized (embeddings, norms, the output
-    layer) and the compute dtype of quantized layers; ``None`` means the model's own dtype as its
-    config.json states it. ``kind`` is ``dtype`` (no quantization), ``int8`` (LLM.int8) or
-    ``4bit`` (``quant_type`` nf4 or fp4, blocksize 64, optionally double-quantized constants).
-    """
-
-    name: str
-    kind: str
-    dtype: str | None
-    quant_type: str | None = None
-    double_quant: bool = False
-    blocksize: int = 64
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.kind != "dtype"
-
-    @property
-    def id(self) -> str:
-        return self.name
-
-
-QUANTIZATIONS: dict[str, QuantSpec] = {
-    spec.name: spec
-    for spec in (
-        QuantSpec("none", "dtype", None),
-        QuantSpec("fp32", "dtype", "float32"),
-        QuantSpec("bf16", "dtype", "bfloat16"),
-        QuantSpec("fp16", "dtype", "float16"),
-        QuantSpec("int8", "int8", "float16"),
-        QuantSpec("nf4", "4bit", "bfloat16", quant_type="nf4"),
-        QuantSpec("fp4", "4bit", "bfloat16", quant_type="fp4"),
-        QuantSpec("nf4-dq", "4bit", "bfloat16", quant_type="nf4", double_quant=True),
-    )
-}
-
-
-# --------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model to build: ``kind`` is ``registry``, ``config`` (a config.json) or ``checkpoint``."""
-
-    name: str
-    kind: str
-    path: str
-
-    @property
-    def id(self) -> str:
-        if self.kind == "registry":
-            return self.name
-        return Path(self.path).parent.name if self.kind == "config" else Path(self.path).name
-
-    def config_dict(self) -> dict[str, Any]:
-        """The architecture as a plain dict (no transformers import)."""
-        return registry.load_config_dict(self.name if self.kind == "registry" else self.path)
-
-
-def resolve_model(text: str, where: str, base_dir: Path | None = None) -> ModelSpec:
-    """A registry name, a config.json path or a checkpoint directory, checked to exist."""
-    name = text.strip()
-    if registry.is_known(name):
-        return ModelSpec(name, "registry", registry.config_path(name).as_posix())
-    path = Path(name).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    allowed = "a registry name (" + ", ".join(registry.names()) + ") or a path to a config.json or checkpoint directory"
-    if not path.exists():
-        raise MatrixError(where, name, "is neither a registry model nor an existing path", allowed)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise MatrixError(where, name, "is a directory without a config.json", allowed)
-        kind = "checkpoint" if registry.has_weights(path) else "config"
-        config_file = path if kind == "checkpoint" else path / "config.json"
-        return ModelSpec(name, kind, config_file.resolve().as_posix())
-    try:
-        registry.load_config_dict(path)
-    except ValueError as error:
-        raise MatrixError(where, name, f"is not a usable config.json ({error})") from None
-    return ModelSpec(name, "config", path.resolve().as_posix())
-
-
-# --------------------------------------------------------------------------- LoRA
-
-VARIANTS = ("lora", "dora", "rslora")
-BIAS_MODES = ("none", "lora_only", "all")
-TARGET_KEYWORDS = ("all-linear", "default")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One LoRA configuration, independent of the model it is applied to.
-
-    ``targets`` is a tuple of module names (matched as peft does: the full name or its last
-    dotted components), or one keyword: ``all-linear`` (every Linear / Conv1D but the output
-    layer) or ``default`` (peft's per-architecture default, e.g. q and v for T5).
-    """
-
-    r: int = field(metadata={"help": "rank of the update B @ A"})
-    alpha: float = field(metadata={"help": "lora_alpha; scaling is alpha / r (alpha / sqrt(r) for rsLoRA)"})
-    targets: tuple[str, ...] | str = field(default="default", metadata={"help": "module names or a keyword"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    variant: str = field(default="lora", metadata={"help": "lora, dora (magnitude vector) or rslora"})
-    bias: str = field(default="none", metadata={"help": "none, lora_only or all (peft's bias modes)"})
-    modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "modules trained in full"})
-
-    @property
-    def targets_id(self) -> str:
-        return self.targets if isinstance(self.targets, str) else "+".join(self.targets)
-
-    @property
-    def id(self) -> str:
-        parts = [f"r{self.r}", f"a{_number(self.alpha)}", self.targets_id]
-        if self.variant != "lora":
-            parts.append(self.variant)
-        if self.dropout:
-            parts.append(f"d{_number(self.dropout)}")
-        if self.bias != "none":
-            parts.append(f"bias-{self.bias}")
-        if self.modules_to_save:
-            parts.append("save-" + "+".join(self.modules_to_save))
-        return "-".join(parts)
-
-    def peft_kwargs(self) -> dict[str, Any]:
-        """The arguments of ``peft.LoraConfig`` (without ``task_type``)."""
-        if self.targets == "default":
-            target_modules = None
-        elif self.targets == "all-linear":
-            target_modules = "all-linear"
-        else:
-            target_modules = list(self.targets)
-        return {
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "target_modules": target_modules,
-            "lora_dropout": self.dropout,
-            "bias": self.bias,
-            "use_dora": self.variant == "dora",
-            "use_rslora": self.variant == "rslora",
-            "modules_to_save": list(self.modules_to_save) or None,
-        }
-
-    def as_record(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
-        record["modules_to_save"] = list(self.modules_to_save)
-        return record
-
-
-@dataclass(frozen=True)
-class WorkloadSpec:
-    """The shape of a training step: ``batch`` sequences of ``seq_len`` tokens, with or without
-    gradient checkpointing and ``torch.compile``."""
-
-    seq_len: int
-    batch: int
-    grad_ckpt: bool = False
-    compile: bool = False
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
-    @property
-    def id(self) -> str:
-        return f"b{self.batch}xs{self.seq_len}" + ("-ckpt" if self.grad_ckpt else "") + ("-compile" if self.compile else "")
-
-    def as_record(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- the matrix
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """The cross product to run: every model x quant, and every LoRA spec and workload on each."""
-
-    models: tuple[ModelSpec, ...]
-    quants: tuple[QuantSpec, ...]
-    loras: tuple[LoraSpec, ...]
-    workloads: tuple[WorkloadSpec, ...]
-
-    @property
-    def size(self) -> int:
-        return len(self.models) * len(self.quants) * len(self.loras) * len(self.workloads)
 
 
 MATRIX_KEYS = (
@@ -379,20 +175,29 @@ def _unique(items: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise MatrixError(where, value, "is not a non-empty string")
     return value
 
 
+_GROUP_SUFFIX = re.compile(r"^(?P<name>.+)-g(?P<size>\d+)$")
+
+
 def _parse_quant(value: Any, where: str) -> QuantSpec:
-    if isinstance(value, str) and value.strip().lower() in QUANTIZATIONS:
-        return QUANTIZATIONS[value.strip().lower()]
-    raise MatrixError(where, value, "is not a quantization", ", ".join(QUANTIZATIONS))
+    """A format of the table, or one with a group size of its own (``hqq-4bit-g128``)."""
+    allowed = ", ".join(QUANTIZATIONS) + "; a grouped format may end in -g<group size>"
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in QUANTIZATIONS:
+        return QUANTIZATIONS[text]
+    grouped = _GROUP_SUFFIX.match(text or "")
+    spec = QUANTIZATIONS.get(grouped["name"]) if grouped else None
+    if spec is None or spec.group_size is None:
+        raise MatrixError(where, value, "is not a quantization", allowed)
+    sizes = GROUP_SIZES[spec.backend]
+    if int(grouped["size"]) not in sizes:
+        raise MatrixError(where, value, f"has a group size {spec.backend} does not support", ", ".join(map(str, sizes)))
+    return spec.with_group_size(int(grouped["size"]))
 
 
 def _positive_int(value: Any, where: str, what: str) -> int:

@@ -19,7 +19,9 @@ from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
     SESSION_KEY,
+    base_build,
     base_model,
+    lora_batch,
     lora_bench,
     lora_config,
     lora_device,
@@ -27,6 +29,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     lora_matrix,
     lora_model,
     lora_session,
+    quant_format,
     new_recorder,
 )
 from .markers import suite_of

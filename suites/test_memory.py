@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec
+from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
 from pytest_lora import references
 from pytest_lora.models import registry
 
@@ -61,11 +61,11 @@ def test_weight_storage(base_model, model_spec, quant_spec, lora_bench):
     assert abs(measured - analytic) <= 0.001 * analytic, f"measured {measured:,d} B, analytic {analytic:,d} B"
 
 
-def test_step_memory(lora_model, model_spec, quant_spec, lora_spec, workload_spec, lora_device, lora_bench, request):
+def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, lora_bench):
     """One step: activations kept for backward, and the adapter's training state, on any device."""
     config = model_spec.config_dict()
-    estimate = memory.analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
-    batch = train.synthetic_batch(config["vocab_size"], workload_spec, lora_device, build.seed_for(request.node.nodeid))
+    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec)
+    batch = lora_batch
     step = train.TrainStep(lora_model)
     try:
         with train.checkpointing(lora_model, workload_spec.grad_ckpt):
@@ -91,20 +91,18 @@ def test_step_memory(lora_model, model_spec, quant_spec, lora_spec, workload_spe
     assert measured == estimate.training, f"measured {measured}, analytic {estimate.training}"
 
 
-def test_step_peak_memory(base_model, lora_config, model_spec, quant_spec, lora_spec, workload_spec, lora_device, lora_gpu, lora_session, lora_bench, request):
+def test_step_peak_memory(base_model, base_build, lora_config, lora_batch, model_spec, quant_spec, workload_spec, lora_gpu, lora_bench):
     """GPU: allocated, reserved and device bytes through one step; released afterwards."""
     if lora_gpu is None:
         pytest.skip("needs a CUDA device: allocator peaks and NVML bytes are GPU measurements; "
                     "weights, activations and training state are measured by the other memory tests")
     config = model_spec.config_dict()
-    estimate = memory.analytic_step(config, quant_spec, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
-    batch = train.synthetic_batch(config["vocab_size"], workload_spec, lora_device, build.seed_for(request.node.nodeid))
-    phases = memory.step_phase_memory(base_model, lora_config, batch, workload_spec.grad_ckpt, lora_gpu)
-    del batch
+    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec)
+    phases = memory.step_phase_memory(base_model, lora_config, lora_batch, workload_spec.grad_ckpt, lora_gpu)
 
     for name in ("base_allocated", "adapter_allocated", "forward_peak", "forward_allocated", "backward_peak", "optimizer_peak", "after_step_allocated"):
         lora_bench.record(f"{name}_bytes", getattr(phases, name), "bytes")
-    baseline = lora_session.allocated_before_build[-1]  # the process without this base: cuBLAS workspaces, ...
+    baseline = base_build.allocated_before  # the process without this base: cuBLAS workspaces, ...
     lora_bench.record("process_baseline_bytes", baseline, "bytes")
     lora_bench.record("peak_allocated_bytes", phases.peak_allocated, "bytes")
     for index, peak in (phases.device_peaks or {}).items():  # a base spread over the worker's GPUs
@@ -116,7 +114,7 @@ def test_step_peak_memory(base_model, lora_config, model_spec, quant_spec, lora_
         lora_bench.record("peak_over_analytic", (phases.peak_allocated - baseline) / estimate.total, "measured/analytic")
     leaked = phases.released_allocated - phases.base_allocated
     lora_bench.record("leaked_bytes", leaked, "bytes")
-    growth = lora_session.allocated_before_build[-1] - lora_session.allocated_before_build[0]
+    growth = base_build.allocated_before - base_build.allocated_before_first
     lora_bench.record("growth_between_bases_bytes", growth, "bytes")
     if phases.oom:
         raise torch.OutOfMemoryError(phases.oom)

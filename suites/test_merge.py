@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.matrix import WorkloadSpec
+from pytest_lora.specs import LoraSpec, WorkloadSpec, full_precision
 
 from pytest_lora.lazy import lazy_import
 
@@ -56,6 +56,8 @@ merge = lazy_import("pytest_lora.measure.merge")
 train = lazy_import("pytest_lora.measure.train")
 build = lazy_import("pytest_lora.models.build")
 quantize = lazy_import("pytest_lora.models.quantize")
+adapters = lazy_import("pytest_lora.models.adapters")
+formats = lazy_import("pytest_lora.models.formats")
 
 pytestmark = pytest.mark.lora_merge
 
@@ -64,9 +66,9 @@ DRIFT_CYCLES = (1, 10, 100)
 
 
 @pytest.fixture
-def adapted_copy(base_model, model_spec, lora_spec, lora_gpu, request):
+def adapted_copy(base_model, lora_config, lora_gpu, request):
     """A private copy of the shared base with this test's adapter at a 1% update."""
-    config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
+    config = lora_config
     model = peft.get_peft_model(quantize.private_copy(base_model), config)
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
     relative = merge.set_relative_update(model, config, RELATIVE_UPDATE, generator)
@@ -106,10 +108,6 @@ def record_agreement(lora_bench, reference: torch.Tensor, logits: torch.Tensor, 
     lora_bench.record(f"merge_kl{suffix}", agreement["kl"], "nats")
     lora_bench.record(f"merge_top1{suffix}", agreement["top1"], "fraction")
     return agreement
-
-
-def weights_of(layers) -> dict[str, torch.Tensor]:
-    return {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers.items()}
 
 
 def checked_adapter(adapted_copy, lora_bench):
@@ -179,14 +177,14 @@ def check_merged_weight(weight, layer, config, original, name, lora_bench) -> No
 
 
 @pytest.mark.lora_matrix(quantized=True)
-def test_merge_quantized(adapted_copy, model_spec, quant_spec, lora_device, lora_bench, request):
+def test_merge_quantized(adapted_copy, model_spec, quant_spec, quant_format, lora_device, lora_bench, request):
     model, config, layers = checked_adapter(adapted_copy, lora_bench)
     ids = token_ids(model_spec, lora_device, request)
     reference = logits_of(model, ids)
     compute_dtype = getattr(torch, quant_spec.dtype)
 
     dequantize = merge.merge_into(build.instantiate(model_spec.config_dict(), lora_device, compute_dtype), model, config, dequantize_base=True)
-    if quant_spec.kind == "4bit":  # LLM.int8 also quantizes activations: its forward is not the compute dtype's
+    if quant_format.computes_in_dtype(quant_spec):  # LLM.int8 also quantizes activations
         check_layers_compute_alike(layers, dequantize, compute_dtype, lora_bench)
     record_agreement(lora_bench, reference, logits_of(dequantize, ids), "_dequantize")
     del dequantize
@@ -195,7 +193,7 @@ def test_merge_quantized(adapted_copy, model_spec, quant_spec, lora_device, lora
     record_agreement(lora_bench, reference, logits_of(original, ids), "_original")
     del original
 
-    bases = {name: merge.dequantized(layer.get_base_layer().weight, layer.get_base_layer()) for name, layer in layers.items()}
+    bases = {name: merge.dequantized(layer.get_base_layer()) for name, layer in layers.items()}
     expected = {name: merge.expected_merged(layer, config, bases[name]) for name, layer in layers.items()}
     merged = model.merge_and_unload()
     check_fully_merged(merged, lora_bench)
@@ -233,15 +231,15 @@ def task_base(trained, quant_spec, device):
     return quantize.quantize_model(model, quant_spec) if quant_spec.is_quantized else model
 
 
-def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, lora_bench):
+def test_merge_on_a_trained_model(trained_task_model, quant_spec, quant_format, lora_device, lora_bench):
     """A model that has learnt language A, fine-tuned with LoRA on language B, then merged."""
     trained = trained_task_model
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = adapters.lora_config_for(LoraSpec(r=8, alpha=16, targets="all-linear"), trained.config, quant_spec)
     lora_bench.describe(model=trained.name, lora=config)
     model = peft.get_peft_model(task_base(trained, quant_spec, lora_device), config)
     tasks.train(model, trained.task_b.sampler(16, 64), FINE_TUNE_STEPS, lr=1e-3, seed=1, device=lora_device)
     layers = merge.lora_layers(model)
-    relative = max((merge.expected_delta(l, config).norm() / merge.dequantized(l.get_base_layer().weight, l.get_base_layer()).double().norm().cpu()).item() for l in layers.values())
+    relative = max((merge.expected_delta(l, config).norm() / merge.dequantized(l.get_base_layer()).double().norm().cpu()).item() for l in layers.values())
     lora_bench.record("relative_update", relative, "||sBA||/||W||")
     ids = trained.task_b.sample(16, 64, torch.Generator().manual_seed(7)).to(lora_device)
     model.eval()
@@ -250,7 +248,7 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
 
     candidates = {}
     if quant_spec.is_quantized:
-        original = task_base(trained, type(quant_spec)("original", "dtype", quant_spec.dtype), lora_device)
+        original = task_base(trained, full_precision(quant_spec), lora_device)
         candidates["_original"] = merge.merge_into(original, model, config, dequantize_base=False)
         blank = build.instantiate(trained.config, lora_device, getattr(torch, quant_spec.dtype))
         candidates["_dequantize"] = merge.merge_into(blank, model, config, dequantize_base=True)
@@ -264,25 +262,26 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
         lora_bench.record(f"merged_loss_b{name}", tasks.causal_loss(logits, ids).item(), "nats")
 
 
-def first_lora(lora_matrix, model_spec):
+def first_lora(lora_matrix, model_spec, quant_spec):
     """This test's adapter: the matrix's first LoRA spec (one per base is enough here)."""
     spec = lora_matrix.loras[0]
-    return spec, peft.LoraConfig(**spec.peft_kwargs(), task_type=build.task_type(model_spec.config_dict()))
+    return spec, adapters.lora_config_for(spec, model_spec.config_dict(), quant_spec)
 
 
-def test_save_and_reload(base_model, model_spec, quant_spec, lora_matrix, lora_device, lora_bench, request):
-    """Adapter weights survive safetensors bit for bit; a merged model saved and reloaded computes the same.
+def test_save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, request):
+    """Adapter weights survive safetensors bit for bit; a merged model saved and reloaded computes
+    the same (on formats that transformers reloads as it saved them: ``Format.reloads_merged``).
 
     The files go to a directory removed when the test ends, not to pytest's ``tmp_path``, which
     keeps three runs: 16 GB per merged 8B bf16 base would fill a GPU host's disk."""
     with tempfile.TemporaryDirectory(prefix="pytest-lora-save-") as directory:
-        save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench, Path(directory), request)
+        save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, Path(directory), request)
 
 
-def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench, tmp_path, request):
+def save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, tmp_path, request):
     from safetensors.torch import load_file
 
-    spec, config = first_lora(lora_matrix, model_spec)
+    spec, config = first_lora(lora_matrix, model_spec, quant_spec)
     lora_bench.describe(lora=spec)
     model = peft.get_peft_model(quantize.private_copy(base_model), config)
     merge.set_relative_update(model, config, RELATIVE_UPDATE, torch.Generator().manual_seed(build.seed_for(request.node.nodeid)))
@@ -294,6 +293,8 @@ def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench
     again = peft.get_peft_model_state_dict(reloaded)
     assert all(torch.equal(again[k], ours[k]) for k in ours), "adapter weights changed through PeftModel.from_pretrained"
     del reloaded
+    if not quant_format.reloads_merged:
+        return
 
     ids = token_ids(model_spec, lora_device, request)
     merged = model.merge_and_unload()
@@ -301,7 +302,7 @@ def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench
     expected = logits_of(merged, ids)
     merged.save_pretrained(tmp_path / "merged")
     loaded = build.model_class(model_spec.config_dict()).from_pretrained(tmp_path / "merged", dtype=merged.dtype, device_map={"": lora_device})
-    quantize.keep_cpu_layout(loaded)
+    formats.of(quant_spec).after_build(loaded)
     loaded.eval()
     ours, theirs = merged.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
@@ -314,11 +315,11 @@ def save_and_reload(base_model, model_spec, lora_matrix, lora_device, lora_bench
 
 
 @pytest.mark.lora_matrix(quantized=False)
-def test_weighted_adapters(base_model, model_spec, lora_matrix, lora_bench, request):
+def test_weighted_adapters(base_model, model_spec, quant_spec, lora_matrix, lora_bench, request):
     """``add_weighted_adapter`` against its closed forms: ``cat`` gives sum w_i s_i B_i A_i exactly;
     ``linear`` combines A and B separately, (sum sqrt(w_i s_i) B_i)(sum sqrt(w_i s_i) A_i), cross
     terms included, which is not the weighted sum of the updates (recorded)."""
-    spec, config = first_lora(lora_matrix, model_spec)
+    spec, config = first_lora(lora_matrix, model_spec, quant_spec)
     lora_bench.describe(lora=spec)
     model = peft.get_peft_model(quantize.private_copy(base_model), config)
     model.add_adapter("second", config)

@@ -1,8 +1,9 @@
 """Trainable parameters of LoRA adapters.
 
 What is measured. For every model x quantization x LoRA spec of the matrix, the base model is
-built (the real architecture with random weights; quantized bases through bitsandbytes, on the
-bench device), the adapter is added with peft, and peft's own count is taken:
+built (the real architecture with random weights; quantized bases through their format's
+backend: bitsandbytes, torchao or HQQ, on the bench device), the adapter is added with peft, and
+the parameters are counted by a walk over the built model and by peft's own
 ``get_nb_trainable_parameters``, the numbers ``print_trainable_parameters`` shows.
 
 Against which reference. The closed form, computed without peft from the unquantized
@@ -11,7 +12,10 @@ out for DoRA's magnitude vector, plus the biases that ``bias`` trains and a full
 module in ``modules_to_save``. Two more ways must agree with it exactly: a direct walk over the
 built model's parameters (4-bit packing undone), and ``pytest_lora.count_parameters`` on the meta
 device. A quantized base has the same totals as the unquantized one; bitsandbytes' packing of two
-4-bit weights per byte is where counts went wrong before (peft #1020, #1594).
+4-bit weights per byte is where counts went wrong before (peft #1020, #1594), and HQQ's packing
+is where peft's count is still wrong (recorded as ``peft_total_params``). peft must also have put
+its own LoRA layer for the format on every quantized layer (``TorchaoLoraLinear``,
+``HqqLoraLinear``, ``Linear4bit``...): the trap is a quantized layer wrapped as a plain Linear.
 
 Published figures. ``count_parameters`` reproduces, digit for digit, the counts printed for
 published models: the FLAN-T5-XXL seed article (8-bit base, r=16 on q and v), peft's README
@@ -33,6 +37,7 @@ from pytest_lora.lazy import lazy_import
 peft = lazy_import("peft")
 params = lazy_import("pytest_lora.measure.params")
 build = lazy_import("pytest_lora.models.build")
+adapters = lazy_import("pytest_lora.models.adapters")
 
 
 pytestmark = pytest.mark.lora_params
@@ -44,16 +49,27 @@ def record_counts(lora_bench: Any, counts: params.ParamCount) -> None:
     lora_bench.record("trainable_pct", counts.pct, "%")
 
 
-def test_trainable_parameters(lora_model, model_spec, lora_spec, lora_bench):
-    """peft's count on the built (possibly quantized) base equals the closed form and the meta count."""
-    measured = params.ParamCount(*lora_model.get_nb_trainable_parameters())
-    record_counts(lora_bench, measured)
+def test_trainable_parameters(lora_model, lora_config, model_spec, quant_spec, quant_format, lora_bench):
+    """The built (possibly quantized) base with its adapter, counted three ways that must agree:
+    a walk over its parameters (each quantized layer as its format stores it), the closed form on
+    the architecture, and peft on the meta device. peft's own count on the built model must agree
+    too where peft counts the format's weights (it does not unpack HQQ's); and peft must have
+    dispatched the format's own LoRA layer on every quantized layer."""
+    counted = params.count_model(lora_model)
+    record_counts(lora_bench, counted)
+    by_peft = params.ParamCount(*lora_model.get_nb_trainable_parameters())
+    lora_bench.record("peft_total_params", by_peft.total, "params")
 
     config_dict = model_spec.config_dict()
-    expected = params.closed_form(build.build_meta(config_dict), peft.LoraConfig(**lora_spec.peft_kwargs()))
-    assert measured == expected, f"peft on the built base: {measured}; closed form: {expected}"
-    assert params.count_model(lora_model) == expected, "a direct walk over the built model's parameters disagrees"
-    assert params.count_parameters(config_dict, lora_spec.peft_kwargs()) == expected, "the meta-device count disagrees"
+    expected = params.closed_form(build.build_meta(config_dict), lora_config)
+    lora_bench.check(counted == expected, f"the walk over the built model: {counted}; closed form: {expected}")
+    lora_bench.check(params.count_parameters(config_dict, lora_config) == expected, "the meta-device count disagrees")
+    if quant_format.peft_counts_weights:
+        lora_bench.check(by_peft == expected, f"peft on the built base: {by_peft}; closed form: {expected}")
+    else:
+        lora_bench.check(by_peft.trainable == expected.trainable, f"peft's trainable count {by_peft.trainable:,d}; closed form {expected.trainable:,d}")
+    wrong = adapters.dispatch_problems(lora_model, quant_spec)
+    lora_bench.check(not wrong, f"peft did not dispatch {quant_format.peft_layer(quant_spec)}: {wrong}")
 
 
 @dataclass(frozen=True)

@@ -93,10 +93,9 @@ def timed_on_this_machine(lora_session, lora_bench, benchmark, timer, step, warm
     return times
 
 
-def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device, lora_gpu, lora_session, lora_bench, benchmark, request):
+def test_step_time(lora_model, lora_config, lora_batch, model_spec, workload_spec, lora_gpu, lora_session, lora_bench, benchmark):
     """Median time of a full training step, tokens/s and MFU."""
-    config = model_spec.config_dict()
-    batch = train.synthetic_batch(config["vocab_size"], workload_spec, lora_device, build.seed_for(request.node.nodeid))
+    config, batch = model_spec.config_dict(), lora_batch
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
     timer = timing.StepTimer(lora_gpu)
     benchmark.group = model_spec.id
@@ -106,7 +105,7 @@ def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device
             times = timed_on_this_machine(lora_session, lora_bench, benchmark, timer, lambda: step.run(batch), warmup, rounds)
         finally:
             step.close()
-    step_flops = flops.lora_step_flops(config, peft.LoraConfig(**lora_spec.peft_kwargs()), workload_spec)
+    step_flops = flops.lora_step_flops(config, lora_config, workload_spec)
     metrics = timing.timing_metrics(timing.TimingStats.of(times), workload_spec.tokens, step_flops, lora_session.peak_flops())
     if lora_gpu is not None:  # the events against the host clock read after waiting for them
         host = timing.TimingStats.of(timer.host_times[warmup:]).median
@@ -115,10 +114,10 @@ def test_step_time(lora_model, model_spec, lora_spec, workload_spec, lora_device
     record(lora_bench, benchmark, metrics, timing.per_step_samples(times, workload_spec.tokens, step_flops, lora_session.peak_flops()))
 
 
-def test_base_build_time(base_model, model_spec, quant_spec, lora_device, lora_session, lora_bench):
+def test_base_build_time(base_build, lora_bench):
     """Seconds to get the base ready on the device (built in its dtype, quantized in place)."""
-    lora_bench.record("build_time_s", lora_session.build_seconds[(model_spec.id, quant_spec.id, lora_device)], "s")
-    lora_bench.record("builds", lora_session.builds[(model_spec.id, quant_spec.id, lora_device)], "builds")
+    lora_bench.record("build_time_s", base_build.seconds, "s")
+    lora_bench.record("builds", base_build.count, "builds")
 
 
 def bare_steps(model, batch, timer: timing.StepTimer, warmup: int, rounds: int) -> None:
@@ -138,7 +137,7 @@ def bare_steps(model, batch, timer: timing.StepTimer, warmup: int, rounds: int) 
         timer.time(step)
 
 
-def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora_gpu, lora_session, lora_bench, benchmark, request):
+def test_harness_overhead(base_model, model_spec, quant_spec, lora_matrix, lora_device, lora_gpu, lora_session, lora_bench, benchmark, request):
     """The harness's step time beside a bare loop of the same step, in the same run (first LoRA
     spec and workload of the matrix; bare rounds before and after the harness's)."""
     lora_spec, workload = lora_matrix.loras[0], lora_matrix.workloads[0]
@@ -147,7 +146,8 @@ def test_harness_overhead(base_model, model_spec, lora_matrix, lora_device, lora
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
     lora_bench.describe(lora=lora_spec, workload=workload)
     bare = timing.StepTimer(lora_gpu)
-    with adapters.attached(base_model, peft.LoraConfig(**lora_spec.peft_kwargs())) as model, train.checkpointing(model, workload.grad_ckpt):
+    lora_config = adapters.lora_config_for(lora_spec, config, quant_spec)
+    with adapters.attached(base_model, lora_config) as model, train.checkpointing(model, workload.grad_ckpt):
         with cpu.threads(lora_session.timing_threads()):
             bare_steps(model, batch, bare, warmup, rounds)
         step = train.TrainStep(model)

@@ -9,7 +9,7 @@ import peft
 import pytest
 
 from fakes import FakeGpuPlugin
-from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec
+from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
 from pytest_lora.measure import memory
 from pytest_lora.models import registry
 

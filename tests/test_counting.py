@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pytest_lora import ParamCount, count_parameters
-from pytest_lora.matrix import QUANTIZATIONS, resolve_model
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS
 from pytest_lora.measure.params import ClosedFormUnsupported, closed_form, count_model
 from pytest_lora.models import build, registry
 

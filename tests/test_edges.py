@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from pytest_lora.matrix import QUANTIZATIONS, LoraSpec, resolve_model
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS, LoraSpec
 from pytest_lora.measure import flops, forgetting, memory, merge, params
 from pytest_lora.models import adapters, build, registry, tiny, validate
 
@@ -31,19 +32,14 @@ def test_too_little_text_for_one_block_is_an_error():
         forgetting.blocks(Words(), ["a b c"], 64)
 
 
-def test_int8_bytes_need_the_row_count():
-    with pytest.raises(ValueError, match="int8 needs the row count"):
-        memory.quantized_tensor_bytes(4096, QUANTIZATIONS["int8"])
-
-
 def test_int8_weights_dequantize_from_the_row_scales_wherever_they_are():
     base = build.build_base(resolve_model("llama-3.2-1b-tiny", "t"), QUANTIZATIONS["int8"], "cpu")
     layer = base.model.layers[0].self_attn.q_proj
-    on_weight = merge.dequantized(layer.weight, layer)
+    on_weight = merge.dequantized(layer)
     with torch.no_grad():
         base(input_ids=torch.randint(0, 256, (1, 4)))  # bitsandbytes moves the scales into the layer
     assert layer.weight.SCB is None
-    assert torch.equal(merge.dequantized(layer.weight, layer), on_weight)
+    assert torch.equal(merge.dequantized(layer), on_weight)
     assert on_weight.shape == (layer.out_features, layer.in_features)
 
 

@@ -16,7 +16,8 @@ from peft.tuners.lora import layer as lora_layer
 
 from pytest_lora import count_parameters
 from pytest_lora.fixtures import SESSION_KEY
-from pytest_lora.matrix import QUANTIZATIONS, resolve_model
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS
 from pytest_lora.models import adapters, build, registry
 
 pytest_plugins = ["pytester"]
@@ -41,11 +42,11 @@ def test_lora_layers_are_peft_bnb_layers_on_quantized_bases(lora_model, quant_sp
     expected = EXPECTED_LORA_LAYER.get(quant_spec.name, lora_layer.Linear)
     assert {type(m) for m in lora_layers} == {expected}
     weight = lora_layers[0].get_base_layer().weight
-    if quant_spec.kind == "4bit":
+    if quant_spec.scheme in ("nf4", "fp4"):
         assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.uint8
-        assert weight.quant_state.quant_type == quant_spec.quant_type
+        assert weight.quant_state.quant_type == quant_spec.scheme
         assert weight.quant_state.nested == quant_spec.double_quant
-    elif quant_spec.kind == "int8":
+    elif quant_spec.scheme == "int8":
         assert type(weight).__name__ == "Int8Params" and weight.dtype == torch.int8
     elif quant_spec.dtype:
         assert weight.dtype == getattr(torch, quant_spec.dtype)

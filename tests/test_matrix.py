@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_lora import matrix
-from pytest_lora.matrix import LoraSpec, MatrixError
+from pytest_lora.matrix import MatrixError
+from pytest_lora.specs import LoraSpec
 
 
 def build(**keys):

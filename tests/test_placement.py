@@ -10,7 +10,8 @@ import torch
 from accelerate.utils import compute_module_sizes
 
 from fakes import FakeCudaRuntime, fake_gpu
-from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, resolve_model
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
 from pytest_lora.measure import memory
 from pytest_lora.measure.train import synthetic_batch
 from pytest_lora.models import build, placement, registry

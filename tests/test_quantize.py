@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pytest_lora.matrix import QUANTIZATIONS, resolve_model
-from pytest_lora.models import build, quantize, registry
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS
+from pytest_lora.models import build, formats, quantize, registry
 
 # QLoRA paper (arXiv 2305.14314), Appendix E: the 16 NF4 values.
 NF4 = torch.tensor([
@@ -53,8 +54,8 @@ def test_four_bit_weights_are_codes_times_block_absmax(name, quant):
         blocks, restored_blocks = w.reshape(-1, 64), restored.reshape(-1, 64)
         absmax = blocks.abs().amax(dim=1, keepdim=True)
         slack = 0.02 if spec.double_quant else 0.005  # 8-bit absmax under double quantization; bf16 output
-        assert ((blocks - restored_blocks).abs() <= (HALF_GAP[spec.quant_type] + slack) * absmax).all(), layer_name
-        if spec.quant_type == "nf4" and not spec.double_quant:
+        assert ((blocks - restored_blocks).abs() <= (HALF_GAP[spec.scheme] + slack) * absmax).all(), layer_name
+        if spec.scheme == "nf4" and not spec.double_quant:
             codes = restored_blocks / absmax
             nearest = (codes.unsqueeze(-1) - NF4).abs().amin(dim=-1)
             assert (nearest < 0.01).all(), f"{layer_name}: values are not NF4 codes x block absmax"
@@ -128,7 +129,7 @@ def test_quantizing_in_place_gives_what_from_pretrained_gives(quant, tmp_path):
     build.full_precision_of(spec, q, "cpu").save_pretrained(tmp_path)
     ours = build.build_base(spec, q, "cpu")
     theirs = build.model_class(spec.config_dict()).from_pretrained(
-        tmp_path, dtype=getattr(torch, q.dtype), device_map={"": "cpu"}, quantization_config=quantize.bnb_config(q)
+        tmp_path, dtype=getattr(torch, q.dtype), device_map={"": "cpu"}, quantization_config=formats.of(q).pretrained_config(q)
     )
     assert {n: type(m) for n, m in ours.named_modules()} == {n: type(m) for n, m in theirs.named_modules()}
     for (name, a), (_, b) in zip(ours.named_modules(), theirs.named_modules()):

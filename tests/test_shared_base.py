@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fakes import FakeCudaRuntime, FakeGpuPlugin, fake_gpu
-from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, resolve_model
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
 from pytest_lora.measure import memory
 from pytest_lora.measure.train import TrainStep, checkpointing, synthetic_batch
 from pytest_lora.models import adapters, build, quantize, registry

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pytest_lora.matrix import QUANTIZATIONS, WorkloadSpec, resolve_model
+from pytest_lora.models.resolve import resolve_model
+from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
 from pytest_lora.measure import flops, timing
 from pytest_lora.measure.train import TrainStep, compiled, synthetic_batch
 from pytest_lora.models import adapters, build, registry

@@ -22,7 +22,7 @@ import peft
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..matrix import WorkloadSpec
+from ..specs import WorkloadSpec
 from ..models import build
 from .params import closed_form
 

@@ -3,9 +3,9 @@
 Measured everywhere:
 
 * ``storage_bytes``: the bytes a model's weights really occupy: every parameter and buffer, and
-  bitsandbytes' quantization constants (the 4-bit ``absmax`` per 64-weight block, the code
-  table, and under double quantization the 8-bit absmax, its fp32 second-level absmax, offset and
-  code). Each storage is counted once, however many tensors view it.
+  each quantization format's constants beside them (bitsandbytes' block absmax and code tables,
+  torchao's scales inside its tensor subclasses, HQQ's scales and zero points). Each storage is
+  counted once, however many tensors view it.
 * ``saved_activation_bytes``: what autograd keeps for the backward pass, read with
   ``torch.autograd.graph.saved_tensors_hooks`` during the forward (storages counted once,
   parameters excluded). This is the activation memory of the step, on any device.
@@ -17,12 +17,10 @@ doesn't see; peft #779 and #1469 are users confusing the three).
 
 Modelled (``analytic_*``), from the architecture on the meta device and the quantization format:
 
-* weights: 4-bit formats store half a byte per weight plus, per 64-weight block, a 4-byte absmax
-  (32/64 = 0.5 extra bits per weight; QLoRA §3); double quantization stores that absmax in 8 bits
-  with an fp32 constant per 256 blocks (8/64 + 32/(64 x 256) = 0.127 bits). Each quantized
-  tensor also carries its 16-entry code table (and the 256-entry nested one, plus an offset).
-  LLM.int8 stores a byte per weight and an fp32 scale per output row. Everything else stays in the
-  base's dtype. Layers that transformers keeps in full precision are not quantized.
+* weights: each quantized weight costs what its format says (``Format.tensor_bytes``: the
+  format's docstring gives the arithmetic, e.g. 4.5 bits a weight for nf4, QLoRA §3). Everything
+  else stays in the base's dtype. Layers that transformers keeps in full precision are not
+  quantized.
 * the adapter: LoRA (and DoRA) parameters in fp32 (peft upcasts adapters of 16-bit bases), their
   fp32 gradients, AdamW's two fp32 moments and a step counter per tensor: 16 bytes per trainable
   parameter (ZeRO §3.1 counts the same for mixed-precision Adam) plus 4 per tensor.
@@ -33,7 +31,6 @@ Modelled (``analytic_*``), from the architecture on the meta device and the quan
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -41,80 +38,44 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..matrix import QuantSpec, WorkloadSpec
-from ..models import build
-from ..models.quantize import modules_kept_unquantized
+from ..specs import QuantSpec, WorkloadSpec
+from ..models import build, formats, quantize
 from .gpu import error_chain, is_out_of_memory
 
 if TYPE_CHECKING:
     from .gpu import Gpu
 
-BLOCK = 64  # 4-bit quantization blocksize
-NESTED_BLOCK = 256  # double quantization's blocksize over the absmax values
-CODE_4BIT, CODE_NESTED = 16, 256  # entries of the fp32 code tables
-
-
 # --------------------------------------------------------------------------- storage
 
 
-def _quant_constants(module: nn.Module) -> list[torch.Tensor]:
-    """bitsandbytes' constants that live beside a layer's quantized weight."""
-    weight = getattr(module, "weight", None)
-    constants = []
-    state = getattr(weight, "quant_state", None)
-    if state is not None:
-        constants += [state.absmax, state.code, getattr(state, "offset", None)]
-        nested = getattr(state, "state2", None)
-        if nested is not None:
-            constants += [nested.absmax, nested.code]
-    constants.append(getattr(weight, "SCB", None))
-    matmul_state = getattr(module, "state", None)  # LLM.int8 moves the scales here on the first forward
-    constants += [getattr(matmul_state, "CB", None), getattr(matmul_state, "SCB", None)]
-    return [c for c in constants if isinstance(c, torch.Tensor)]
-
-
 def storage_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct storage behind the model's parameters, buffers and quantization constants."""
+    """Bytes of every distinct storage behind the model's parameters, buffers and quantization
+    constants: each module's own tensors as its format stores them (``formats.stored_tensors``)."""
     seen: dict[tuple[str, int], int] = {}
-    tensors = list(model.parameters()) + list(model.buffers())
     for module in model.modules():
-        tensors.extend(_quant_constants(module))
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        seen.setdefault((tensor.device.type, storage.data_ptr()), storage.nbytes())
+        for tensor in formats.stored_tensors(module):
+            seen.setdefault(_storage_key(tensor), tensor.untyped_storage().nbytes())
     return sum(seen.values())
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    return tensor.device.type, tensor.untyped_storage().data_ptr()
 
 
 # --------------------------------------------------------------------------- analytic weights
 
 
-def quantized_tensor_bytes(weights: int, quant: QuantSpec) -> int:
-    """Bytes a quantized weight matrix of ``weights`` entries occupies, constants included."""
-    if quant.kind == "int8":
-        raise ValueError("int8 needs the row count; use int8_tensor_bytes")
-    blocks = math.ceil(weights / quant.blocksize)
-    packed = math.ceil(weights / 2)
-    if not quant.double_quant:
-        return packed + 4 * blocks + 4 * CODE_4BIT
-    nested_blocks = math.ceil(blocks / NESTED_BLOCK)
-    return packed + blocks + 4 * nested_blocks + 4 * CODE_NESTED + 4 * CODE_4BIT + 4
-
-
-def int8_tensor_bytes(rows: int, columns: int) -> int:
-    """LLM.int8: one byte per weight and an fp32 absmax per row."""
-    return rows * columns + 4 * rows
-
-
 def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec) -> int:
-    """Weight bytes of the architecture stored as ``quant``, from shapes and the format alone."""
+    """Weight bytes of the architecture stored as ``quant``, from shapes and the format alone
+    (``Format.tensor_bytes`` for each weight the format quantizes)."""
     dtype = build.weight_dtype(quant, config_dict)
     meta = build.instantiate(config_dict, "meta", dtype)
     quantized = {} if not quant.is_quantized else _quantized_weights(meta)
+    found = formats.of(quant)
     total = 0
     for name, parameter in meta.named_parameters():
         if name in quantized:
-            rows, columns = quantized[name]
-            total += int8_tensor_bytes(rows, columns) if quant.kind == "int8" else quantized_tensor_bytes(rows * columns, quant)
+            total += found.tensor_bytes(*quantized[name], quant)
         else:
             total += parameter.numel() * parameter.element_size()
     total += sum(buffer.numel() * buffer.element_size() for buffer in meta.buffers())
@@ -122,12 +83,10 @@ def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec) -> int:
 
 
 def _quantized_weights(meta: nn.Module) -> dict[str, tuple[int, int]]:
-    """Parameter name -> (out, in) of every weight that bitsandbytes would quantize."""
-    kept = modules_kept_unquantized(meta)
+    """Parameter name -> (out, in) of every weight that a quantized base stores quantized."""
     found = {}
-    for name, module in meta.named_modules():
-        if name in kept or not (type(module) is nn.Linear or isinstance(module, Conv1D)):
-            continue
+    for name in quantize.quantizable_names(meta):
+        module = meta.get_submodule(name)
         rows, columns = module.weight.shape
         found[f"{name}.weight"] = (columns, rows) if isinstance(module, Conv1D) else (rows, columns)
     return found
@@ -172,14 +131,14 @@ def analytic_training_state(trainable_params: int, trainable_tensors: int) -> Tr
 @contextlib.contextmanager
 def saved_activations(model: nn.Module) -> Iterator[dict[tuple[str, int], int]]:
     """Collect the storages autograd saves for backward while the block runs (parameters excluded)."""
-    weights = {(p.device.type, p.untyped_storage().data_ptr()) for p in model.parameters()}
-    weights |= {(b.device.type, b.untyped_storage().data_ptr()) for b in model.buffers()}
+    weights = {_storage_key(part) for module in model.modules() for part in formats.stored_tensors(module)}
     saved: dict[tuple[str, int], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key = (tensor.device.type, tensor.untyped_storage().data_ptr())
-        if key not in weights:
-            saved.setdefault(key, tensor.untyped_storage().nbytes())
+        for part in formats.plain_parts(tensor):  # a quantized weight saved whole: its parts
+            key = _storage_key(part)
+            if key not in weights:
+                saved.setdefault(key, part.untyped_storage().nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

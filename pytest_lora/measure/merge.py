@@ -4,8 +4,8 @@ quantized bases.
 The formula, computed here in float64 from the adapter's own tensors and the LoRA config (never
 from peft's merge code): W' = W + s B A with s = alpha / r (alpha / sqrt(r) for rsLoRA), B A
 transposed when ``fan_in_fan_out`` (Conv1D layers); with DoRA, W' = m / ||W + s B A||_row x
-(W + s B A), the norm taken over each output row. On a bitsandbytes base W is the dequantized
-weight, and peft's merge re-quantizes W + s B A: that rounding can be larger than the update
+(W + s B A), the norm taken over each output row. On a quantized base W is the dequantized
+weight (each format dequantizes its own layers), and peft's merge re-quantizes W + s B A: that rounding can be larger than the update
 itself (peft #2321, #1043, #2105, #1080).
 
 Three ways to merge into a quantized base are compared against the unmerged QLoRA model:
@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ..models import formats
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -36,14 +37,9 @@ def scaling(lora_config: Any) -> float:
     return alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r
 
 
-def dequantized(weight: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
-    """A base weight as float32 in (out, in) layout: dequantized if bitsandbytes stores it."""
-    if type(weight).__name__ == "Params4bit":
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    if type(weight).__name__ == "Int8Params":
-        scales = weight.SCB if weight.SCB is not None else layer.state.SCB
-        return weight.data.float() * scales.float().unsqueeze(1) / 127
-    return weight.data.float()
+def dequantized(layer: nn.Module) -> torch.Tensor:
+    """A base layer's weight as float32, dequantized by its format when one stores it."""
+    return formats.dequantized(layer)
 
 
 def expected_delta(layer: LoraLayer, lora_config: Any, adapter: str = "default") -> torch.Tensor:
@@ -92,7 +88,7 @@ def set_relative_update(model: nn.Module, lora_config: Any, relative: float, gen
         for layer in lora_layers(model).values():
             b = layer.lora_B["default"].weight
             b.copy_(torch.randn(b.shape, generator=generator, dtype=torch.float32).to(b.device, b.dtype))
-            weight = dequantized(layer.get_base_layer().weight, layer.get_base_layer()).double()
+            weight = dequantized(layer.get_base_layer()).double()
             delta = expected_delta(layer, lora_config).to(weight.device)
             b.mul_(relative * weight.norm() / delta.norm())
             largest = max(largest, (expected_delta(layer, lora_config).norm() / weight.norm().cpu()).item())
@@ -140,8 +136,8 @@ def adapted_module_name(peft_name: str) -> str:
 def merge_into(target: nn.Module, qlora: nn.Module, lora_config: Any, dequantize_base: bool) -> nn.Module:
     """``target`` (the architecture in the compute dtype) with every adapter merged into it.
 
-    ``dequantize_base``: first give ``target`` the quantized base's values, every bitsandbytes
-    weight dequantized (the ``dequantize`` strategy); otherwise ``target`` keeps its own weights
+    ``dequantize_base``: first give ``target`` the quantized base's values, every quantized
+    weight dequantized by its format (the ``dequantize`` strategy); otherwise ``target`` keeps its own weights
     (the ``original`` strategy: the full-precision weights the base was quantized from). The merge
     is the float64 formula, rounded once to the compute dtype.
     """
@@ -150,12 +146,13 @@ def merge_into(target: nn.Module, qlora: nn.Module, lora_config: Any, dequantize
         for name, module in target.named_modules():
             source = base.get_submodule(name) if name else base
             source = source.get_base_layer() if isinstance(source, LoraLayer) else source
+            if formats.layer_format(source) is not None:
+                _assign(module, dequantized(source))
+                if module.bias is not None:  # a parameter, or a plain tensor (HQQ)
+                    module.bias.copy_(source.bias)
+                continue
             for key, parameter in module.named_parameters(recurse=False):
-                value = getattr(source, key)
-                if key == "weight" and type(value).__name__ in ("Params4bit", "Int8Params"):
-                    _assign(module, dequantized(value, source))
-                else:
-                    parameter.copy_(value)
+                parameter.copy_(getattr(source, key))
     for name, layer in lora_layers(qlora).items():
         module = target.get_submodule(adapted_module_name(name))
         weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
@@ -176,7 +173,7 @@ def requantization_error(merged: nn.Module, expected: dict[str, torch.Tensor], o
     worst = 0.0
     for name, target in expected.items():
         module = merged.get_submodule(adapted_module_name(name))
-        after = dequantized(module.weight, module).double().cpu()
+        after = dequantized(module).double().cpu()
         target, original = target.double().cpu(), originals[name].double().cpu()
         worst = max(worst, ((after - target).norm() / (target - original).norm()).item())
     return worst

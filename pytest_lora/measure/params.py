@@ -11,8 +11,9 @@
    layers; ``modules_to_save`` trains a full copy of each named module.
 3. ``count_model(model)``: a plain walk over a built (possibly quantized) model's parameters.
 
-bitsandbytes packs two 4-bit weights per byte, so a ``Params4bit`` reports half its weights as
-``numel``; counts here use ``numel x 2 x element size`` as peft does (peft #1020, #1594).
+Quantized layers store fewer elements than weights: bitsandbytes packs two 4-bit weights per byte
+(a ``Params4bit`` reports half its weights as ``numel``; peft unpacks them, peft #1020, #1594) and
+so does HQQ's ``W_q`` (which peft does not unpack). ``count_model`` asks each layer's format.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..quiet import library_warnings_silenced
-from ..models import build, registry
-from ..models.validate import name_matches
+from ..models import build, formats, registry
+from ..models.validate import all_linear_names, is_adaptable, name_matches
 
 
 @dataclass(frozen=True)
@@ -89,20 +90,18 @@ def lora_config_of(lora: LoraLike, config_dict: dict[str, Any]) -> peft.LoraConf
 
 
 def count_model(model: nn.Module) -> ParamCount:
-    """Count a built model's parameters directly: each tensor once, 4-bit packing undone."""
+    """Count a built model's parameters directly: each tensor once, each quantized layer as the
+    number of weights its format stores (``Format.weights_in``: packing undone, and HQQ's bias,
+    which it keeps as a plain tensor)."""
     trainable = total = 0
-    for parameter in model.parameters():
-        count = weights_in(parameter)
-        total += count
-        trainable += count if parameter.requires_grad else 0
+    seen: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        found = formats.layer_format(module)
+        total += found.weights_in(module) if found is not None else sum(p.numel() for p in own)
+        trainable += sum(p.numel() for p in own if p.requires_grad)
     return ParamCount(trainable, total)
-
-
-def weights_in(parameter: torch.Tensor) -> int:
-    """The number of weights a tensor holds: a 4-bit ``Params4bit`` stores two per byte."""
-    if type(parameter).__name__ == "Params4bit":
-        return parameter.numel() * 2 * parameter.element_size()
-    return parameter.numel()
 
 
 # --------------------------------------------------------------------------- closed form
@@ -177,17 +176,9 @@ def target_matcher(base: nn.Module, targets: Any, model_type: str | None = None)
             raise ClosedFormUnsupported(f"peft has no default LoRA targets for model_type {model_type!r}")
         targets = defaults[model_type]
     if targets == "all-linear":
-        output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        return lambda name, module: _is_linear(module) and module is not output
-    return lambda name, module: name_matches(name, targets) and _is_adaptable(module)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def _is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
+        names = set(all_linear_names(base))
+        return lambda name, module: name in names
+    return lambda name, module: name_matches(name, targets) and is_adaptable(module)
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
@@ -209,7 +200,7 @@ def rank_of(name: str, lora: peft.LoraConfig) -> int:
 
 def _trainable_biases(base: nn.Module, lora: peft.LoraConfig, adapted: dict[str, tuple[int, int]]) -> int:
     if lora.bias == "all":
-        return sum(weights_in(p) for name, p in base.named_parameters() if name == "bias" or name.endswith(".bias"))
+        return sum(p.numel() for name, p in base.named_parameters() if name == "bias" or name.endswith(".bias"))
     if lora.bias == "lora_only":
         modules = dict(base.named_modules())
         return sum(modules[name].bias.numel() for name in adapted if getattr(modules[name], "bias", None) is not None)
@@ -222,7 +213,7 @@ def _modules_to_save_weights(base: nn.Module, lora: peft.LoraConfig) -> int:
     if not names:
         return 0
     return sum(
-        sum(weights_in(p) for p in module.parameters())
+        sum(p.numel() for p in module.parameters())
         for name, module in base.named_modules()
         if name_matches(name, names)
     )

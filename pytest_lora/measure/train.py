@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..matrix import WorkloadSpec
+from ..specs import WorkloadSpec
 
 
 def synthetic_batch(vocab_size: int, workload: WorkloadSpec, device: str | torch.device, seed: int) -> dict[str, torch.Tensor]:

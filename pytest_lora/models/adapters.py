@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from . import quantize
+from . import formats
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,15 @@ class BaseState:
 
     It holds references to the parameters (not copies: no memory), so that a parameter peft
     replaced by an equal object (DoRA on an LLM.int8 base re-creates each ``Int8Params``) can be
-    put back, and one it replaced by different values is reported. It also keeps the LLM.int8
-    row scales, which bitsandbytes moves from the weight into the layer on the first forward.
+    put back, and one it replaced by different values is reported. It also keeps what each format
+    lets a forward change inside its layers (LLM.int8's row scales, which bitsandbytes moves from
+    the weight into the layer on the first forward).
     """
 
     modules: tuple[tuple[str, type], ...]
     parameters: tuple[tuple[str, nn.Parameter, bool], ...]
     training: bool
-    int8_scales: dict[str, torch.Tensor]
+    layer_states: list[tuple[Any, Any]]
     hooks: tuple[tuple[str, int], ...] = ()
 
     @classmethod
@@ -48,12 +49,12 @@ class BaseState:
             modules=tuple((name, type(module)) for name, module in model.named_modules()),
             parameters=tuple((name, p, p.requires_grad) for name, p in model.named_parameters()),
             training=model.training,
-            int8_scales=quantize.int8_scales(model),
+            layer_states=formats.layer_states(model),
         )
 
     def restore(self, model: nn.Module) -> None:
         """Put back the original parameter objects (where the values are equal), flags, mode and
-        the LLM.int8 layers' loaded state."""
+        the quantized layers' state."""
         current = dict(model.named_parameters())
         for name, original, requires_grad in self.parameters:
             now = current.get(name)
@@ -62,7 +63,7 @@ class BaseState:
                 model.get_submodule(owner)._parameters[attribute] = original
             original.requires_grad_(requires_grad)
         model.train(self.training)
-        quantize.reset_int8_state(model, self.int8_scales)
+        formats.restore_layer_states(model, self.layer_states)
 
     def differences(self, model: nn.Module) -> list[str]:
         found = []
@@ -151,3 +152,32 @@ def strip_adapters(model: nn.Module, kinds: type | tuple[type, ...] = (ModulesTo
         else:
             model.set_submodule(name, module.get_base_layer())
         replaced.append(name)
+
+
+def lora_config_for(lora: Any, config_dict: dict[str, Any], quant: Any = None) -> peft.LoraConfig:
+    """The ``peft.LoraConfig`` of a LoRA spec on a model, with the task type of the model's head.
+
+    On a format whose layers peft's ``all-linear`` does not find (HQQ's), ``all-linear`` becomes
+    the names of the layers it means on the unquantized model, so that the adapter is the same
+    on every format: peft would otherwise refuse the config, or adapt fewer layers.
+    """
+    from . import build
+    from .validate import all_linear_names
+
+    kwargs = lora.peft_kwargs()
+    if kwargs["target_modules"] == "all-linear" and quant is not None and not formats.of(quant).all_linear:
+        kwargs["target_modules"] = all_linear_names(build.build_meta(config_dict))
+    return peft.LoraConfig(**kwargs, task_type=build.task_type(config_dict))
+
+
+def dispatch_problems(peft_model: nn.Module, quant: Any) -> list[str]:
+    """LoRA layers that peft did not dispatch to the format's own class, as sentences.
+
+    The trap this catches: a quantized layer wrapped by peft's plain ``Linear`` (a bitsandbytes
+    model without transformers' flags) trains, but merges into the packed bytes."""
+    found = formats.of(quant)
+    expected = found.peft_layer(quant)
+    wrong = [f"{name}: peft's {type(layer).__name__}, not {expected}" for name, layer in peft_model.named_modules()
+             if isinstance(layer, BaseTunerLayer) and formats.layer_format(layer.get_base_layer()) is not None
+             and type(layer).__name__ != expected]
+    return wrong[:3]

@@ -18,8 +18,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..matrix import ModelSpec, QuantSpec
-from . import placement, quantize
+from ..specs import ModelSpec, QuantSpec, full_precision
+from . import formats, placement, quantize
 
 # peft task types by the head a published config names; others get peft's generic PeftModel.
 _TASK_TYPES = {
@@ -145,19 +145,21 @@ def build_base(model: ModelSpec, quant: QuantSpec, device: str, capacities: dict
 
 def full_precision_of(model: ModelSpec, quant: QuantSpec, device: str, capacities: dict[int, int] | None = None) -> nn.Module:
     """The weights a quantized base was made from: the same model in its compute dtype."""
-    return build_base(model, QuantSpec(f"{quant.dtype}-original", "dtype", quant.dtype), device, capacities)
+    return build_base(model, full_precision(quant), device, capacities)
 
 
 def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[str, Any], spread: dict[str, Any] | None = None) -> nn.Module:
-    """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader, onto
-    ``device`` or over the GPUs of ``spread`` (``placement.device_map``)."""
+    """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader with
+    the format's ``quantization_config``, onto ``device`` or over the GPUs of ``spread``
+    (``placement.device_map``)."""
     cls = model_class(config_dict)
     dtype = weight_dtype(quant, config_dict)
+    found = formats.of(quant)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": spread or {"": device}}
     if quant.is_quantized:
-        kwargs["quantization_config"] = quantize.bnb_config(quant)
+        kwargs["quantization_config"] = found.pretrained_config(quant)
     model = cls.from_pretrained(path, **kwargs)
-    quantize.keep_cpu_layout(model)
+    found.after_build(model)
     return model
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from ..matrix import LoraSpec, ModelSpec
+from ..specs import LoraSpec, ModelSpec
 
 CACHE_PREFIX = "pytest_lora/architecture/"
 
@@ -72,15 +72,34 @@ def _library_versions() -> list[str]:
 def inspect_architecture(model: ModelSpec) -> Architecture:
     """Build the model on the meta device and read its modules."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
     from . import build
 
-    adaptable = (nn.Linear, Conv1D, nn.Embedding)
     meta = build.build_meta(model.config_dict())
-    modules = tuple((name, isinstance(module, adaptable)) for name, module in meta.named_modules() if name)
+    modules = tuple((name, is_adaptable(module)) for name, module in meta.named_modules() if name)
     return Architecture(modules, model.config_dict()["model_type"] in defaults)
+
+
+def is_linear(module: Any) -> bool:
+    """A Linear (any subclass) or GPT-2's Conv1D: what peft's ``all-linear`` adapts, what
+    transformers' quantizing loaders replace, and what the closed-form counts adapt."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_adaptable(module: Any) -> bool:
+    """A layer peft can put LoRA on by name: a Linear, a Conv1D or an Embedding."""
+    from torch import nn
+
+    return is_linear(module) or isinstance(module, nn.Embedding)
+
+
+def all_linear_names(model: Any) -> list[str]:
+    """The layers peft's ``all-linear`` adapts: every linear layer but the output layer."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if is_linear(module) and module is not output]
 
 
 def name_matches(name: str, targets: Any) -> bool:

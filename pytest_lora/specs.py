@@ -1,0 +1,224 @@
+"""The values a run is made of: what to build, how to store it, which adapter, which workload.
+
+Frozen dataclasses with no behaviour beyond naming themselves, and the table of quantization
+formats. This module is a leaf: the matrix (``matrix.py``) parses into these values, and
+``models/`` and ``measure/`` take them; none of them is imported back from here, and nothing here
+imports torch, so pytest can load the plugin without the heavy libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .models import registry
+
+
+class MatrixError(ValueError):
+    """A value of the matrix is wrong: says where it came from, what it was and what is allowed."""
+
+    def __init__(self, where: str, value: Any, problem: str, allowed: str = ""):
+        self.where, self.value, self.problem, self.allowed = where, value, problem, allowed
+        text = f"{where}: {value!r} {problem}"
+        if allowed:
+            text += f"; allowed: {allowed}"
+        super().__init__(text)
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the base model's weights are stored: one entry of the format table.
+
+    ``backend`` names the library that stores the quantized layers (``dtype`` for none at all);
+    ``models/formats`` holds one object per backend that knows how to quantize, dequantize and
+    count them, and everything else asks that object. ``scheme`` is the backend's own name for
+    the format (bitsandbytes ``int8``, ``nf4``, ``fp4``; torchao ``int8``, ``int4``; HQQ's bit
+    width). ``dtype`` is the dtype of everything that is not quantized (embeddings, norms, the
+    output layer) and the compute dtype of quantized layers; ``None`` means the model's own dtype
+    as its config.json states it. ``group_size`` is the number of consecutive weights of a row
+    that share a scale (bitsandbytes' 4-bit blocksize; ``None``: one scale per row).
+    """
+
+    name: str
+    backend: str
+    dtype: str | None
+    scheme: str | None = None
+    group_size: int | None = None
+    double_quant: bool = False
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.backend != "dtype"
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+    def with_group_size(self, group_size: int) -> QuantSpec:
+        """The same format with another group size, named ``<name>-g<size>``."""
+        return replace(self, name=f"{self.name}-g{group_size}", group_size=group_size)
+
+
+def full_precision(quant: QuantSpec) -> QuantSpec:
+    """The unquantized format a quantized base is made from: its compute dtype."""
+    return QuantSpec(f"{quant.dtype}-original", "dtype", quant.dtype)
+
+
+QUANTIZATIONS: dict[str, QuantSpec] = {
+    spec.name: spec
+    for spec in (
+        QuantSpec("none", "dtype", None),
+        QuantSpec("fp32", "dtype", "float32"),
+        QuantSpec("bf16", "dtype", "bfloat16"),
+        QuantSpec("fp16", "dtype", "float16"),
+        QuantSpec("int8", "bitsandbytes", "float16", scheme="int8"),
+        QuantSpec("nf4", "bitsandbytes", "bfloat16", scheme="nf4", group_size=64),
+        QuantSpec("fp4", "bitsandbytes", "bfloat16", scheme="fp4", group_size=64),
+        QuantSpec("nf4-dq", "bitsandbytes", "bfloat16", scheme="nf4", group_size=64, double_quant=True),
+        QuantSpec("torchao-int8", "torchao", "bfloat16", scheme="int8"),
+        QuantSpec("torchao-int4", "torchao", "bfloat16", scheme="int4", group_size=128),
+        QuantSpec("hqq-4bit", "hqq", "bfloat16", scheme="4bit", group_size=64),
+        QuantSpec("hqq-8bit", "hqq", "bfloat16", scheme="8bit", group_size=64),
+    )
+}
+"""The formats by name. A format of a backend that ``models/formats`` knows is one entry here;
+a format with a ``group_size`` may also be named with another one (``hqq-4bit-g128``)."""
+
+GROUP_SIZES = {"bitsandbytes": (64,), "torchao": (32, 64, 128, 256), "hqq": (8, 16, 32, 64, 128, 256)}
+"""The group sizes each backend's kernels accept (bitsandbytes' CPU and GPU kernels agree on 64)."""
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to build: ``kind`` is ``registry``, ``config`` (a config.json) or ``checkpoint``."""
+
+    name: str
+    kind: str
+    path: str
+
+    @property
+    def id(self) -> str:
+        if self.kind == "registry":
+            return self.name
+        return Path(self.path).parent.name if self.kind == "config" else Path(self.path).name
+
+    def config_dict(self) -> dict[str, Any]:
+        """The architecture as a plain dict (no transformers import)."""
+        return registry.load_config_dict(self.name if self.kind == "registry" else self.path)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+VARIANTS = ("lora", "dora", "rslora")
+BIAS_MODES = ("none", "lora_only", "all")
+TARGET_KEYWORDS = ("all-linear", "default")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA configuration, independent of the model it is applied to.
+
+    ``targets`` is a tuple of module names (matched as peft does: the full name or its last
+    dotted components), or one keyword: ``all-linear`` (every Linear / Conv1D but the output
+    layer) or ``default`` (peft's per-architecture default, e.g. q and v for T5).
+    """
+
+    r: int = field(metadata={"help": "rank of the update B @ A"})
+    alpha: float = field(metadata={"help": "lora_alpha; scaling is alpha / r (alpha / sqrt(r) for rsLoRA)"})
+    targets: tuple[str, ...] | str = field(default="default", metadata={"help": "module names or a keyword"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    variant: str = field(default="lora", metadata={"help": "lora, dora (magnitude vector) or rslora"})
+    bias: str = field(default="none", metadata={"help": "none, lora_only or all (peft's bias modes)"})
+    modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "modules trained in full"})
+
+    @property
+    def targets_id(self) -> str:
+        return self.targets if isinstance(self.targets, str) else "+".join(self.targets)
+
+    @property
+    def id(self) -> str:
+        parts = [f"r{self.r}", f"a{_number(self.alpha)}", self.targets_id]
+        if self.variant != "lora":
+            parts.append(self.variant)
+        if self.dropout:
+            parts.append(f"d{_number(self.dropout)}")
+        if self.bias != "none":
+            parts.append(f"bias-{self.bias}")
+        if self.modules_to_save:
+            parts.append("save-" + "+".join(self.modules_to_save))
+        return "-".join(parts)
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """The arguments of ``peft.LoraConfig`` (without ``task_type``)."""
+        if self.targets == "default":
+            target_modules = None
+        elif self.targets == "all-linear":
+            target_modules = "all-linear"
+        else:
+            target_modules = list(self.targets)
+        return {
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "target_modules": target_modules,
+            "lora_dropout": self.dropout,
+            "bias": self.bias,
+            "use_dora": self.variant == "dora",
+            "use_rslora": self.variant == "rslora",
+            "modules_to_save": list(self.modules_to_save) or None,
+        }
+
+    def as_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        record["modules_to_save"] = list(self.modules_to_save)
+        return record
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """The shape of a training step: ``batch`` sequences of ``seq_len`` tokens, with or without
+    gradient checkpointing and ``torch.compile``."""
+
+    seq_len: int
+    batch: int
+    grad_ckpt: bool = False
+    compile: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def id(self) -> str:
+        return f"b{self.batch}xs{self.seq_len}" + ("-ckpt" if self.grad_ckpt else "") + ("-compile" if self.compile else "")
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """The cross product to run: every model x quant, and every LoRA spec and workload on each."""
+
+    models: tuple[ModelSpec, ...]
+    quants: tuple[QuantSpec, ...]
+    loras: tuple[LoraSpec, ...]
+    workloads: tuple[WorkloadSpec, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.models) * len(self.quants) * len(self.loras) * len(self.workloads)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
