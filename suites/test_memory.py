@@ -1,8 +1,9 @@
 """Memory of a LoRA / QLoRA training step, measured, and set beside an analytic model.
 
 What is measured, on every device. The bytes the base's weights occupy (``weight_bytes``): every
-parameter and buffer, with bitsandbytes' quantization constants (4-bit packed data, block absmax,
-double quantization's nested absmax and its constants, LLM.int8 row scales), each storage once.
+parameter and buffer, with each format's quantization constants (bitsandbytes' block absmax and
+code tables, LLM.int8's row scales, the tensors inside torchao's weights, HQQ's scales and zero
+points), each storage once.
 One training step (forward, backward, AdamW step) on ``batch`` x ``seq_len`` synthetic tokens:
 the activations autograd saves for backward (``activation_bytes``, read through saved-tensor
 hooks), and the adapter, its gradients and AdamW's state (summed from the tensors).
@@ -19,9 +20,10 @@ the base alone; a base left behind by the previous config shows as growth before
 Both are failures. A config that runs out of memory is recorded as ``oom`` with the peak reached.
 
 Against which reference. The analytic model of ``pytest_lora.measure.memory``: weights from the
-architecture and the format (NF4 / FP4: half a byte per weight and a 4-byte absmax per 64
-weights; double quantization: 8/64 + 32/(64 x 256) = 0.127 extra bits per weight, QLoRA §3;
-LLM.int8: a byte per weight and a scale per row) must agree with ``weight_bytes`` to 0.1%.
+architecture and the format's own arithmetic (``Format.tensor_bytes``; NF4 / FP4: half a byte
+per weight and a 4-byte absmax per 64 weights; double quantization: 8/64 + 32/(64 x 256) = 0.127
+extra bits per weight, QLoRA §3; LLM.int8: a byte per weight and a scale per row; torchao int8
+and HQQ as their layouts store them) must agree with ``weight_bytes`` to 0.1%.
 The adapter, gradients and AdamW state must equal 16 bytes per trainable parameter plus 4 per
 tensor, exactly. Activations and the whole step are reported as measured / analytic ratios.
 

@@ -189,7 +189,7 @@ def test_the_memory_suite_passes_on_each_new_format(pytester, suite):
     suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
     result = pytester.runpytest("--lora-bench", "--lora-models=llama-3.2-1b-tiny", f"--lora-quant={','.join(NEW_FORMATS)}",
                                 "--lora-ranks=8", "--lora-targets=all-linear", "-k", "weight_storage or step_memory")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=2 * len(NEW_FORMATS))
 
 
 PLANTED_FORMULAS = {
@@ -225,7 +225,7 @@ def test_the_merge_suite_runs_on_each_new_format(pytester, suite):
     (pytester.path / "conftest.py").write_text((SUITES / "conftest.py").read_text())
     result = pytester.runpytest("--lora-bench", "--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", f"--lora-quant={','.join(NEW_FORMATS)}",
                                 "--lora-ranks=8", "--lora-targets=default", "-k", "quantized or save_and_reload")
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=4 * len(NEW_FORMATS))  # 2 models x (merge, save and reload)
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     merged = [r for r in records if "test_merge_quantized" in r["test"]]
     assert sorted({r["quant"] for r in merged}) == sorted(NEW_FORMATS)
@@ -270,3 +270,20 @@ def test_group_sizes_are_a_parameter_of_grouped_formats():
 def test_every_format_of_the_table_names_a_backend_with_a_format_object():
     for spec in QUANTIZATIONS.values():
         assert formats.of(spec).backend == spec.backend
+
+
+def test_hqq_checkpoints_get_transformers_hqq_config_of_the_format():
+    """What a checkpoint in the matrix is loaded with (transformers' HQQ loader runs on a GPU only)."""
+    spec = _parse_quant("hqq-4bit-g128", "test")
+    config = formats.of(spec).pretrained_config(spec)
+    assert type(config).__name__ == "HqqConfig"
+    assert (config.quant_config["weight_quant_params"]["nbits"], config.quant_config["weight_quant_params"]["group_size"]) == (4, 128)
+
+
+def test_the_unquantized_format_quantizes_nothing():
+    plain = formats.of(QUANTIZATIONS["bf16"])
+    assert plain.pretrained_config(QUANTIZATIONS["bf16"]) is None
+    with pytest.raises(NotImplementedError):
+        plain.quantize_layer(torch.ones(2, 2), None, QUANTIZATIONS["bf16"])
+    with pytest.raises(NotImplementedError):
+        plain.tensor_bytes(2, 2, QUANTIZATIONS["bf16"])

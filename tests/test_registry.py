@@ -71,3 +71,23 @@ def test_a_config_without_model_type_is_refused(tmp_path):
     path.write_text('{"hidden_size": 8}')
     with pytest.raises(ValueError, match="has no 'model_type'"):
         registry.load_config_dict(path)
+
+
+def test_a_model_name_resolves_to_the_registry_a_config_file_or_a_checkpoint(tmp_path):
+    """``models.resolve``: what a name in the matrix means, and the error for each wrong one."""
+    from pytest_lora.models.resolve import resolve_model
+    from pytest_lora.specs import MatrixError
+
+    assert resolve_model("llama-3.2-1b", "--lora-models").kind == "registry"
+    with pytest.raises(MatrixError, match="is neither a registry model nor an existing path"):
+        resolve_model(str(tmp_path / "missing"), "--lora-models")
+    with pytest.raises(MatrixError, match="is a directory without a config.json"):
+        resolve_model(str(tmp_path), "--lora-models")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text(registry.config_path("llama-3.2-1b-tiny").read_text())
+    by_file = resolve_model("mine/config.json", "--lora-models", base_dir=tmp_path)
+    assert (by_file.kind, by_file.id) == ("config", "mine")
+    (mine / "broken.json").write_text("{not json")
+    with pytest.raises(MatrixError, match="is not a usable config.json"):
+        resolve_model(str(mine / "broken.json"), "--lora-models")

@@ -24,9 +24,12 @@ import pytest
 from markdown_it import MarkdownIt
 
 from conftest import TINY
-from pytest_lora import cli
+from pytest_lora import cli, matrix
 from pytest_lora.report import headline, markdown, plots, spreadsheet
 
+DEFAULT_CPU = matrix.load_toml(matrix.DEFAULT_MATRIX_FILE, "default")["cpu"]
+BASES = len(DEFAULT_CPU["models"]) * len(DEFAULT_CPU["quant"])  # the default CPU matrix: 3 models x its formats
+STEP_CONFIGS = BASES * len(DEFAULT_CPU["ranks"]) * len(DEFAULT_CPU["targets"])  # x 4 LoRA specs
 FULL_PRECISION = ("bf16", "none", "fp32", "fp16")  # the reference, the first of these the run measured
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -121,13 +124,21 @@ def reference_of(records: list[dict], record: dict) -> dict:
 # ----------------------------------------------------------------- structure
 
 
+def ok_records(run) -> int:
+    """Every record of the default CPU run is ok but the GPU-only ones (one per step config)."""
+    records = run.document["records"]
+    assert sum(r["status"] == "skipped" for r in records) == STEP_CONFIGS
+    return len(records) - STEP_CONFIGS
+
+
 def test_the_report_opens_with_machine_versions_and_code_then_the_headline(report, default_run):
     assert report[1]["heading"] == f"pytest-lora run {default_run.document['run']['id']}"
     text = (default_run.results / "latest.md").read_text()
     head = text.split("## Headline", 1)[0]
     machine = default_run.document["machine"]
     for fact in ("**Machine**", machine["cpu"], f"torch {machine['torch']}", f"peft {machine['peft']}", f"bitsandbytes {machine['bitsandbytes']}",
-                 "**Code**", (default_run.document["run"]["git"]["commit"] or "not a git checkout")[:12], "**Records**", "518 ok", "96 skipped"):
+                 "**Code**", (default_run.document["run"]["git"]["commit"] or "not a git checkout")[:12], "**Records**", f"{ok_records(default_run)} ok",
+                 f"{STEP_CONFIGS} skipped"):
         assert fact in head, fact
     headings = [s["heading"] for s in report if s.get("level") in (2, 3)]
     assert headings[:7] == ["Headline", "Memory", "Speed", "Merge fidelity", "Forgetting", "Trainable parameters", "Published counts"]
@@ -147,12 +158,12 @@ def test_every_table_renders_as_a_table_with_every_row_as_wide_as_its_header(rep
 
 def test_the_full_tables_leave_out_skipped_configs_and_empty_columns(report, default_run):
     headings = [s["heading"] for s in report]
-    assert "memory: test_step_peak_memory" not in headings  # all 96 skipped on a CPU
+    assert "memory: test_step_peak_memory" not in headings  # all skipped on a CPU
     for s in report[headings.index("Every record"):]:
         for row in as_dicts(s["tables"][0]) if s["tables"] else ():
             assert row.get("status") != "skipped"
     step = as_dicts(section(report, "step_time: test_step_time")["tables"][0])
-    assert len(step) == 96 and "mfu [fraction]" not in step[0] and "tokens_per_s [tokens/s]" in step[0]
+    assert len(step) == STEP_CONFIGS and "mfu [fraction]" not in step[0] and "tokens_per_s [tokens/s]" in step[0]
 
 
 # ----------------------------------------------------------------- headline numbers
@@ -167,7 +178,7 @@ def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precisio
         return weights[record["model"], record["quant"]] + m["adapter_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"] + m["activation_bytes"]
 
     rows = {(row["model"], row["quant"]): row for row in as_dicts(section(report, "Memory")["tables"][0])}
-    assert len(rows) == 24 and len(steps) == 96
+    assert len(rows) == BASES and len(steps) == STEP_CONFIGS
     for record in steps:
         shown, shown_change = bytes_and_change(rows[record["model"], record["quant"]][lora_label(record)])
         assert abs(shown - measured(record)) <= 0.005 * measured(record)  # three significant figures
@@ -186,7 +197,7 @@ def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precisio
 def test_speed_table_gives_each_config_its_tokens_per_second_and_change_from_the_base(report, default_run):
     timed = records_of(default_run.document, "test_step_time")
     rows = as_dicts(section(report, "Speed")["tables"][0])
-    assert len(rows) == len(timed) == 96
+    assert len(rows) == len(timed) == STEP_CONFIGS
     shown = {(row["model"], row["quant"], row["lora"]): row for row in rows}
     for record in timed:
         row = shown[record["model"], record["quant"], lora_label(record)]
@@ -242,7 +253,7 @@ def test_parameter_counts_per_config_and_the_published_counts_reproduced(report,
     assert len(rows) == 12  # 3 models x 4 specs: every quantization counts the same
     for row in rows:
         matching = [r for r in counted if r["model"] == row["model"] and lora_label(r) == row["lora"]]
-        assert row["quant"] == "all" and len(matching) == 8
+        assert row["quant"] == "all" and len(matching) == len(DEFAULT_CPU["quant"])
         assert {(r["metrics"]["trainable_params"], r["metrics"]["total_params"]) for r in matching} == {(number(row["trainable"]), number(row["total"]))}
         assert float(row["trainable [%]"]) == pytest.approx(100 * number(row["trainable"]) / number(row["total"]), rel=5e-3)
     published = section(report, "Published counts")
@@ -330,7 +341,7 @@ def test_report_command_sets_several_runs_side_by_side(default_run, tmp_path):
     written = tmp_path / f"runs-{default_run.document['run']['id']}-20990101-000000-ffffff.md"
     sections = parse(written.read_text())
     rows = as_dicts(section(sections, "tokens/s")["tables"][0])
-    assert len(rows) == 96
+    assert len(rows) == STEP_CONFIGS
     first = next(r for r in records_of(default_run.document, "test_step_time"))
     assert rows[0]["config"] == f"{first['model']} {first['quant']} {lora_label(first)} 2x64"
     header = list(rows[0])
@@ -359,7 +370,7 @@ def test_the_default_runs_terminal_summary_fits_a_screen(default_run):
     text = "\n".join(summary)
     for title in ("Memory:", "Speed:", "Merge fidelity:", "Forgetting:", "Trainable parameters:", "Published counts:"):
         assert title in text
-    assert "518 ok, 96 skipped" in text and "latest.json" in text
+    assert f"{ok_records(default_run)} ok, {STEP_CONFIGS} skipped" in text and "latest.json" in text
     assert "warnings summary" not in default_run.stdout  # library noise the harness causes is filtered
 
 

@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ..specs import QUANTIZATIONS
 from .stats import median
 from .table import case_cell, format_change, format_value, function_name
 
-QUANT_ORDER = ("none", "fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq")  # wider to narrower
+QUANT_ORDER = tuple(QUANTIZATIONS)  # the format table's order: unquantized, then each backend's
 FULL_PRECISION = ("bf16", "none", "fp32", "fp16")  # the reference of a config, the first one measured
 STRATEGIES = {  # merge strategy -> the metric suffix the merge suite records it under, and what it is
     "peft merge": ("_requantize", "merge_and_unload: W + sBA, re-quantized on a quantized base"),

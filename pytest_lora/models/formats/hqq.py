@@ -26,7 +26,11 @@ from torch import nn
 from ...specs import QuantSpec
 from .base import Format
 
-BITS = {"4bit": 4, "8bit": 8}
+
+
+def bits_of(quant: QuantSpec) -> int:
+    """The bit width a scheme names (``4bit``: 4)."""
+    return int(quant.scheme.removesuffix("bit"))
 
 
 class Hqq(Format):
@@ -40,7 +44,7 @@ class Hqq(Format):
         return "HqqLoraLinear"
 
     def config(self, quant: QuantSpec) -> dict:
-        return BaseQuantizeConfig(nbits=BITS[quant.scheme], group_size=quant.group_size)
+        return BaseQuantizeConfig(nbits=bits_of(quant), group_size=quant.group_size)
 
     # ----------------------------------------------------------------- building
 
@@ -56,7 +60,7 @@ class Hqq(Format):
     def pretrained_config(self, quant: QuantSpec) -> object:
         import transformers
 
-        return transformers.HqqConfig(nbits=BITS[quant.scheme], group_size=quant.group_size)
+        return transformers.HqqConfig(nbits=bits_of(quant), group_size=quant.group_size)
 
     def mark_model(self, model: nn.Module, quant: QuantSpec) -> None:
         model.is_quantized = True
@@ -85,7 +89,7 @@ class Hqq(Format):
         weights = rows * columns
         groups = math.ceil(weights / quant.group_size)
         compute_bytes = getattr(torch, quant.dtype).itemsize
-        return weights * BITS[quant.scheme] // 8 + 2 * groups * compute_bytes
+        return weights * bits_of(quant) // 8 + 2 * groups * compute_bytes
 
 
 FORMAT = Hqq()
