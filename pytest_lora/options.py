@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from .specs import QUANTIZATIONS
+
 SOURCES = ("cli", "env", "ini", "default")
 
 
@@ -62,8 +64,8 @@ OPTIONS: tuple[Option, ...] = (
         "config.json or a local checkpoint directory. Default: tiny variants on the CPU, real shapes on the GPU.",
         metavar="NAME|PATH,...",
     ),
-    Option("quant", "comma-separated quantizations: none, fp32, bf16, fp16, int8, nf4, fp4, nf4-dq, torchao-int8, "
-           "torchao-int4, hqq-4bit, hqq-8bit (a grouped one may end in -g<size>).", metavar="Q,..."),
+    Option("quant", "comma-separated quantizations: " + ", ".join(QUANTIZATIONS) + " (a grouped one may end in -g<size>).",
+           metavar="Q,..."),
     Option("ranks", "comma-separated LoRA ranks, e.g. 8,16.", metavar="R,..."),
     Option(
         "targets",

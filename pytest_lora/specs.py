@@ -83,6 +83,7 @@ QUANTIZATIONS: dict[str, QuantSpec] = {
         QuantSpec("torchao-int4", "torchao", "bfloat16", scheme="int4", group_size=128),
         QuantSpec("hqq-4bit", "hqq", "bfloat16", scheme="4bit", group_size=64),
         QuantSpec("hqq-8bit", "hqq", "bfloat16", scheme="8bit", group_size=64),
+        QuantSpec("hqq-2bit", "hqq", "bfloat16", scheme="2bit", group_size=16),
     )
 }
 """The formats by name. A format of a backend that ``models/formats`` knows is one entry here;

@@ -21,7 +21,7 @@ from pytest_lora.specs import QUANTIZATIONS, LoraSpec
 torchao = pytest.importorskip("torchao", reason="the torchao formats need torchao (pip install 'pytest-lora[torchao]')")
 hqq = pytest.importorskip("hqq", reason="the HQQ formats need hqq (pip install 'pytest-lora[hqq]')")
 
-NEW_FORMATS = ["torchao-int8", "hqq-4bit", "hqq-8bit"]
+NEW_FORMATS = ["torchao-int8", "hqq-4bit", "hqq-8bit", "hqq-2bit"]
 MODELS = ["llama-3.2-1b-tiny", "gpt2-medium-tiny", "flan-t5-base-tiny"]
 SUITES = Path(__file__).parents[1] / "suites"
 SHAPES = [(64, 64), (96, 256), (24, 48)]

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from pytest_lora.specs import QUANTIZATIONS
+
 from conftest import TINY
 
 pytest_plugins = ["pytester"]
@@ -74,7 +76,7 @@ BAD_VALUES = [
     (["--lora-ranks=0"], "--lora-ranks: '0' is not a valid rank; allowed: a positive integer"),
     (["--lora-ranks=-8"], "--lora-ranks: '-8' is not a valid rank; allowed: a positive integer"),
     (["--lora-ranks=eight"], "--lora-ranks: 'eight' is not a rank; allowed: a positive integer"),
-    (["--lora-quant=nf5"], "--lora-quant: 'nf5' is not a quantization; allowed: none, fp32, bf16, fp16, int8, nf4, fp4, nf4-dq, torchao-int8, torchao-int4, hqq-4bit, hqq-8bit; a grouped format may end in -g<group size>"),
+    (["--lora-quant=nf5"], "--lora-quant: 'nf5' is not a quantization; allowed: " + ", ".join(QUANTIZATIONS) + "; a grouped format may end in -g<group size>"),
     (["--lora-quant=hqq-4bit-g100"], "--lora-quant: 'hqq-4bit-g100' has a group size hqq does not support; allowed: 8, 16, 32, 64, 128, 256"),
     (["--lora-models=llama-9b"], "--lora-models: 'llama-9b' is neither a registry model nor an existing path; allowed: a registry name (flan-t5-xxl*"),
     (["--lora-models=missing/config.json"], "--lora-models: 'missing/config.json' is neither a registry model nor an existing path*"),
