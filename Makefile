@@ -20,7 +20,7 @@ HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50
 # before pytest-cov would start, and its module-level lines would count as never run.
 COVERED := pytest_lora/measure,pytest_lora/models
 
-.PHONY: bench publish test test-gpu-host-stack gpu-check install clean
+.PHONY: bench publish test test-gpu-host-stack gpu-check gpu-wheels install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SYSTEM_TORCH) $(VENV)
@@ -61,6 +61,14 @@ endif
 
 test-gpu-host-stack: $(HOST_VENV)/.installed
 	$(HOST_VENV)/bin/python -m pytest $(ARGS)
+
+# The optional format backends for the offline GPU host, beside the bitsandbytes wheel that
+# ../shared/device/prepare.sh puts in .gpu/whl (run-on-gpu.sh installs every wheel there).
+gpu-wheels:
+	mkdir -p .gpu/whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .gpu/whl "torchao==0.18.0" "termcolor>=2" "einops>=0.8"
+	$(PYTHON) -m pip wheel -q --no-deps -w .gpu/whl "hqq==0.2.8.post1"
 
 # On an offline GPU host with the checkout on PYTHONPATH (.gpu/run-on-gpu.sh): make gpu-check OFFLINE=1
 ifdef OFFLINE
