@@ -138,6 +138,20 @@ def lora_batch(model_spec, workload_spec, lora_device: str, request: pytest.Fixt
 
 
 @pytest.fixture
+def base_copy(base_model: Any, lora_gpu: Any) -> Iterator[Any]:
+    """A private copy of this test's base, to change at will (merge into it, add adapters): it
+    shares nothing with the shared base (``quantize.private_copy``), and its memory is returned
+    when the test ends."""
+    from .models import build, quantize
+
+    copy = quantize.private_copy(base_model)
+    yield copy
+    del copy
+    if lora_gpu is not None:  # before the next config (a full collection is slow)
+        build.free_memory(lora_gpu)
+
+
+@pytest.fixture
 def lora_model(base_model: Any, lora_config: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """The shared base with this test's LoRA adapter (a ``peft.PeftModel``), removed after the test."""
     from .models import adapters, build

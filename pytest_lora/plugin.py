@@ -20,6 +20,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     RECORDER_KEY,
     SESSION_KEY,
     base_build,
+    base_copy,
     base_model,
     lora_batch,
     lora_bench,

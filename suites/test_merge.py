@@ -66,17 +66,15 @@ DRIFT_CYCLES = (1, 10, 100)
 
 
 @pytest.fixture
-def adapted_copy(base_model, lora_config, lora_gpu, request):
+def adapted_copy(base_copy, lora_config, request):
     """A private copy of the shared base with this test's adapter at a 1% update."""
     config = lora_config
-    model = peft.get_peft_model(quantize.private_copy(base_model), config)
+    model = peft.get_peft_model(base_copy, config)
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
     relative = merge.set_relative_update(model, config, RELATIVE_UPDATE, generator)
     model.eval()
     yield model, config, relative
     del model
-    if lora_gpu is not None:  # return the copy's memory before the next config (a full collection is slow)
-        build.free_memory(lora_gpu)
 
 
 def token_ids(model_spec, device, request) -> torch.Tensor:
@@ -268,22 +266,22 @@ def first_lora(lora_matrix, model_spec, quant_spec):
     return spec, adapters.lora_config_for(spec, model_spec.config_dict(), quant_spec)
 
 
-def test_save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, request):
+def test_save_and_reload(base_model, base_copy, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, request):
     """Adapter weights survive safetensors bit for bit; a merged model saved and reloaded computes
     the same (on formats that transformers reloads as it saved them: ``Format.reloads_merged``).
 
     The files go to a directory removed when the test ends, not to pytest's ``tmp_path``, which
     keeps three runs: 16 GB per merged 8B bf16 base would fill a GPU host's disk."""
     with tempfile.TemporaryDirectory(prefix="pytest-lora-save-") as directory:
-        save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, Path(directory), request)
+        save_and_reload(base_model, base_copy, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, Path(directory), request)
 
 
-def save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, tmp_path, request):
+def save_and_reload(base_model, base_copy, model_spec, quant_spec, quant_format, lora_matrix, lora_device, lora_bench, tmp_path, request):
     from safetensors.torch import load_file
 
     spec, config = first_lora(lora_matrix, model_spec, quant_spec)
     lora_bench.describe(lora=spec)
-    model = peft.get_peft_model(quantize.private_copy(base_model), config)
+    model = peft.get_peft_model(base_copy, config)
     merge.set_relative_update(model, config, RELATIVE_UPDATE, torch.Generator().manual_seed(build.seed_for(request.node.nodeid)))
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -315,13 +313,13 @@ def save_and_reload(base_model, model_spec, quant_spec, quant_format, lora_matri
 
 
 @pytest.mark.lora_matrix(quantized=False)
-def test_weighted_adapters(base_model, model_spec, quant_spec, lora_matrix, lora_bench, request):
+def test_weighted_adapters(base_copy, model_spec, quant_spec, lora_matrix, lora_bench, request):
     """``add_weighted_adapter`` against its closed forms: ``cat`` gives sum w_i s_i B_i A_i exactly;
     ``linear`` combines A and B separately, (sum sqrt(w_i s_i) B_i)(sum sqrt(w_i s_i) A_i), cross
     terms included, which is not the weighted sum of the updates (recorded)."""
     spec, config = first_lora(lora_matrix, model_spec, quant_spec)
     lora_bench.describe(lora=spec)
-    model = peft.get_peft_model(quantize.private_copy(base_model), config)
+    model = peft.get_peft_model(base_copy, config)
     model.add_adapter("second", config)
     generator = torch.Generator().manual_seed(build.seed_for(request.node.nodeid))
     for adapter in ("default", "second"):
