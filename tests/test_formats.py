@@ -233,6 +233,33 @@ def test_the_merge_suite_runs_on_each_new_format(pytester, suite):
     assert all(strategies <= set(r["metrics"]) for r in merged)
 
 
+def test_a_merge_that_does_not_requantize_fails_the_merge_suite(pytester, suite):
+    """A planted peft merge that leaves W + s B A in the compute dtype instead of re-quantizing."""
+    pytester.makepyfile(planted_merge="""
+        import pytest
+        import torch
+        from peft.tuners.lora import torchao as peft_torchao
+
+        def merge_without_requantizing(self, safe_merge=False, adapter_names=None):
+            base = self.get_base_layer()
+            weight = (base.weight.dequantize() + self.get_delta_weight("default")).to(base.weight.dtype)
+            del base.weight
+            base.weight = torch.nn.Parameter(weight, requires_grad=False)
+            self.merged_adapters.append("default")
+
+        @pytest.fixture(autouse=True)
+        def planted(monkeypatch):
+            monkeypatch.setattr(peft_torchao.TorchaoLoraLinear, "merge", merge_without_requantizing)
+        """)
+    pytester.syspathinsert()
+    suite((SUITES / "test_merge.py").read_text(), name="test_merge_copy.py")
+    (pytester.path / "conftest.py").write_text((SUITES / "conftest.py").read_text())
+    result = pytester.runpytest("-p", "planted_merge", "--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=torchao-int8",
+                                "--lora-ranks=8", "--lora-targets=default", "-k", "merge_quantized")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*peft's merge left [[]*[]] not stored as torchao-int8*"])
+
+
 # --------------------------------------------------------------------------- availability
 
 
