@@ -310,6 +310,9 @@ def test_hqq_checkpoints_get_transformers_hqq_config_of_the_format():
 def test_the_unquantized_format_quantizes_nothing():
     plain = formats.of(QUANTIZATIONS["bf16"])
     assert plain.pretrained_config(QUANTIZATIONS["bf16"]) is None
+    layer = torch.nn.Linear(3, 2)
+    assert not plain.owns(layer) and formats.layer_format(layer) is None
+    assert plain.weights_in(layer) == 8 and torch.equal(formats.dequantized(layer), layer.weight.data)
     with pytest.raises(NotImplementedError):
         plain.quantize_layer(torch.ones(2, 2), None, QUANTIZATIONS["bf16"])
     with pytest.raises(NotImplementedError):

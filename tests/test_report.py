@@ -26,6 +26,7 @@ from markdown_it import MarkdownIt
 from conftest import TINY
 from pytest_lora import cli, matrix
 from pytest_lora.report import headline, markdown, plots, spreadsheet
+from pytest_lora.specs import QUANTIZATIONS
 
 DEFAULT_CPU = matrix.load_toml(matrix.DEFAULT_MATRIX_FILE, "default")["cpu"]
 BASES = len(DEFAULT_CPU["models"]) * len(DEFAULT_CPU["quant"])  # the default CPU matrix: 3 models x its formats
@@ -393,7 +394,9 @@ def test_wide_tables_are_cut_into_column_groups_that_fit(default_run):
     assert max(len(line) for line in text.splitlines()) <= 120
     groups = re.findall(r"pytest-lora merge: test_merge_quantized \((\d)/(\d)\)", text)
     assert len(groups) >= 2 and all(total == str(len(groups)) for _, total in groups)
-    assert text.count("llama-3.2-1b-tiny") == len(groups) * 16  # every row in every group: 2 models' worth of 8 configs each
+    llama_rows = sum(r["model"] == "llama-3.2-1b-tiny" for r in merged)  # its quantized formats x 4 LoRA specs
+    assert llama_rows == 4 * sum(QUANTIZATIONS[q].is_quantized for q in DEFAULT_CPU["quant"])
+    assert text.count("llama-3.2-1b-tiny") == len(groups) * llama_rows  # every row in every group
 
 
 def test_results_files_are_created_with_the_users_permissions(pytester, suite):

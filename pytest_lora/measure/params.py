@@ -99,7 +99,7 @@ def count_model(model: nn.Module) -> ParamCount:
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for p in own)
         found = formats.layer_format(module)
-        total += found.weights_in(module) if found is not None else sum(p.numel() for p in own)
+        total += found.weights_in(module) if found is not None else sum(p.numel() for p in own)  # own: tied ones once
         trainable += sum(p.numel() for p in own if p.requires_grad)
     return ParamCount(trainable, total)
 

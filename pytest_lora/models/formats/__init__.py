@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from ...specs import QuantSpec
+from .base import FORMAT as PLAIN
 from .base import Format, plain_parts  # noqa: F401  (plain_parts: for readers of storages)
 
 BACKENDS = {
@@ -67,14 +68,12 @@ def _library(backend: str) -> str | None:
 def dequantized(module: Any) -> Any:
     """A layer's weight as float32 in its stored layout ((out, in) for a quantized layer),
     dequantized by its format when one stores it."""
-    found = layer_format(module)
-    return found.dequantize(module) if found is not None else module.weight.data.float()
+    return (layer_format(module) or PLAIN).dequantize(module)
 
 
 def stored_tensors(module: Any) -> list[Any]:
     """The tensors a module holds itself (not its children's): what its storage is made of."""
-    found = layer_format(module)
-    return found.stored_tensors(module) if found is not None else Format.plain_tensors(module)
+    return (layer_format(module) or PLAIN).stored_tensors(module)
 
 
 def _loaded_formats() -> list[Format]:
