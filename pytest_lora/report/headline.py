@@ -386,7 +386,7 @@ def parameter_section(records: list[dict[str, Any]], compact: bool = False) -> S
         for record in counted:
             first.setdefault((record["model"], configs.label(record)), record)
         rows = [[column, *(_count(first.get((model, column))) for model in configs.models())] for column in configs.columns()]
-        return Section("params", "Trainable parameters", header, rows, 1, ["trainable (share of all parameters), counted by peft."])
+        return Section("params", "Trainable parameters", header, rows, 1, ["trainable (share of all parameters), counted over the built model's layers and checked against peft's count and the closed form."])
     groups: dict[tuple, list[str]] = {}
     every_quant = {record["quant"] for record in counted}
     configs = Configs(counted)
@@ -397,8 +397,8 @@ def parameter_section(records: list[dict[str, Any]], compact: bool = False) -> S
     header = ["model", "lora", "quant", "trainable", "total", "trainable [%]"]
     rows = [[model, lora, "all" if set(quants) == every_quant and len(quants) > 1 else ", ".join(quants), format_value(trainable), format_value(total), f"{pct:.3g}"]
             for (model, lora, trainable, total, pct), quants in groups.items()]
-    return Section("params", "Trainable parameters", header, rows, 3, ["counted by peft's get_nb_trainable_parameters; "
-                                                                           "the quantizations that share a count share a row."])
+    return Section("params", "Trainable parameters", header, rows, 3, ["counted over the built model's layers (each quantized layer as its format stores it), "
+                                                                           "checked against peft's count and the closed form; the quantizations that share a count share a row."])
 
 
 def _count(record: dict[str, Any] | None) -> str:
