@@ -41,10 +41,11 @@ bench: $(VENV)/.installed
 	$(PY) -m pytest --lora-bench $(ARGS)
 
 # The run the README quotes: the default matrix of this machine, its report, CSV and plots under
-# results/published/ (the run's own files; latest.* would only repeat them).
+# results/published/ (the run's own files; latest.* would only repeat them). The run writes outside
+# the checkout, so that the commit it records is the checkout as committed (not dirty).
 publish: $(VENV)/.installed
-	rm -rf results/published
-	$(PY) -m pytest --lora-bench --lora-results=results/published $(ARGS)
+	out=$$(mktemp -d) && $(PY) -m pytest --lora-bench --lora-results=$$out/published $(ARGS) && \
+	rm -rf results/published && mv $$out/published results/published && rmdir $$out
 	rm -f results/published/latest.*
 	$(PY) -c "import json, pathlib; from pytest_lora.report import markdown as m; \
 	run = json.loads(next(pathlib.Path('results/published').glob('*.json')).read_text()); readme = pathlib.Path('README.md'); \
