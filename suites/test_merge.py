@@ -233,7 +233,8 @@ def task_base(trained, quant_spec, device):
     return quantize.quantize_model(model, quant_spec) if quant_spec.is_quantized else model
 
 
-def test_merge_on_a_trained_model(trained_task_model, quant_spec, quant_format, lora_device, lora_bench):
+@pytest.mark.usefixtures("quant_format")  # a format that cannot run here skips
+def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, lora_bench):
     """A model that has learnt language A, fine-tuned with LoRA on language B, then merged."""
     trained = trained_task_model
     config = adapters.lora_config_for(LoraSpec(r=8, alpha=16, targets="all-linear"), trained.config, quant_spec)

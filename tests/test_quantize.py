@@ -103,7 +103,7 @@ def test_transformers_full_precision_layers_stay_unquantized():
 
 def test_the_model_says_it_is_quantized_as_transformers_would():
     _, model = original_and_quantized("llama-3.1-8b-tiny", "nf4-dq")
-    assert quantize.is_marked_quantized(model)
+    assert model.is_quantized  # what peft reads, with the flags below
     config = model.config.quantization_config
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.bfloat16

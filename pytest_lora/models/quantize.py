@@ -90,8 +90,3 @@ def private_copy(model: nn.Module) -> nn.Module:
         if found is not None:
             found.fix_copy(module)
     return clone
-
-
-def is_marked_quantized(model: nn.Module) -> bool:
-    """Whether the model carries transformers' quantization flags, which peft reads."""
-    return bool(getattr(model, "is_quantized", False))
