@@ -190,6 +190,10 @@ def new_recorder(item: pytest.Item) -> Recorder:
         case["lora"] = params["lora_spec"].as_record()
     if "workload_spec" in params:
         case["workload"] = params["workload_spec"].as_record()
+        if "optimizer_spec" in params:  # the training step's optimizer is part of its workload
+            case["workload"]["optimizer"] = params["optimizer_spec"].id
+    if "serve_spec" in params:
+        case["workload"] = params["serve_spec"].as_record()
     return Recorder(suite, record_test_id(item), case)
 
 

@@ -17,6 +17,7 @@ SUITE_MARKERS = {
     "lora_step_time": "training step time",
     "lora_merge": "correctness of weight merging",
     "lora_forgetting": "forgetting and learning",
+    "lora_serving": "latency and files of a trained adapter, merged and unmerged",
 }
 MATRIX_MARKER = (
     "lora_matrix(**keys)",

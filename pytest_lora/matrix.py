@@ -8,7 +8,11 @@ A matrix is the cross product of four kinds of spec (the values of ``specs.py``)
   ``torchao-int8``, ``hqq-4bit``, ...), with another group size where the format has one;
 * ``LoraSpec``: rank, alpha, target modules, dropout, variant (LoRA, DoRA, rsLoRA), bias mode and
   modules to save;
-* ``WorkloadSpec``: sequence length, batch size, gradient checkpointing.
+* ``WorkloadSpec``: sequence length, batch size, gradient checkpointing;
+
+and two dimensions of their own suites: ``OptimizerSpec`` (the training step's optimizer: AdamW,
+bitsandbytes' 8-bit and paged AdamW) and ``ServeSpec`` (prompt length, generated tokens and batch
+of the serving suite).
 
 Values come in layers: the embedded default matrix for the device (``default_matrix.toml``), then
 a ``--lora-matrix`` TOML file, then each single option that the user set (command line,
@@ -29,8 +33,8 @@ from typing import Any, Iterable
 import tomllib
 
 from .models.resolve import resolve_model
-from .specs import (BIAS_MODES, GROUP_SIZES, QUANTIZATIONS, TARGET_KEYWORDS, VARIANTS, LoraSpec, Matrix, MatrixError, QuantSpec,
-                    WorkloadSpec)
+from .specs import (BIAS_MODES, GROUP_SIZES, OPTIMIZERS, QUANTIZATIONS, TARGET_KEYWORDS, VARIANTS, LoraSpec, Matrix, MatrixError,
+                    QuantSpec, ServeSpec, WorkloadSpec)
 
 DEFAULT_MATRIX_FILE = Path(__file__).with_name("default_matrix.toml")
 
@@ -50,6 +54,10 @@ MATRIX_KEYS = (
     "batch",
     "grad_ckpt",
     "compile",
+    "optimizers",
+    "prompt_len",
+    "new_tokens",
+    "serve_batch",
 )
 
 
@@ -161,7 +169,12 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -
     ckpts = values("grad_ckpt", (False,), _parse_bool)
     compiles = values("compile", (False,), _parse_bool)
     workloads = _unique(WorkloadSpec(*w) for w in itertools.product(seq_lens, batches, ckpts, compiles))
-    return Matrix(models, quants, loras, workloads)
+    optimizers = _unique(values("optimizers", ("adamw",), lambda v, where: OPTIMIZERS[_choice(v, where, tuple(OPTIMIZERS), "optimizer")]))
+    prompt_lens = values("prompt_len", (16,), lambda v, where: _positive_int(v, where, "prompt length"))
+    new_tokens = values("new_tokens", (4,), lambda v, where: _positive_int(v, where, "number of generated tokens"))
+    serve_batches = values("serve_batch", (1,), lambda v, where: _positive_int(v, where, "serving batch size"))
+    serving = _unique(ServeSpec(*s) for s in itertools.product(prompt_lens, new_tokens, serve_batches))
+    return Matrix(models, quants, loras, workloads, optimizers, serving)
 
 
 # --------------------------------------------------------------------------- value parsers

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .specs import QUANTIZATIONS
+from .specs import OPTIMIZERS, QUANTIZATIONS
 
 SOURCES = ("cli", "env", "ini", "default")
 
@@ -73,6 +73,7 @@ OPTIONS: tuple[Option, ...] = (
         "'default' (peft's per-architecture default); several sets separated by '|'.",
         metavar="NAMES|all-linear|default",
     ),
+    Option("optimizers", "comma-separated optimizers of the training step: " + ", ".join(OPTIMIZERS) + ".", metavar="OPT,..."),
     Option("matrix", "a TOML file with a whole matrix (models, quant, ranks, targets, alpha, ...).", metavar="FILE.toml"),
     Option("device", "where models are built: auto (cuda when available), cpu or cuda.", metavar="auto|cpu|cuda", default="auto"),
     Option(

@@ -37,7 +37,8 @@ from .markers import suite_of
 from .session import LoraSession
 
 MARKERS_KEY = pytest.StashKey[markers.SuiteMarkers]()
-DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads"}
+DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads",
+              "optimizer_spec": "optimizers", "serve_spec": "serving"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
 # Fixtures that build or measure on the device: before them, nothing of a failed test may be alive.
 LORA_FIXTURES = frozenset({"base_model", "lora_model", "lora_bench", "lora_gpu"})

@@ -22,7 +22,7 @@ from .gate import Gate
 from .report import provenance
 from .report.store import ResultsStore
 
-MATRIX_OPTIONS = ("models", "quant", "ranks", "targets")
+MATRIX_OPTIONS = ("models", "quant", "ranks", "targets", "optimizers")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -204,17 +204,72 @@ class WorkloadSpec:
         return asdict(self)
 
 
+# --------------------------------------------------------------------------- optimizers
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer of a training step: ``library`` is ``torch`` (``torch.optim.AdamW``) or
+    ``bitsandbytes`` (its ``AdamW8bit``, ``PagedAdamW8bit``, ``PagedAdamW``); ``bits`` is the width
+    of the two moments it keeps; ``paged`` means they live in CUDA unified memory, which the driver
+    moves to the host under memory pressure (on the CPU bitsandbytes falls back to ordinary tensors)."""
+
+    name: str
+    library: str
+    bits: int = 32
+    paged: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec("adamw", "torch"),
+        OptimizerSpec("adamw8bit", "bitsandbytes", bits=8),
+        OptimizerSpec("paged_adamw8bit", "bitsandbytes", bits=8, paged=True),
+        OptimizerSpec("paged_adamw", "bitsandbytes", bits=32, paged=True),
+    )
+}
+"""The optimizers by name: AdamW, and bitsandbytes' 8-bit and paged variants (QLoRA §3)."""
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """The shape of an inference request: ``batch`` prompts of ``prompt_len`` tokens, then
+    ``new_tokens`` tokens generated one at a time with the KV cache."""
+
+    prompt_len: int
+    new_tokens: int
+    batch: int
+
+    @property
+    def id(self) -> str:
+        return f"p{self.prompt_len}-n{self.new_tokens}-b{self.batch}"
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # --------------------------------------------------------------------------- the matrix
 
 
 @dataclass(frozen=True)
 class Matrix:
-    """The cross product to run: every model x quant, and every LoRA spec and workload on each."""
+    """The cross product to run: every model x quant, and every LoRA spec and workload on each;
+    the training suites take every optimizer too, the serving suite every serving workload."""
 
     models: tuple[ModelSpec, ...]
     quants: tuple[QuantSpec, ...]
     loras: tuple[LoraSpec, ...]
     workloads: tuple[WorkloadSpec, ...]
+    optimizers: tuple[OptimizerSpec, ...] = (OPTIMIZERS["adamw"],)
+    serving: tuple[ServeSpec, ...] = (ServeSpec(16, 4, 1),)
 
     @property
     def size(self) -> int:

@@ -4,9 +4,11 @@ What is measured, on every device. The bytes the base's weights occupy (``weight
 parameter and buffer, with each format's quantization constants (bitsandbytes' block absmax and
 code tables, LLM.int8's row scales, the tensors inside torchao's weights, HQQ's scales and zero
 points), each storage once.
-One training step (forward, backward, AdamW step) on ``batch`` x ``seq_len`` synthetic tokens:
-the activations autograd saves for backward (``activation_bytes``, read through saved-tensor
-hooks), and the adapter, its gradients and AdamW's state (summed from the tensors).
+One training step (forward, backward, optimizer step) on ``batch`` x ``seq_len`` synthetic tokens,
+with each optimizer of the matrix (AdamW; bitsandbytes' 8-bit, paged 8-bit and paged 32-bit
+AdamW): the activations autograd saves for backward (``activation_bytes``, read through
+saved-tensor hooks), and the adapter, its gradients and the optimizer's state (summed from the
+tensors, each storage once).
 
 What is measured on a GPU. torch's allocated bytes after each phase (base loaded, adapter added,
 forward, backward, optimizer step) and the peak within each, with peaks reset between phases,
@@ -24,8 +26,14 @@ architecture and the format's own arithmetic (``Format.tensor_bytes``; NF4 / FP4
 per weight and a 4-byte absmax per 64 weights; double quantization: 8/64 + 32/(64 x 256) = 0.127
 extra bits per weight, QLoRA §3; LLM.int8: a byte per weight and a scale per row; torchao int8
 and HQQ as their layouts store them) must agree with ``weight_bytes`` to 0.1%.
-The adapter, gradients and AdamW state must equal 16 bytes per trainable parameter plus 4 per
-tensor, exactly. Activations and the whole step are reported as measured / analytic ratios.
+The adapter and gradients must equal 8 bytes per trainable parameter, and the optimizer's state its
+closed form (``measure.optimizers``), exactly: AdamW two fp32 moments per parameter and a 4-byte
+step per tensor; bitsandbytes' 8-bit AdamW a uint8 per moment and parameter, an fp32 absmax per
+moment and block (the block size read from bitsandbytes) and its two 256-entry fp32 maps, with fp32
+moments for tensors under its ``min_8bit_size``; its paged 32-bit AdamW two fp32 moments. A paged
+optimizer's state in CUDA unified memory (``paged_state_bytes``) is outside torch's allocator, so
+the GPU peaks do not hold it; on the CPU bitsandbytes falls back to ordinary tensors, and the record
+says so instead of calling its figures paged. Activations and the whole step are reported as measured / analytic ratios.
 
 Figures to hold beside these (H200, plain transformers + peft + bitsandbytes, LoRA r=16 on all
 linear layers, batch 2 x 2048): Llama-3-8B shape, nf4, 47.5 GiB peak allocated in the step with
@@ -46,6 +54,8 @@ from pytest_lora.lazy import lazy_import
 torch = lazy_import("torch")
 peft = lazy_import("peft")
 memory = lazy_import("pytest_lora.measure.memory")
+optimizers = lazy_import("pytest_lora.measure.optimizers")
+params = lazy_import("pytest_lora.measure.params")
 train = lazy_import("pytest_lora.measure.train")
 build = lazy_import("pytest_lora.models.build")
 
@@ -63,12 +73,12 @@ def test_weight_storage(base_model, model_spec, quant_spec, lora_bench):
     assert abs(measured - analytic) <= 0.001 * analytic, f"measured {measured:,d} B, analytic {analytic:,d} B"
 
 
-def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, lora_bench):
+def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, optimizer_spec, lora_device, lora_bench):
     """One step: activations kept for backward, and the adapter's training state, on any device."""
     config = model_spec.config_dict()
-    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec)
+    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec, optimizer_spec)
     batch = lora_batch
-    step = train.TrainStep(lora_model)
+    step = train.TrainStep(lora_model, optimizer=optimizer_spec)
     try:
         with train.checkpointing(lora_model, workload_spec.grad_ckpt):
             with memory.saved_activations(lora_model) as saved:
@@ -77,6 +87,7 @@ def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec
             step.backward()
             step.optimizer_step()
             measured = memory.training_state_bytes(lora_model, step.optimizer)
+            paged = optimizers.paged_bytes(step.optimizer)
     finally:
         step.close()
 
@@ -89,18 +100,33 @@ def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec
     lora_bench.record("adapter_bytes", measured.parameters, "bytes")
     lora_bench.record("gradient_bytes", measured.gradients, "bytes")
     lora_bench.record("optimizer_state_bytes", measured.optimizer, "bytes")
+    lora_bench.record("analytic_optimizer_state_bytes", estimate.training.optimizer, "bytes")
+    record_paging(lora_bench, step.built, paged, optimizers.analytic_paged_bytes(
+        optimizer_spec, params.trainable_tensor_sizes(build.build_meta(config), lora_config), lora_device))
     lora_bench.record("analytic_bytes", estimate.total, "bytes")
     assert measured == estimate.training, f"measured {measured}, analytic {estimate.training}"
 
 
-def test_step_peak_memory(base_model, base_build, lora_config, lora_batch, model_spec, quant_spec, workload_spec, lora_gpu, lora_bench):
+def record_paging(lora_bench, built, paged: int, analytic: int) -> None:
+    """How much of the state is in unified memory; where a paged optimizer fell back, a warning
+    says so (its figures are the non-paged optimizer's)."""
+    if not built.spec.paged:
+        return
+    lora_bench.record("paged_state_bytes", paged, "bytes")
+    lora_bench.record("analytic_paged_state_bytes", analytic, "bytes")
+    if built.fell_back:
+        lora_bench.warn(built.fell_back)
+    lora_bench.check(paged == analytic, f"{paged:,d} B of optimizer state paged, {analytic:,d} B expected")
+
+
+def test_step_peak_memory(base_model, base_build, lora_config, lora_batch, model_spec, quant_spec, workload_spec, optimizer_spec, lora_gpu, lora_bench):
     """GPU: allocated, reserved and device bytes through one step; released afterwards."""
     if lora_gpu is None:
         pytest.skip("needs a CUDA device: allocator peaks and NVML bytes are GPU measurements; "
                     "weights, activations and training state are measured by the other memory tests")
     config = model_spec.config_dict()
-    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec)
-    phases = memory.step_phase_memory(base_model, lora_config, lora_batch, workload_spec.grad_ckpt, lora_gpu)
+    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec, optimizer_spec)
+    phases = memory.step_phase_memory(base_model, lora_config, lora_batch, workload_spec.grad_ckpt, lora_gpu, optimizer_spec)
 
     for name in ("base_allocated", "adapter_allocated", "forward_peak", "forward_allocated", "backward_peak", "optimizer_peak", "after_step_allocated"):
         lora_bench.record(f"{name}_bytes", getattr(phases, name), "bytes")
@@ -111,6 +137,8 @@ def test_step_peak_memory(base_model, base_build, lora_config, lora_batch, model
         lora_bench.record(f"peak_allocated_bytes_cuda{index}", peak, "bytes")
     lora_bench.record("peak_reserved_bytes", phases.peak_reserved, "bytes")
     lora_bench.record("peak_device_bytes", phases.device_used, "bytes")
+    if optimizer_spec.paged:  # in unified memory: outside the allocator's peaks, inside NVML's bytes while resident
+        lora_bench.record("paged_state_bytes", phases.paged_state, "bytes")
     lora_bench.record("analytic_bytes", estimate.total, "bytes")
     if estimate.total and phases.peak_allocated and not phases.oom:
         lora_bench.record("peak_over_analytic", (phases.peak_allocated - baseline) / estimate.total, "measured/analytic")

@@ -1,7 +1,8 @@
 """Training step time, tokens per second and MFU.
 
-What is measured. One full training step (forward, backward, AdamW step, zero_grad) per config
-of the matrix, on ``batch`` x ``seq_len`` synthetic tokens, with gradient checkpointing and
+What is measured. One full training step (forward, backward, optimizer step, zero_grad) per config
+of the matrix and optimizer (AdamW, bitsandbytes' 8-bit, paged 8-bit and paged AdamW; a paged one
+on the CPU is its non-paged fallback, and its record says so), on ``batch`` x ``seq_len`` synthetic tokens, with gradient checkpointing and
 ``torch.compile`` as the workload says. The step runs through pytest-benchmark's ``benchmark``
 fixture in pedantic mode, so ``--benchmark-json``, ``--benchmark-compare`` and
 ``--benchmark-compare-fail`` work as usual, and into the results store. Warm-up steps
@@ -38,7 +39,6 @@ from __future__ import annotations
 import pytest
 
 from pytest_lora.lazy import lazy_import
-from pytest_lora.report import provenance
 
 torch = lazy_import("torch")
 peft = lazy_import("peft")
@@ -83,28 +83,24 @@ def timed_on_this_machine(lora_session, lora_bench, benchmark, timer, step, warm
     """``timed_steps`` with torch's thread count fixed (``--lora-threads``), recording how busy the
     machine was meanwhile (``cpu_pressure``, ``other_cpu_load``) and warning when it competed for a CPU."""
     with lora_session.progress("training steps", warmup + rounds) as progress:
-        with cpu.threads(lora_session.timing_threads()) as threads, cpu.MachineLoad() as load:
-            times = timed_steps(benchmark, timer, step, warmup, rounds, progress)
-    lora_bench.record("cpu_pressure", load.pressure, "share of time a task waited for a CPU")
-    lora_bench.record("other_cpu_load", load.other_cores, "cores")
-    cpus = provenance.cpu_count()
-    if load.busy(cpus, threads):
-        lora_bench.warn(load.describe(cpus, threads))
-    return times
+        with cpu.recorded_conditions(lora_session.timing_threads(), lora_bench):
+            return timed_steps(benchmark, timer, step, warmup, rounds, progress)
 
 
-def test_step_time(lora_model, lora_config, lora_batch, model_spec, workload_spec, lora_gpu, lora_session, lora_bench, benchmark):
+def test_step_time(lora_model, lora_config, lora_batch, model_spec, workload_spec, optimizer_spec, lora_gpu, lora_session, lora_bench, benchmark):
     """Median time of a full training step, tokens/s and MFU."""
     config, batch = model_spec.config_dict(), lora_batch
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
     timer = timing.StepTimer(lora_gpu)
     benchmark.group = model_spec.id
     with train.compiled(lora_model, workload_spec.compile) as model, train.checkpointing(lora_model, workload_spec.grad_ckpt):
-        step = train.TrainStep(model)
+        step = train.TrainStep(model, optimizer=optimizer_spec)
         try:
             times = timed_on_this_machine(lora_session, lora_bench, benchmark, timer, lambda: step.run(batch), warmup, rounds)
         finally:
             step.close()
+    if step.built.fell_back:
+        lora_bench.warn(step.built.fell_back)
     step_flops = flops.lora_step_flops(config, lora_config, workload_spec)
     metrics = timing.timing_metrics(timing.TimingStats.of(times), workload_spec.tokens, step_flops, lora_session.peak_flops())
     if lora_gpu is not None:  # the events against the host clock read after waiting for them

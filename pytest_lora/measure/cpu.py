@@ -103,3 +103,18 @@ class MachineLoad:
         used = f"other processes used {self.other_cores:.2f} of {cpu_count} CPUs" if self.other_cores is not None else ""
         plural = "s" if threads != 1 else ""
         return f"{BUSY_WARNING}: {waited}{used} beside {threads} timing thread{plural}; its times are not comparable"
+
+
+@contextlib.contextmanager
+def recorded_conditions(thread_count: int | None, recorder) -> Iterator[None]:
+    """Time the block with torch's thread count fixed, and record into ``recorder`` how busy the
+    machine was meanwhile (``cpu_pressure``, ``other_cpu_load``), warning when it competed for a CPU."""
+    from ..report import provenance
+
+    with threads(thread_count) as used, MachineLoad() as load:
+        yield
+    recorder.record("cpu_pressure", load.pressure, "share of time a task waited for a CPU")
+    recorder.record("other_cpu_load", load.other_cores, "cores")
+    cpus = provenance.cpu_count()
+    if load.busy(cpus, used):
+        recorder.warn(load.describe(cpus, used))

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..specs import QuantSpec, WorkloadSpec
+from ..specs import OPTIMIZERS, OptimizerSpec, QuantSpec, WorkloadSpec
 from ..models import build, formats, quantize
+from . import optimizers
 from .gpu import error_chain, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -109,20 +110,20 @@ class TrainingState:
 
 
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
-    """Measured: sum the trainable tensors, their ``.grad`` and every tensor in ``optimizer.state``."""
+    """Measured: sum the trainable tensors, their ``.grad`` and every tensor in ``optimizer.state``
+    (each storage once)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     parameters = sum(p.numel() * p.element_size() for p in trainable)
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
-    state = 0
-    if optimizer is not None:
-        for values in optimizer.state.values():
-            state += sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
-    return TrainingState(parameters, gradients, state)
+    return TrainingState(parameters, gradients, optimizers.state_bytes(optimizer) if optimizer is not None else 0)
 
 
-def analytic_training_state(trainable_params: int, trainable_tensors: int) -> TrainingState:
-    """fp32 adapter, fp32 gradients, AdamW's two fp32 moments and a 4-byte step per tensor."""
-    return TrainingState(4 * trainable_params, 4 * trainable_params, 8 * trainable_params + 4 * trainable_tensors)
+def analytic_training_state(tensor_sizes: list[int], optimizer: OptimizerSpec | None = None) -> TrainingState:
+    """fp32 adapter, fp32 gradients, and the optimizer's state in closed form
+    (``optimizers.analytic_state_bytes``; AdamW: two fp32 moments and a 4-byte step per tensor)."""
+    trainable = sum(tensor_sizes)
+    state = optimizers.analytic_state_bytes(optimizer or OPTIMIZERS["adamw"], tensor_sizes)
+    return TrainingState(4 * trainable, 4 * trainable, state)
 
 
 # --------------------------------------------------------------------------- activations
@@ -208,14 +209,16 @@ class StepEstimate:
         return self.weights + self.training.total + self.activations + self.backward_transient
 
 
-def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, workload: WorkloadSpec) -> StepEstimate:
-    """The step's memory from the architecture, the quantization, the LoRA config and the workload."""
-    from .params import adapted_layers, closed_form, rank_of, trainable_tensor_count
+def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, workload: WorkloadSpec,
+                  optimizer: OptimizerSpec | None = None) -> StepEstimate:
+    """The step's memory from the architecture, the quantization, the LoRA config, the workload
+    and the optimizer (AdamW by default)."""
+    from .params import adapted_layers, rank_of, trainable_tensor_sizes
 
     dtype = build.weight_dtype(quant, config_dict)
     meta = build.instantiate(config_dict, "meta", dtype)
     adapted = adapted_layers(meta, lora, config_dict["model_type"])
-    training = analytic_training_state(closed_form(meta, lora).trainable, trainable_tensor_count(meta, lora))
+    training = analytic_training_state(trainable_tensor_sizes(meta, lora), optimizer)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     ranks = {name: rank_of(name, lora) for name in adapted}
     activations = analytic_activation_bytes(config_dict, adapted, ranks, workload, lora.lora_dropout, dtype_bytes, lora.use_dora)
@@ -245,6 +248,7 @@ class PhaseMemory:
     oom_peak: int | None = None
     oom: str | None = None
     device_peaks: dict[int, int] | None = None  # each GPU's peak in the step, when the base spans several
+    paged_state: int | None = None  # optimizer state in CUDA unified memory (not in torch's allocator)
 
     @property
     def peak_allocated(self) -> int | None:
@@ -253,7 +257,8 @@ class PhaseMemory:
         return max(peaks) if peaks else None
 
 
-def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu") -> PhaseMemory:
+def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu",
+                      optimizer: OptimizerSpec | None = None) -> PhaseMemory:
     """Add the adapter, run one step phase by phase, take everything off again; measure throughout.
 
     The cache is emptied first, so that reserved bytes are the step's and not what the build or
@@ -272,7 +277,7 @@ def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.
     reserved: list[int] = []
     device: list[int] = []
     with adapters.attached(base, lora_config) as model:
-        _measure_phases(model, batch, grad_ckpt, gpu, values, reserved, device)
+        _measure_phases(model, batch, grad_ckpt, gpu, values, reserved, device, optimizer)
         del model  # the PeftModel holds the adapter: nothing may outlive the block
     build.free_memory(gpu)
     values["released_allocated"] = gpu.allocated()
@@ -282,11 +287,11 @@ def step_phase_memory(base: nn.Module, lora_config: Any, batch: dict[str, torch.
 
 
 def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu", values: dict[str, Any],
-                    reserved: list[int], device: list[int]) -> None:
+                    reserved: list[int], device: list[int], optimizer: OptimizerSpec | None = None) -> None:
     """The phases of one step; the step (activations, gradients, optimizer) dies with this frame."""
     from .train import TrainStep, checkpointing
 
-    step = TrainStep(model)
+    step = TrainStep(model, optimizer=optimizer)
     phases = (("forward", lambda: step.forward(batch)), ("backward", step.backward), ("optimizer", step.optimizer_step))
 
     def sample() -> None:
@@ -310,6 +315,7 @@ def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt:
                 if phase == "forward":
                     values["forward_allocated"] = gpu.allocated()
             values["after_step_allocated"] = gpu.allocated()
+            values["paged_state"] = optimizers.paged_bytes(step.optimizer)
     except Exception as error:
         if not is_out_of_memory(error):
             raise

@@ -122,27 +122,46 @@ def closed_form(base: nn.Module, lora: peft.LoraConfig, model_type: str | None =
     """
     _refuse_unmodelled(lora)
     adapted = adapted_layers(base, lora, model_type)
-    added = sum(rank_of(name, lora) * (fan_in + fan_out) for name, (fan_in, fan_out) in adapted.items())
-    if lora.use_dora:
-        added += sum(fan_out for _, fan_out in adapted.values())
+    added = adapter_weights(base, lora, model_type)
     saved = _modules_to_save_weights(base, lora)
     base_count = count_model(base).total
     return ParamCount(added + saved + _trainable_biases(base, lora, adapted), base_count + added + saved)
 
 
+def adapter_weights(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> int:
+    """The weights the adapter itself adds: r (fan_in + fan_out) per adapted layer, and DoRA's
+    magnitude (fan_out). What each resident adapter holds, beside the base."""
+    adapted = adapted_layers(base, lora, model_type)
+    added = sum(rank_of(name, lora) * (fan_in + fan_out) for name, (fan_in, fan_out) in adapted.items())
+    if lora.use_dora:
+        added += sum(fan_out for _, fan_out in adapted.values())
+    return added
+
+
 def trainable_tensor_count(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> int:
     """How many trainable tensors the LoRA config creates or unfreezes (optimizers keep state per tensor)."""
+    return len(trainable_tensor_sizes(base, lora, model_type))
+
+
+def trainable_tensor_sizes(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> list[int]:
+    """The elements of each trainable tensor the LoRA config creates or unfreezes: A (r x fan_in),
+    B (fan_out x r) and DoRA's magnitude (fan_out) per adapted layer, the biases it trains, the
+    modules it saves. An 8-bit optimizer quantizes each tensor on its own, so its state depends
+    on these sizes, not only on their sum."""
     _refuse_unmodelled(lora)
     adapted = adapted_layers(base, lora, model_type)
-    tensors = len(adapted) * (3 if lora.use_dora else 2)
+    sizes = []
+    for name, (fan_in, fan_out) in adapted.items():
+        r = rank_of(name, lora)
+        sizes += [r * fan_in, fan_out * r] + ([fan_out] if lora.use_dora else [])
     modules = dict(base.named_modules())
     if lora.bias == "all":
-        tensors += sum(1 for name, _ in base.named_parameters() if name == "bias" or name.endswith(".bias"))
+        sizes += [p.numel() for name, p in base.named_parameters() if name == "bias" or name.endswith(".bias")]
     elif lora.bias == "lora_only":
-        tensors += sum(1 for name in adapted if getattr(modules[name], "bias", None) is not None)
+        sizes += [modules[name].bias.numel() for name in adapted if getattr(modules[name], "bias", None) is not None]
     names = set(lora.modules_to_save or ())
-    tensors += sum(len(list(m.parameters())) for n, m in modules.items() if n and name_matches(n, names))
-    return tensors
+    sizes += [p.numel() for n, m in modules.items() if n and name_matches(n, names) for p in m.parameters()]
+    return sizes
 
 
 def _refuse_unmodelled(lora: peft.LoraConfig) -> None:

@@ -1,4 +1,4 @@
-"""One LoRA training step on synthetic tokens: forward, backward, AdamW step, zero_grad.
+"""One LoRA training step on synthetic tokens: forward, backward, optimizer step, zero_grad.
 
 The step is split into phases so that suites can measure each (memory per phase, time per
 step). Token ids are drawn from a generator seeded by the caller: the same config gives the same
@@ -17,7 +17,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..specs import WorkloadSpec
+from ..specs import OPTIMIZERS, OptimizerSpec, WorkloadSpec
+from . import optimizers
 
 
 def synthetic_batch(vocab_size: int, workload: WorkloadSpec, device: str | torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -71,11 +72,13 @@ def compiled(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
 
 
 class TrainStep:
-    """A LoRA training step with AdamW over the trainable parameters, phase by phase."""
+    """A LoRA training step over the trainable parameters, phase by phase, with AdamW or the
+    optimizer of ``optimizer`` (an ``OptimizerSpec``: bitsandbytes' 8-bit and paged AdamW)."""
 
-    def __init__(self, model: nn.Module, lr: float = 1e-4):
+    def __init__(self, model: nn.Module, lr: float = 1e-4, optimizer: OptimizerSpec | None = None):
         self.model = model.train()  # once, not per step: walking thousands of modules is harness overhead
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.built = optimizers.make(optimizer or OPTIMIZERS["adamw"], (p for p in model.parameters() if p.requires_grad), lr)
+        self.optimizer = self.built.optimizer
         self.loss: torch.Tensor | None = None
         self.output: Any = None
         self._kwargs = {"use_cache": False} if _accepts_cache(model) else {}
@@ -91,7 +94,8 @@ class TrainStep:
         self.output = None  # the logits go with it
 
     def optimizer_step(self) -> None:
-        self.optimizer.step()
+        with optimizers.quiet_fallback():  # recorded as ``built.fell_back`` instead
+            self.optimizer.step()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -106,7 +110,7 @@ class TrainStep:
     def close(self) -> None:
         """Drop gradients and optimizer state: nothing of the step survives it."""
         self.zero_grad()
-        self.optimizer.state.clear()
+        optimizers.release(self.optimizer)
         self.output = self.loss = None
 
 

@@ -98,7 +98,11 @@ def case_cell(column: str, value: Any) -> str:
         variant = "" if value.get("variant") in (None, "lora") else f" {value['variant']}"
         return f"r{value['r']} a{format_value(value['alpha'])} {targets}{variant}"
     if column == "workload":
-        return f"{value['batch']}x{value['seq_len']}" + (" ckpt" if value.get("grad_ckpt") else "")
+        if "prompt_len" in value:  # a serving workload
+            return f"{value['batch']}x{value['prompt_len']}+{value['new_tokens']}"
+        optimizer = value.get("optimizer")
+        return (f"{value['batch']}x{value['seq_len']}" + (" ckpt" if value.get("grad_ckpt") else "")
+                + (f" {optimizer}" if optimizer not in (None, "adamw") else ""))
     return str(value)
 
 
