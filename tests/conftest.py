@@ -83,7 +83,7 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
 
     def write(body: str = COUNTING_SUITE, name: str = "test_suite.py"):
         # pin what the options don't set, so the default matrix may change without breaking tests
-        (pytester.path / "pinned.toml").write_text('variants = ["lora"]\ndropout = [0.05]\n')
+        (pytester.path / "pinned.toml").write_text('variants = ["lora"]\ndropout = [0.05]\noptimizers = ["adamw"]\n')
         pytester.makeini("[pytest]\nlora_matrix = pinned.toml\n")
         directory = pytester.path / "suites"
         directory.mkdir(exist_ok=True)

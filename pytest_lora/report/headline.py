@@ -434,6 +434,43 @@ def published_section(records: list[dict[str, Any]], compact: bool = False) -> S
     return Section("published", "Published counts", header, rows, 2, notes)
 
 
+# ----------------------------------------------------------------- serving
+
+SERVING_VARIANTS = (("base", "base"), ("unmerged", "unmerged"), ("merged", "merged"))
+
+
+def format_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.3g}"
+
+
+def serving_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    """Latency of a prompt and of each decoded token: the base, the unmerged adapter, the merged model."""
+    timed = of_test(records, "test_serving_latency")
+    if not any(r["status"] == "ok" for r in timed):
+        return None
+    configs = Configs(timed)
+    rows = []
+    for record in in_matrix_order(timed):
+        if compact and (configs.label(record) != configs.columns()[0] or record["model"] != configs.models()[0]):
+            continue  # one screen: the first model and spec
+        metrics = record["metrics"]
+        case = [record["model"], record["quant"]] + ([] if compact else [configs.label(record)])
+        if status_cell(record):
+            rows.append([*case, status_cell(record), *["-"] * 6])
+            continue
+        cells = [format_ms(metrics.get(f"{variant}_{phase}_median_s")) for phase in ("prefill", "decode_token") for variant, _ in SERVING_VARIANTS]
+        overhead = metrics.get("unmerged_over_merged_decode_token_pct")
+        rows.append([*case, *cells, "-" if overhead is None else f"{overhead:+.0f}%"])
+    header = ["model", "quant", *([] if compact else ["lora"]), "prefill base [ms]", "unmerged", "merged",
+              "decode/token base [ms]", "unmerged", "merged", "unmerged vs merged"]
+    text = 2 if compact else 3
+    notes = ["medians of the timed rounds (warm-up excluded), every variant on the same prompts; merged: peft's merge_and_unload "
+             "(re-quantized on a quantized base); the last column: per-token decode of the unmerged adapter against the merged model."]
+    if compact:
+        notes = [f"{configs.models()[0]}, LoRA {configs.columns()[0]}; every config in the report; " + notes[0]]
+    return Section("serving", "Serving", header, rows, text, notes)
+
+
 # ----------------------------------------------------------------- all
 
 # The built-in suites' tests: those the headline reads, and those it leaves to the report's full
@@ -442,11 +479,11 @@ def published_section(records: list[dict[str, Any]], compact: bool = False) -> S
 HEADLINED = frozenset({
     "test_step_peak_memory", "test_step_memory", "test_weight_storage", "test_step_time", "test_merge_on_a_trained_model",
     "test_merge_quantized", "test_merge_full_precision", "test_forgetting_lora", "test_forgetting_full_finetuning",
-    "test_the_base_has_learnt_task_a", "test_trainable_parameters", "test_published_counts",
+    "test_the_base_has_learnt_task_a", "test_trainable_parameters", "test_published_counts", "test_serving_latency",
 })
 REPORT_ONLY = frozenset({
     "test_save_and_reload", "test_weighted_adapters", "test_base_build_time", "test_harness_overhead",
-    "test_analytic_step_of_published_shapes",
+    "test_analytic_step_of_published_shapes", "test_mixed_adapter_batch", "test_adapter_file",
 })
 
 
@@ -456,7 +493,7 @@ def without_headline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 
-BUILDERS = (memory_section, speed_section, merge_section, forgetting_section, parameter_section, published_section)
+BUILDERS = (memory_section, speed_section, serving_section, merge_section, forgetting_section, parameter_section, published_section)
 
 
 def sections(records: list[dict[str, Any]], compact: bool = False) -> list[Section]:

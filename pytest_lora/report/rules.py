@@ -17,8 +17,9 @@ times), ``median``, ``mean``, ``min`` or ``max`` of them. Short names: ``step_ti
 ``step_time_median_s``, ``peak_memory`` is ``peak_reserved_bytes``.
 
 Defaults, per kind of metric, when no rule names the metric (``default_rule``): counts and
-weight bytes exact; memory ``+1%&+1KiB`` (it repeats to the byte); the timings with per-step
-samples ``10%`` on a GPU and ``100%`` on the CPU in their bad direction, which ``compare`` also
+weight bytes and the adapter's file exact; memory and optimizer state ``+1%&+1KiB`` (they repeat to
+the byte); the timings with per-step samples (step times, the serving suite's latencies) ``10%`` on
+a GPU and ``100%`` on the CPU in their bad direction, which ``compare`` also
 requires to be significant and outside the history's spread; merge errors ``+100%`` past a
 floor; forgetting and learning 0.05 nats, which must also exceed twice the seeds' standard error.
 """
@@ -34,7 +35,8 @@ SIZES = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10
 ALLOWED = ("'==', '+5%', '-5%', '5%', '+256MiB', '+0.1', '+5%&+256MiB', '<=1e-3', '>=0.3' or 'off'")
 
 # Kinds of metric, by name first, then by unit.
-EXACT = frozenset({"trainable_params", "total_params", "weight_bytes", "flops_per_step", "builds"})
+EXACT = frozenset({"trainable_params", "total_params", "weight_bytes", "flops_per_step", "builds", "adapter_file_bytes",
+                   "adapter_file_tensors"})
 HIGHER_IS_BETTER = frozenset({"tokens_per_s", "mfu", "learning_delta_loss", "learning_minus_full"})
 HIGHER_IS_BETTER_PATTERN = re.compile(r"^merge_top1|accuracy_after$")
 # Timings with per-step samples. A build or a count is one sample per run: nothing tells its noise
@@ -44,6 +46,12 @@ TIMING_DEFAULTS = {"step_time_median_s": "10%", "tokens_per_s": "10%", "mfu": "1
 # on a 2-core runner, 90% of step-time medians moved within -18%..+14%, the extremes by +-60%.
 # A CPU gate catches a step that got twice as slow (a sync per step, a requantization, a copy).
 CPU_TIMING_DEFAULTS = {"step_time_median_s": "100%", "tokens_per_s": "50%"}
+# The serving suite's latencies (each with its samples): prefill and per-token decode of every
+# variant, a mixed batch, loading and switching adapters. Lower is better, gated as step times are.
+SERVING_TIMING = re.compile(r"_(prefill|decode_token)_median_s$|^adapter_(load|swap)_median_s$")
+# Overheads in % of a reference (unmerged over base, over merged; a mixed batch over one adapter):
+# lower is better; derived from two medians, so shown, not gated by default.
+OVERHEAD = re.compile(r"_over_\w+_pct$|_overhead_pct$")
 CORRECTNESS_DEFAULTS = (
     (re.compile(r"^(merge_max_abs_err|reload_max_abs_err)"), "+100%&+1e-6"),
     (re.compile(r"^merge_kl"), "+100%&+1e-9"),
@@ -102,7 +110,7 @@ def bad_direction(metric: str) -> int:
 
 def known_direction(metric: str) -> int:
     """The bad direction of a metric this project records; 0 (either) for one it doesn't know."""
-    known = kind_of(metric, None) != "other" or HIGHER_IS_BETTER_PATTERN.search(metric)
+    known = kind_of(metric, None) != "other" or HIGHER_IS_BETTER_PATTERN.search(metric) or OVERHEAD.search(metric)
     return bad_direction(metric) if known else 0
 
 
@@ -116,7 +124,8 @@ def default_rule(metric: str, unit: str | None, device: str | None = "cuda") -> 
     elif kind == "memory":
         text = MEMORY_DEFAULT
     elif kind == "timing":
-        text = (CPU_TIMING_DEFAULTS if device == "cpu" else TIMING_DEFAULTS).get(metric)
+        defaults = CPU_TIMING_DEFAULTS if device == "cpu" else TIMING_DEFAULTS
+        text = defaults.get(metric) or (defaults["step_time_median_s"] if SERVING_TIMING.search(metric) else None)
     elif kind == "correctness":
         text = next((threshold for pattern, threshold in CORRECTNESS_DEFAULTS if pattern.search(metric)), None)
     return None if text is None else parse_threshold(metric, "value", text, "default")
