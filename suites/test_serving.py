@@ -162,7 +162,7 @@ def record_latency_pair(lora_bench, single: list[float], mixed: list[float]) -> 
     lora_bench.record("mixed_over_single_prefill_pct", serving.overhead_pct(statistics.median(mixed), statistics.median(single)), "%")
 
 
-SWAPS = 20
+SWAPS = 10
 
 
 def test_adapter_file(lora_model, lora_config, model_spec, lora_gpu, lora_session, lora_bench, tmp_path):
