@@ -5,7 +5,8 @@ What is measured, on a private copy of each base of the matrix, with the adapter
 
 * latency of a forward pass over ``batch`` prompts of ``prompt_len`` tokens that fills the KV cache
   (prefill), and of each of ``new_tokens`` greedy tokens decoded with it (decode), for the base
-  alone (the adapter disabled), the base with the unmerged adapter, and the merged model: peft's
+  alone (the plain model, before peft wraps a layer), the base with the unmerged adapter, and the
+  merged model: peft's
   ``merge_and_unload`` (on a quantized base it re-quantizes W + s B A), and on a quantized base also
   the base dequantized to its compute dtype with the adapter merged there (the merge suite's
   ``dequantize``; its ``original`` strategy builds the same modules in the same dtype with other
@@ -77,7 +78,6 @@ def adapted(base, lora_config, request):
 def test_serving_latency(base_copy, lora_config, model_spec, quant_spec, serve_spec, lora_device, lora_gpu, lora_session, lora_bench, request):
     """Prefill and per-token decode latency: base, unmerged adapter, merged models."""
     config = model_spec.config_dict()
-    model = adapted(base_copy, lora_config, request)
     ids = serving.prompt_ids(config["vocab_size"], serve_spec.batch, serve_spec.prompt_len, lora_device, build.seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
 
@@ -86,8 +86,8 @@ def test_serving_latency(base_copy, lora_config, model_spec, quant_spec, serve_s
         return record_latency(lora_bench, variant, measured)
 
     with cpu.recorded_conditions(lora_session.timing_threads(), lora_bench):
-        with model.disable_adapter():
-            base = measure("base", model)
+        base = measure("base", base_copy.eval())  # the plain model, as peft's benchmark has it: no LoRA layers
+        model = adapted(base_copy, lora_config, request)
         unmerged = measure("unmerged", model)
         if quant_spec.is_quantized:
             dequantized = build.instantiate(config, lora_device, getattr(torch, quant_spec.dtype))

@@ -454,16 +454,16 @@ def serving_section(records: list[dict[str, Any]], compact: bool = False) -> Sec
         if compact and (configs.label(record) != configs.columns()[0] or record["model"] != configs.models()[0]):
             continue  # one screen: the first model and spec
         metrics = record["metrics"]
-        case = [record["model"], record["quant"]] + ([] if compact else [configs.label(record)])
+        case = [record["quant"]] if compact else [record["model"], record["quant"], configs.label(record)]
         if status_cell(record):
             rows.append([*case, status_cell(record), *["-"] * 6])
             continue
         cells = [format_ms(metrics.get(f"{variant}_{phase}_median_s")) for phase in ("prefill", "decode_token") for variant, _ in SERVING_VARIANTS]
         overhead = metrics.get("unmerged_over_merged_decode_token_pct")
         rows.append([*case, *cells, "-" if overhead is None else f"{overhead:+.0f}%"])
-    header = ["model", "quant", *([] if compact else ["lora"]), "prefill base [ms]", "unmerged", "merged",
+    header = [*([] if compact else ["model"]), "quant", *([] if compact else ["lora"]), "prefill base [ms]", "unmerged", "merged",
               "decode/token base [ms]", "unmerged", "merged", "unmerged vs merged"]
-    text = 2 if compact else 3
+    text = 1 if compact else 3
     notes = ["medians of the timed rounds (warm-up excluded), every variant on the same prompts; merged: peft's merge_and_unload "
              "(re-quantized on a quantized base); the last column: per-token decode of the unmerged adapter against the merged model."]
     if compact:
