@@ -33,7 +33,10 @@ moment and block (the block size read from bitsandbytes) and its two 256-entry f
 moments for tensors under its ``min_8bit_size``; its paged 32-bit AdamW two fp32 moments. A paged
 optimizer's state in CUDA unified memory (``paged_state_bytes``) is outside torch's allocator, so
 the GPU peaks do not hold it; on the CPU bitsandbytes falls back to ordinary tensors, and the record
-says so instead of calling its figures paged. Activations and the whole step are reported as measured / analytic ratios.
+says so instead of calling its figures paged. Under pressure (GPU, paged optimizers): the step of
+the non-paged counterpart (8-bit or fp32 AdamW) is measured on the free device, then the device is
+filled with a ballast tensor until only that step's need, less half of the state the paged
+optimizer pages, is free, and both steps run there: their peaks, and which ran out of memory. Activations and the whole step are reported as measured / analytic ratios.
 
 Figures to hold beside these (H200, plain transformers + peft + bitsandbytes, LoRA r=16 on all
 linear layers, batch 2 x 2048): Llama-3-8B shape, nf4, 47.5 GiB peak allocated in the step with
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
+from pytest_lora.specs import OPTIMIZERS, QUANTIZATIONS, WorkloadSpec
 from pytest_lora import references
 from pytest_lora.models import registry
 
@@ -150,6 +153,31 @@ def test_step_peak_memory(base_model, base_build, lora_config, lora_batch, model
         raise torch.OutOfMemoryError(phases.oom)
     assert leaked <= LEAK_TOLERANCE, f"{leaked:,d} B still allocated after the step was released"
     assert growth <= LEAK_TOLERANCE, f"{growth:,d} B more allocated before this base's build than before the first"
+
+
+NON_PAGED = {"paged_adamw8bit": "adamw8bit", "paged_adamw": "adamw"}
+
+
+def test_paged_optimizer_under_pressure(base_model, lora_config, lora_batch, model_spec, workload_spec, optimizer_spec, lora_gpu, lora_bench):
+    """GPU, paged optimizers: the step with the device filled to just under what the non-paged
+    counterpart's step needs (less half the state the paged optimizer pages), both steps recorded."""
+    if lora_gpu is None:
+        pytest.skip("needs a CUDA device: a paged optimizer keeps its state in CUDA unified memory")
+    if not optimizer_spec.paged:
+        pytest.skip(f"{optimizer_spec.name} is not a paged optimizer")
+    counterpart = OPTIMIZERS[NON_PAGED[optimizer_spec.name]]
+    sizes = params.trainable_tensor_sizes(build.build_meta(model_spec.config_dict()), lora_config)
+    paged_state = optimizers.analytic_paged_bytes(optimizer_spec, sizes, "cuda")
+    pressure = memory.under_pressure(base_model, lora_config, lora_batch, workload_spec.grad_ckpt, lora_gpu, optimizer_spec, counterpart, paged_state)
+    lora_bench.record("analytic_paged_state_bytes", paged_state, "bytes")
+    lora_bench.record("unconstrained_peak_allocated_bytes", pressure.unconstrained.peak_allocated, "bytes")
+    if pressure.headroom is None:
+        raise torch.OutOfMemoryError(pressure.unconstrained.oom)
+    lora_bench.record("pressure_headroom_bytes", pressure.headroom, "bytes")
+    for name, phases in (("non_paged", pressure.non_paged), ("paged", pressure.paged)):
+        lora_bench.record(f"{name}_under_pressure_peak_allocated_bytes", phases.peak_allocated, "bytes")
+        lora_bench.record(f"{name}_under_pressure_oom", int(phases.oom is not None), "1 if out of memory")
+    lora_bench.record("paged_state_bytes", pressure.paged.paged_state, "bytes")
 
 
 GIB = 2**30

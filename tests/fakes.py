@@ -170,6 +170,9 @@ class FakeCudaRuntime:
         stats = self.stats[index]
         stats.peak_allocated, stats.peak_reserved = stats.allocated, stats.reserved
 
+    def mem_get_info(self, index: int) -> tuple[int, int]:
+        return self.capacity - self.stats[index].reserved, self.capacity
+
     def empty_cache(self) -> None:
         stats = self.stats[self.current]
         stats.reserved = _blocks(stats.allocated)

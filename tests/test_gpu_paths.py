@@ -163,8 +163,10 @@ def test_peak_table_matches_whole_model_names(name, model, peak):
 # --------------------------------------------------------------------------- make gpu-check, end to end
 
 TINY_RUNS = (
-    {"name": "tiny-1b", "models": ["llama-3.2-1b-tiny"], "quant": ["bf16", "nf4"], "batch": [2], "grad_ckpt": [False], "seq_len": [64]},
-    {"name": "tiny-8b", "models": ["llama-3.1-8b-tiny"], "quant": ["nf4"], "batch": [2], "grad_ckpt": [False, True], "seq_len": [64]},
+    {"name": "tiny-1b", "models": ["llama-3.2-1b-tiny"], "quant": ["bf16", "nf4"], "batch": [2], "grad_ckpt": [False], "seq_len": [64],
+     "optimizers": ["adamw"]},
+    {"name": "tiny-8b", "models": ["llama-3.1-8b-tiny"], "quant": ["nf4"], "batch": [2], "grad_ckpt": [False, True], "seq_len": [64],
+     "optimizers": ["adamw"]},
 )
 
 
@@ -337,3 +339,44 @@ def test_no_growth_between_bases_under_the_memory_suite_alone(pytester, suite):
     pytester.runpytest(*args, plugins=[FakeGpuPlugin()]).assert_outcomes(passed=2)
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     assert [(r["metrics"]["growth_between_bases_bytes"], r["metrics"]["leaked_bytes"]) for r in records] == [(0, 0), (0, 0)]
+
+
+PRESSURE_ARGS = ("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=bf16", "--lora-ranks=4", "--lora-targets=q_proj",
+                 "--lora-optimizers=adamw,paged_adamw8bit", "-k", "under_pressure")
+
+
+def pressure_run(pytester, suite, extra=()):
+    """A step of 8 x 1024 tokens: its logits alone (8 MiB) outgrow the allocator's 2 MiB rounding."""
+    suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
+    (pytester.path / "small.toml").write_text('dropout = [0.0]\nseq_len = [1024]\nbatch = [8]\ngrad_ckpt = [false]\n')
+    plugin = FakeGpuPlugin(fake_gpu(FakeCudaRuntime(capacity=256 * MiB)))
+    result = pytester.runpytest(*PRESSURE_ARGS, "--lora-matrix=small.toml", *extra, plugins=[plugin])
+    result.assert_outcomes(passed=1, skipped=1)  # AdamW is not paged
+    record = next(r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"] if r["status"] == "ok")
+    return record["metrics"], plugin.runtime
+
+
+def test_a_paged_optimizer_under_pressure_on_a_fake_gpu(pytester, suite):
+    """The device is filled to the non-paged step's need (no tensor of the tiny adapter is large
+    enough to be paged): both steps fit, and the ballast is gone afterwards."""
+    metrics, runtime = pressure_run(pytester, suite)
+    assert metrics["analytic_paged_state_bytes"] == 0
+    assert metrics["non_paged_under_pressure_oom"] == metrics["paged_under_pressure_oom"] == 0
+    assert metrics["pressure_headroom_bytes"] > 0 and runtime.stats[0].allocated < 128 * MiB  # the ballast is gone
+
+
+def test_too_little_headroom_is_recorded_as_out_of_memory(pytester, suite, monkeypatch):
+    """Half of a (planted) large paged state taken from the headroom: the steps run out of memory,
+    and the test records that instead of failing."""
+    pytester.makepyfile(planted_state="""
+        import pytest
+        from pytest_lora.measure import optimizers
+
+        @pytest.fixture(autouse=True)
+        def large_state(monkeypatch):
+            monkeypatch.setattr(optimizers, "analytic_paged_bytes", lambda *args: 2**40)
+        """)
+    pytester.syspathinsert()
+    metrics, _ = pressure_run(pytester, suite, ("-p", "planted_state"))
+    assert metrics["pressure_headroom_bytes"] < 0
+    assert metrics["non_paged_under_pressure_oom"] == metrics["paged_under_pressure_oom"] == 1

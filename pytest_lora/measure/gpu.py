@@ -126,6 +126,12 @@ class Gpu:
         """Each device's memory in bytes: where a base may go (``models.placement``)."""
         return {index: int(self.runtime.get_device_properties(index).total_memory) for index in self.indices}
 
+    def free(self) -> int:
+        """The device's free bytes as the driver sees them (other processes and the CUDA context
+        taken, torch's cached blocks too: empty the cache first to count those as free)."""
+        self.synchronize()
+        return int(self.runtime.mem_get_info(self.index)[0])
+
     def empty_cache(self) -> None:
         """Return cached blocks to the device, so that reserved bytes start from what is allocated."""
         self.synchronize()

@@ -328,6 +328,39 @@ def _measure_phases(model: nn.Module, batch: dict[str, torch.Tensor], grad_ckpt:
         step.close()
 
 
+@dataclass(frozen=True)
+class Pressure:
+    """A paged optimizer's step beside its non-paged counterpart's, with the device filled so that
+    only ``headroom`` bytes are free: what the counterpart's step needs, less half of the state the
+    paged optimizer would page out."""
+
+    unconstrained: PhaseMemory  # the counterpart's step on the free device
+    headroom: int | None = None
+    non_paged: PhaseMemory | None = None
+    paged: PhaseMemory | None = None
+
+
+def under_pressure(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu",
+                   paged: OptimizerSpec, counterpart: OptimizerSpec, paged_state: int) -> Pressure:
+    """Measure the counterpart's step, then both steps with all but the headroom of the device
+    taken by a ballast tensor. Paging is the claim: unified memory lets the driver move the paged
+    state to the host when the device is short, where the counterpart runs out of memory."""
+    unconstrained = step_phase_memory(base, lora_config, batch, grad_ckpt, gpu, counterpart)
+    if unconstrained.oom or unconstrained.peak_allocated is None:
+        return Pressure(unconstrained)
+    headroom = unconstrained.peak_allocated - unconstrained.base_allocated - paged_state // 2
+    build.free_memory(gpu)
+    free = gpu.free()
+    ballast = torch.empty(free - min(max(headroom, 0), free), dtype=torch.uint8, device=gpu.placement)
+    try:
+        non_paged = step_phase_memory(base, lora_config, batch, grad_ckpt, gpu, counterpart)
+        paged_step = step_phase_memory(base, lora_config, batch, grad_ckpt, gpu, paged)
+    finally:
+        del ballast
+        build.free_memory(gpu)
+    return Pressure(unconstrained, headroom, non_paged, paged_step)
+
+
 def drop_frames(error: BaseException) -> None:
     """Cut an error (and those it was raised from) loose from its traceback: the frames hold the
     failed step's tensors, and whoever keeps the error (a logger, a test) would keep them alive."""
