@@ -14,7 +14,7 @@ from pytest_lora.measure import memory
 from pytest_lora.models import registry
 
 GiB = 2**30
-ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=nf4", "--lora-ranks=8", "--lora-targets=q_proj,v_proj")
+ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=nf4", "--lora-ranks=8", "--lora-targets=q_proj,v_proj", "--lora-optimizers=adamw")
 
 BUDGET_SUITE = """
 import pytest

@@ -333,7 +333,7 @@ def test_no_growth_between_bases_under_the_memory_suite_alone(pytester, suite):
     workspaces, made by the first step, must already be in that first "before" (the fake makes
     two of 32 MiB, as sm90 does), so growth and leaks are exactly zero."""
     suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
-    (pytester.path / "small.toml").write_text('dropout = [0.0]\nseq_len = [64]\nbatch = [2]\ngrad_ckpt = [false]\n')
+    (pytester.path / "small.toml").write_text('dropout = [0.0]\nseq_len = [64]\nbatch = [2]\ngrad_ckpt = [false]\noptimizers = ["adamw"]\n')
     args = ("--lora-bench", "--lora-matrix=small.toml", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=bf16,nf4", "--lora-ranks=4",
             "--lora-targets=q_proj", "-k", "step_peak_memory")
     pytester.runpytest(*args, plugins=[FakeGpuPlugin()]).assert_outcomes(passed=2)

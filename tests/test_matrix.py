@@ -84,6 +84,7 @@ def test_spec_ids_and_peft_arguments():
 def test_default_matrices_are_valid_and_small_on_the_cpu():
     cpu = matrix.build([matrix.default_layer("cpu")])
     assert all(model.name.endswith("-tiny") for model in cpu.models)
-    assert {q.name for q in cpu.quants} >= {"none", "int8", "nf4"}
+    assert {q.name for q in cpu.quants} >= {"fp32", "bf16", "int8", "nf4"}
+    assert [o.name for o in cpu.optimizers] == ["adamw", "adamw8bit"] and len(cpu.serving) == 1
     cuda = matrix.build([matrix.default_layer("cuda")])
     assert [m.name for m in cuda.models] == ["llama-3.2-1b", "llama-3.1-8b"]

@@ -31,7 +31,9 @@ from pytest_lora.specs import QUANTIZATIONS
 
 DEFAULT_CPU = matrix.load_toml(matrix.DEFAULT_MATRIX_FILE, "default")["cpu"]
 BASES = len(DEFAULT_CPU["models"]) * len(DEFAULT_CPU["quant"])  # the default CPU matrix: 3 models x its formats
-STEP_CONFIGS = BASES * len(DEFAULT_CPU["ranks"]) * len(DEFAULT_CPU["targets"])  # x 4 LoRA specs
+LORA_SPECS = len(DEFAULT_CPU["ranks"]) * len(DEFAULT_CPU["targets"])
+STEP_CONFIGS = BASES * LORA_SPECS  # x its LoRA specs
+OPTIMIZED = STEP_CONFIGS * len(DEFAULT_CPU["optimizers"])  # the memory and step-time suites also take every optimizer
 FULL_PRECISION = ("bf16", "none", "fp32", "fp16")  # the reference, the first of these the run measured
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -115,6 +117,13 @@ def lora_label(record: dict) -> str:
     return f"r{lora['r']} a{lora['alpha']:.4g} {lora['targets'] if isinstance(lora['targets'], str) else ','.join(lora['targets'])}"
 
 
+def step_label(record: dict) -> str:
+    """A training-step config as the tables name it: the spec and, with two optimizers, the workload."""
+    workload = record["workload"]
+    optimizer = "" if workload["optimizer"] == "adamw" else f" {workload['optimizer']}"
+    return f"{lora_label(record)}, {workload['batch']}x{workload['seq_len']}{optimizer}"
+
+
 def reference_of(records: list[dict], record: dict) -> dict:
     for quant in FULL_PRECISION:
         for other in records:
@@ -127,10 +136,11 @@ def reference_of(records: list[dict], record: dict) -> dict:
 
 
 def ok_records(run) -> int:
-    """Every record of the default CPU run is ok but the GPU-only ones (one per step config)."""
+    """Every record of the default CPU run is ok but the GPU-only ones (peak memory and paging
+    under pressure, one per step config and optimizer)."""
     records = run.document["records"]
-    assert sum(r["status"] == "skipped" for r in records) == STEP_CONFIGS
-    return len(records) - STEP_CONFIGS
+    assert sum(r["status"] == "skipped" for r in records) == 2 * OPTIMIZED
+    return len(records) - 2 * OPTIMIZED
 
 
 def test_the_report_opens_with_machine_versions_and_code_then_the_headline(report, default_run):
@@ -140,10 +150,10 @@ def test_the_report_opens_with_machine_versions_and_code_then_the_headline(repor
     machine = default_run.document["machine"]
     for fact in ("**Machine**", machine["cpu"], f"torch {machine['torch']}", f"peft {machine['peft']}", f"bitsandbytes {machine['bitsandbytes']}",
                  "**Code**", (default_run.document["run"]["git"]["commit"] or "not a git checkout")[:12], "**Records**", f"{ok_records(default_run)} ok",
-                 f"{STEP_CONFIGS} skipped"):
+                 f"{2 * OPTIMIZED} skipped"):
         assert fact in head, fact
     headings = [s["heading"] for s in report if s.get("level") in (2, 3)]
-    assert headings[:7] == ["Headline", "Memory", "Speed", "Merge fidelity", "Forgetting", "Trainable parameters", "Published counts"]
+    assert headings[:8] == ["Headline", "Memory", "Speed", "Serving", "Merge fidelity", "Forgetting", "Trainable parameters", "Published counts"]
     assert "Every record" in headings
 
 
@@ -165,7 +175,7 @@ def test_the_full_tables_leave_out_skipped_configs_and_empty_columns(report, def
         for row in as_dicts(s["tables"][0]) if s["tables"] else ():
             assert row.get("status") != "skipped"
     step = as_dicts(section(report, "step_time: test_step_time")["tables"][0])
-    assert len(step) == STEP_CONFIGS and "mfu [fraction]" not in step[0] and "tokens_per_s [tokens/s]" in step[0]
+    assert len(step) == OPTIMIZED and "mfu [fraction]" not in step[0] and "tokens_per_s [tokens/s]" in step[0]
 
 
 # ----------------------------------------------------------------- headline numbers
@@ -180,9 +190,9 @@ def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precisio
         return weights[record["model"], record["quant"]] + m["adapter_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"] + m["activation_bytes"]
 
     rows = {(row["model"], row["quant"]): row for row in as_dicts(section(report, "Memory")["tables"][0])}
-    assert len(rows) == BASES and len(steps) == STEP_CONFIGS
+    assert len(rows) == BASES and len(steps) == OPTIMIZED
     for record in steps:
-        shown, shown_change = bytes_and_change(rows[record["model"], record["quant"]][lora_label(record)])
+        shown, shown_change = bytes_and_change(rows[record["model"], record["quant"]][step_label(record)])
         assert abs(shown - measured(record)) <= 0.005 * measured(record)  # three significant figures
         reference = reference_of(steps, record)
         if reference is record:
@@ -199,10 +209,10 @@ def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precisio
 def test_speed_table_gives_each_config_its_tokens_per_second_and_change_from_the_base(report, default_run):
     timed = records_of(default_run.document, "test_step_time")
     rows = as_dicts(section(report, "Speed")["tables"][0])
-    assert len(rows) == len(timed) == STEP_CONFIGS
+    assert len(rows) == len(timed) == OPTIMIZED
     shown = {(row["model"], row["quant"], row["lora"]): row for row in rows}
     for record in timed:
-        row = shown[record["model"], record["quant"], lora_label(record)]
+        row = shown[record["model"], record["quant"], step_label(record)]
         metrics = record["metrics"]
         assert number(row["tokens/s"]) == round(metrics["tokens_per_s"])
         assert float(row["step time [s]"]) == pytest.approx(metrics["step_time_median_s"], rel=5e-4)
@@ -235,10 +245,25 @@ def test_merge_fidelity_gives_each_strategy_per_quantization_and_names_the_best(
     assert f"on {list(best_of.values()).count(best)} of {len(best_of)} formats" in verdict
 
 
+def test_serving_table_shows_each_variants_latency_from_the_records(report, default_run):
+    timed = records_of(default_run.document, "test_serving_latency")
+    rows = as_dicts(section(report, "Serving")["tables"][0])
+    assert len(rows) == len(timed) == STEP_CONFIGS  # every base and LoRA spec, one serving workload
+    shown = {(row["model"], row["quant"], row["lora"]): row for row in rows}
+    for record in timed:
+        row, metrics = shown[record["model"], record["quant"], lora_label(record)], record["metrics"]
+        for column, metric in (("prefill base [ms]", "base_prefill_median_s"), ("decode/token base [ms]", "base_decode_token_median_s")):
+            assert float(row[column]) == pytest.approx(1000 * metrics[metric], rel=5e-3)
+        assert percent(row["unmerged vs merged"]) == pytest.approx(metrics["unmerged_over_merged_decode_token_pct"] / 100, abs=0.005)
+        assert metrics["unmerged_over_merged_decode_token_pct"] == pytest.approx(
+            100 * (metrics["unmerged_decode_token_median_s"] / metrics["merged_decode_token_median_s"] - 1))
+        assert ("dequantized_merged_prefill_median_s" in metrics) == QUANTIZATIONS[record["quant"]].is_quantized
+
+
 def test_forgetting_sets_lora_beside_full_finetuning_with_the_spread_over_seeds(report, default_run):
     methods = records_of(default_run.document, "test_forgetting_lora") + records_of(default_run.document, "test_forgetting_full_finetuning")
     rows = as_dicts(section(report, "Forgetting")["tables"][0])
-    assert len(rows) == len(methods) == 6
+    assert len(rows) == len(methods) == LORA_SPECS + 2  # a LoRA run per spec, full fine-tuning at two learning rates
     for row, record in zip(rows, methods):
         metrics = record["metrics"]
         for column, metric in (("learning [nats]", "learning_delta_loss"), ("forgetting [nats]", "forgetting_delta_loss")):
@@ -252,7 +277,7 @@ def test_forgetting_sets_lora_beside_full_finetuning_with_the_spread_over_seeds(
 def test_parameter_counts_per_config_and_the_published_counts_reproduced(report, default_run):
     counted = records_of(default_run.document, "test_trainable_parameters")
     rows = as_dicts(section(report, "Trainable parameters")["tables"][0])
-    assert len(rows) == 12  # 3 models x 4 specs: every quantization counts the same
+    assert len(rows) == len(DEFAULT_CPU["models"]) * LORA_SPECS  # every quantization counts the same
     for record in counted:  # peft's own total: equal where peft counts the format's weights, short of HQQ's packed ones
         peft_total, total = record["metrics"]["peft_total_params"], record["metrics"]["total_params"]
         assert peft_total == total if formats.of(QUANTIZATIONS[record["quant"]]).peft_counts_weights else peft_total < total
@@ -286,7 +311,7 @@ def test_the_speed_plots_whiskers_are_the_quartiles_of_the_steps(default_run):
 
     record = next(r for r in records_of(default_run.document, "test_step_time") if r["status"] == "ok")
     samples = sorted(record["samples"]["tokens_per_s"])
-    bars = plots.speed_bars(default_run.document["records"])[record["model"]][lora_label(record)][record["quant"]]
+    bars = plots.speed_bars(default_run.document["records"])[record["model"]][step_label(record)][record["quant"]]
     low, _, high = statistics.quantiles(samples, n=4, method="inclusive")  # numpy's linear interpolation
     assert bars == (record["metrics"]["tokens_per_s"], pytest.approx(low), pytest.approx(high)) and low <= high
 
@@ -317,8 +342,11 @@ def test_csv_has_one_row_per_record_equal_to_the_json(default_run):
             document["run"]["id"], record["test"], record["model"] or "", record["quant"] or "", record["status"])
         if record["lora"] and record["lora"]["r"] is not None:
             assert int(row["lora_r"]) == record["lora"]["r"] and float(row["lora_alpha"]) == record["lora"]["alpha"]
-        if record["workload"]:
-            assert (int(row["batch"]), int(row["seq_len"])) == (record["workload"]["batch"], record["workload"]["seq_len"])
+        workload = record["workload"]
+        if workload and "seq_len" in workload:  # a training step's
+            assert (int(row["batch"]), int(row["seq_len"]), row["optimizer"]) == (workload["batch"], workload["seq_len"], workload.get("optimizer", ""))
+        elif workload:  # a serving workload
+            assert (int(row["batch"]), int(row["prompt_len"]), int(row["new_tokens"])) == (workload["batch"], workload["prompt_len"], workload["new_tokens"])
         for metric, value in record["metrics"].items():
             cell = row[f"{metric} [{record['units'][metric]}]"]
             assert (cell == "" if value is None else ast.literal_eval(cell) == value), (metric, cell, value)
@@ -346,7 +374,7 @@ def test_report_command_sets_several_runs_side_by_side(default_run, tmp_path):
     written = tmp_path / f"runs-{default_run.document['run']['id']}-20990101-000000-ffffff.md"
     sections = parse(written.read_text())
     rows = as_dicts(section(sections, "tokens/s")["tables"][0])
-    assert len(rows) == STEP_CONFIGS
+    assert len(rows) == OPTIMIZED
     first = next(r for r in records_of(default_run.document, "test_step_time"))
     assert rows[0]["config"] == f"{first['model']} {first['quant']} {lora_label(first)} 2x64"
     header = list(rows[0])
@@ -373,9 +401,9 @@ def test_the_default_runs_terminal_summary_fits_a_screen(default_run):
     assert 20 < len(summary) < 80, "\n".join(summary)
     assert max(len(line) for line in summary) <= 120
     text = "\n".join(summary)
-    for title in ("Memory:", "Speed:", "Merge fidelity:", "Forgetting:", "Trainable parameters:", "Published counts:"):
+    for title in ("Memory:", "Speed:", "Serving:", "Merge fidelity:", "Forgetting:", "Trainable parameters:", "Published counts:"):
         assert title in text
-    assert f"{ok_records(default_run)} ok, {STEP_CONFIGS} skipped" in text and "latest.json" in text
+    assert f"{ok_records(default_run)} ok, {2 * OPTIMIZED} skipped" in text and "latest.json" in text
     assert "warnings summary" not in default_run.stdout  # library noise the harness causes is filtered
 
 
@@ -398,8 +426,8 @@ def test_wide_tables_are_cut_into_column_groups_that_fit(default_run):
     assert max(len(line) for line in text.splitlines()) <= 120
     groups = re.findall(r"pytest-lora merge: test_merge_quantized \((\d)/(\d)\)", text)
     assert len(groups) >= 2 and all(total == str(len(groups)) for _, total in groups)
-    llama_rows = sum(r["model"] == "llama-3.2-1b-tiny" for r in merged)  # its quantized formats x 4 LoRA specs
-    assert llama_rows == 4 * sum(QUANTIZATIONS[q].is_quantized for q in DEFAULT_CPU["quant"])
+    llama_rows = sum(r["model"] == "llama-3.2-1b-tiny" for r in merged)  # its quantized formats x the LoRA specs
+    assert llama_rows == LORA_SPECS * sum(QUANTIZATIONS[q].is_quantized for q in DEFAULT_CPU["quant"])
     assert text.count("llama-3.2-1b-tiny") == len(groups) * llama_rows  # every row in every group
 
 

@@ -19,7 +19,8 @@ CASE = (
     ("model", lambda run, record: record.get("model")),
     ("quant", lambda run, record: record.get("quant")),
     *((f"lora_{key}", (lambda key: lambda run, record: _field(record.get("lora"), key))(key)) for key in ("r", "alpha", "targets", "dropout", "variant")),
-    *((key, (lambda key: lambda run, record: _field(record.get("workload"), key))(key)) for key in ("batch", "seq_len", "grad_ckpt")),
+    *((key, (lambda key: lambda run, record: _field(record.get("workload"), key))(key)) for key in ("batch", "seq_len", "grad_ckpt", "optimizer",
+                                                                                                   "prompt_len", "new_tokens")),
     ("status", lambda run, record: record.get("status")),
     ("error", lambda run, record: record.get("error")),
 )
