@@ -25,8 +25,8 @@ from pytest_lora import cli
 from pytest_lora.measure import cpu, train
 
 # One config of the default CPU matrix: the in-process runs pair with the default run's records.
-ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=fp32", "--lora-ranks=16", "--lora-targets=default", "--lora-optimizers=adamw")
-STEP_CONFIG = "test_step_time[llama-3.2-1b-tiny-fp32-r16-a32-default-d0.05-b2xs64-adamw]"
+ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=bf16", "--lora-ranks=16", "--lora-targets=default", "--lora-optimizers=adamw")
+STEP_CONFIG = "test_step_time[llama-3.2-1b-tiny-bf16-r16-a32-default-d0.05-b2xs64-adamw]"
 STEP = "test_step_time and not overhead and not build"  # -k: the training step only
 
 
@@ -62,10 +62,10 @@ def document(pytester) -> dict:
 
 
 def one_config(record: dict, test: str) -> bool:
-    """Whether ``record`` is ``test`` on the config ``ONE`` selects (Llama tiny, fp32, r=16 on the defaults, AdamW)."""
+    """Whether ``record`` is ``test`` on the config ``ONE`` selects (Llama tiny, bf16, r=16 on the defaults, AdamW)."""
     lora = record.get("lora") or {}
     return (record["test"].rsplit("::", 1)[-1].startswith(test + "[") and str(record.get("model")).startswith("llama-3.2-1b-tiny")
-            and record.get("quant") in ("fp32", None) and lora.get("r") == 16 and lora.get("targets") == "default"
+            and record.get("quant") in ("bf16", None) and lora.get("r") == 16 and lora.get("targets") == "default"
             and (record.get("workload") or {}).get("optimizer") in ("adamw", None))
 
 
@@ -166,7 +166,7 @@ def test_a_step_slowed_by_a_planted_sleep_fails(pytester, step_baseline, slow_st
     assert record["samples"]["tokens_per_s"] == pytest.approx([128 / t for t in times])
     [check] = [r for r in data["run"]["gate"]["regressions"] if r["metric"] == "step_time_median_s"]
     assert check["p_value"] < 0.01 and check["change"] > 1.0
-    result.stdout.fnmatch_lines(["*step_time_median_s*test_step_time*fp32*step_time_median_s:100%*"])
+    result.stdout.fnmatch_lines(["*step_time_median_s*test_step_time*bf16*step_time_median_s:100%*"])
     # pytest-lora compare, on the same two files, gives the same verdicts
     verdict = subprocess.run([sys.executable, "-m", "pytest_lora.cli", "compare", str(baseline), str(pytester.path / "results")],
                              capture_output=True, text=True)

@@ -178,3 +178,18 @@ def test_a_process_spinning_beside_the_timing_is_seen_as_another_core():
     with cpu.MachineLoad() as load:
         subprocess.run([sys.executable, "-c", spin], check=True)
     assert load.other_cores is not None and load.other_cores >= 0.6, load.other_cores
+
+
+def test_recorded_conditions_record_the_load_and_warn_when_the_timing_competed(monkeypatch):
+    """A timed block records how busy the machine was, and a busy one carries the warning the gate
+    reads (``BUSY_WARNING``); a quiet one none."""
+    from pytest_lora.report.recorder import BUSY_WARNING, Recorder, timed_while_busy
+
+    for busy in (True, False):
+        monkeypatch.setattr(cpu.MachineLoad, "busy", lambda self, cpu_count, threads, busy=busy: busy)
+        recorder = Recorder("step_time", "t", {})
+        with cpu.recorded_conditions(1, recorder):
+            pass
+        assert {"cpu_pressure", "other_cpu_load"} <= set(recorder.metrics)
+        assert timed_while_busy(recorder.to_record()) == busy
+        assert all(w.startswith(BUSY_WARNING) for w in recorder.warnings)

@@ -188,3 +188,16 @@ def test_a_wrong_block_size_fails_the_memory_suite(pytester, suite):
                                 "--lora-targets=all-linear", "--lora-optimizers=adamw,adamw8bit", "-k", "test_step_memory")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["FAILED*test_step_memory*adamw8bit*"])
+
+
+def test_a_counterpart_that_runs_out_of_memory_on_the_free_device_ends_the_pressure_test(monkeypatch):
+    """No headroom can be set where the non-paged step does not fit at all: no ballast, no more steps."""
+    calls = []
+
+    def oom(*args):
+        calls.append(args)
+        return memory.PhaseMemory(base_allocated=0, oom="CUDA out of memory")
+
+    monkeypatch.setattr(memory, "step_phase_memory", oom)
+    pressure = memory.under_pressure(None, None, None, False, None, OPTIMIZERS["paged_adamw"], OPTIMIZERS["adamw"], 0)
+    assert pressure.headroom is None and pressure.non_paged is None and len(calls) == 1
