@@ -30,6 +30,7 @@ from .report import rules as rules_module
 from .report.compare import check_record, compare, config_name
 from .report.shards import MergeError
 from .report.store import atomic_write_json
+from .specs import whole_number
 
 USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
 GAB_FILES = {+1: "customSmallerIsBetter.json", -1: "customBiggerIsBetter.json"}
@@ -95,7 +96,7 @@ def _run_file(path: str, where: str) -> dict[str, Any]:
 def compare_command(arguments: argparse.Namespace) -> int:
     from .report import table
 
-    if not (arguments.history.isdigit() and int(arguments.history) >= 1):
+    if (whole_number(arguments.history) or 0) < 1:
         raise UsageError(f"--history: {arguments.history!r} is not a number of runs; allowed: an integer >= 1")
     new = _run_file(arguments.new, "NEW")
     base = baseline_module.load(Path(arguments.base), "BASE", int(arguments.history))

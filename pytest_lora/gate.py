@@ -23,6 +23,7 @@ import pytest
 
 from .report import baseline as baseline_module
 from .report import rules as rules_module
+from .specs import whole_number
 from .report.compare import Comparison, compare, history_by_config
 
 RERUN_KINDS = ("timing",)
@@ -78,10 +79,10 @@ class Gate:
         if not setting.value:
             return None
         history = self.settings["history"]
-        if not (str(history.value).isdigit() and int(history.value) >= 1):
+        if (whole_number(history.value) or 0) < 1:
             raise pytest.UsageError(f"{history.describe()}: {history.value!r} is not a number of runs; allowed: an integer >= 1")
         try:
-            return baseline_module.load(setting.path(), setting.describe(), int(history.value))
+            return baseline_module.load(setting.path(), setting.describe(), whole_number(history.value))
         except baseline_module.BaselineError as error:
             raise pytest.UsageError(str(error)) from None
 

@@ -142,9 +142,12 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -
     merged: dict[str, RawValue] = {}
     for layer in layers:
         merged.update(layer)
-    missing = [key for key in ("models", "quant", "ranks") if key not in merged or not merged[key].values]
+    missing = [key for key in ("models", "quant", "ranks") if key not in merged]
     if missing:
         raise MatrixError("matrix", missing[0], "is empty", "at least one value")
+    empty = [raw for key, raw in merged.items() if not raw.values and key != "modules_to_save"]  # [] saves no module
+    if empty:  # an empty dimension would leave every test of it without a case
+        raise MatrixError(empty[0].where, [], "is empty", "at least one value")
 
     def values(key: str, default: tuple[Any, ...], parse) -> list[Any]:
         raw = merged.get(key) or RawValue(default, key)
@@ -169,7 +172,7 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -
     ckpts = values("grad_ckpt", (False,), _parse_bool)
     compiles = values("compile", (False,), _parse_bool)
     workloads = _unique(WorkloadSpec(*w) for w in itertools.product(seq_lens, batches, ckpts, compiles))
-    optimizers = _unique(values("optimizers", ("adamw",), lambda v, where: OPTIMIZERS[_choice(v, where, tuple(OPTIMIZERS), "optimizer")]))
+    optimizers = _unique(values("optimizers", ("adamw",), lambda v, where: OPTIMIZERS[_choice(v, where, tuple(OPTIMIZERS), "known optimizer")]))
     prompt_lens = values("prompt_len", (16,), lambda v, where: _positive_int(v, where, "prompt length"))
     new_tokens = values("new_tokens", (4,), lambda v, where: _positive_int(v, where, "number of generated tokens"))
     serve_batches = values("serve_batch", (1,), lambda v, where: _positive_int(v, where, "serving batch size"))

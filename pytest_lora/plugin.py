@@ -173,11 +173,22 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
     if lora.config.option.collectonly and not all(validate.is_cached(model, cache) for model in models):
         lora.targets_unchecked = True  # a listing doesn't import transformers to build the models
         return
-    architectures = {model: validate.architecture(model, cache) for model in models}  # once per model
+    architectures = {model: _architecture(lora, validate, model, cache) for model in models}  # once per model
     found = [problem for model, spec in pairs for problem in validate.problems(model, spec, architectures[model])]
     if found:
         where = lora.where_of("targets")
         raise pytest.UsageError(f"{where}: " + "\n  ".join(dict.fromkeys(found)))
+
+
+def _architecture(lora: LoraSession, validate: Any, model: Any, cache: Any) -> Any:
+    """The model's module names; a config.json that transformers refuses is a usage error naming the file."""
+    try:
+        return validate.architecture(model, cache)
+    except Exception as error:  # transformers' own checks (ValueError) and huggingface_hub's field types (StrictDataclassError)
+        from .specs import shortened
+
+        reason = shortened(" ".join(str(error).split()) or type(error).__name__, limit=300)
+        raise pytest.UsageError(f"{lora.where_of('models')}: {model.path}: transformers refuses this config.json ({reason})") from None
 
 
 @pytest.hookimpl(tryfirst=True)  # an xdist worker: before it tells the controller what it collected

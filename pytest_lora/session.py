@@ -20,7 +20,8 @@ from . import options
 from .matrix import Matrix, MatrixError, RawValue
 from .gate import Gate
 from .report import provenance
-from .report.store import ResultsStore
+from .report.store import ResultsStore, UnusableDirectory, check_directory
+from .specs import whole_number
 
 MATRIX_OPTIONS = ("models", "quant", "ranks", "targets", "optimizers")
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,6 +66,7 @@ class LoraSession:
         matrix_file = self.path_setting("matrix") if self.settings["matrix"].value else None
         self.gate = Gate(self.settings, matrix_file)
         self.memory_limit = budget.option_limit(self.settings["limit_memory"])
+        self._check_results_directory()
 
     # ----------------------------------------------------------------- options
 
@@ -83,6 +85,16 @@ class LoraSession:
         """Whether results are written: under the bench, or when a results directory is set."""
         return self.bench or self.settings["results"].is_set
 
+    def _check_results_directory(self) -> None:
+        """Before anything runs: the results directory can be written (an xdist worker writes
+        nothing there; its controller checked)."""
+        if not self.records_wanted or hasattr(self.config, "workerinput"):
+            return
+        try:
+            check_directory(self.path_setting("results"), self.settings["results"].describe())
+        except UnusableDirectory as error:
+            raise pytest.UsageError(str(error)) from None
+
     def path_setting(self, name: str) -> Path:
         """A path option, relative to where it was written (``options.Setting.base_dir``)."""
         return self.settings[name].path()
@@ -92,7 +104,8 @@ class LoraSession:
     def _check_timing_options(self) -> None:
         for name, smallest, what in (("rounds", 1, "step"), ("warmup", 0, "step"), ("seeds", 1, "step"), ("threads", 1, "thread")):
             setting = self.settings[name]
-            if setting.value is not None and not (str(setting.value).isdigit() and int(setting.value) >= smallest):
+            number = whole_number(setting.value)
+            if setting.value is not None and (number is None or number < smallest):
                 raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a {what} count; allowed: an integer >= {smallest}")
         peak = self.settings["peak"]
         if str(peak.value).lower() not in ("auto", "measure") and not _positive_float(peak.value):
@@ -102,7 +115,7 @@ class LoraSession:
         """Timed rounds or warm-up steps: the option, else 10 / 3 on a GPU and 5 / 1 on the CPU."""
         value = self.settings[name].value
         if value is not None:
-            return int(value)
+            return whole_number(value)
         return {"rounds": 10, "warmup": 3}[name] if self.gpu is not None else {"rounds": 5, "warmup": 1}[name]
 
     def peak_flops(self) -> float | None:

@@ -8,6 +8,7 @@ imports torch, so pytest can load the plugin without the heavy libraries.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,25 @@ class MatrixError(ValueError):
 
     def __init__(self, where: str, value: Any, problem: str, allowed: str = ""):
         self.where, self.value, self.problem, self.allowed = where, value, problem, allowed
-        text = f"{where}: {value!r} {problem}"
+        text = f"{where}: {shortened(repr(value))} {problem}"
         if allowed:
             text += f"; allowed: {allowed}"
         super().__init__(text)
+
+
+def shortened(text: str, limit: int = 80) -> str:
+    """``text`` cut in the middle when longer than ``limit``, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text):,d} characters)"
+
+
+def whole_number(value: Any) -> int | None:
+    """``value`` as a non-negative integer written in ASCII digits, else ``None``.
+
+    ``str.isdigit`` accepts superscripts and other digits that ``int`` refuses (``'²'``)."""
+    text = str(value).strip()
+    return int(text) if re.fullmatch(r"[0-9]+", text) else None
 
 
 # --------------------------------------------------------------------------- quantization

@@ -71,12 +71,14 @@ def worker_device(worker_id: str, devices: list[str], per_worker: int = 1) -> st
 
 def gpus_per_worker(setting: Any) -> int:
     """``--lora-gpus-per-worker``: a whole number >= 1 (default 1)."""
-    value = str(setting.value if setting.value is not None else 1).strip()
-    if not value.isdigit() or int(value) < 1:
+    from .specs import whole_number
+
+    value = whole_number(setting.value if setting.value is not None else 1)
+    if value is None or value < 1:
         import pytest
 
         raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a GPU count; allowed: an integer >= 1")
-    return int(value)
+    return value
 
 
 def nvml_device_count() -> int:

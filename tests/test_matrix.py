@@ -51,7 +51,9 @@ def test_duplicates_collapse():
     [
         ({"ranks": [0]}, "test: ranks: 0 is not a valid rank; allowed: a positive integer"),
         ({"ranks": [True]}, "test: ranks: True is not a valid rank"),
-        ({"ranks": []}, "matrix: 'ranks' is empty"),
+        ({"ranks": []}, "test: ranks: [] is empty; allowed: at least one value"),
+        ({"alpha": []}, "test: alpha: [] is empty; allowed: at least one value"),
+        ({"optimizers": ["sgd"]}, "test: optimizers: 'sgd' is not a known optimizer; allowed: adamw, adamw8bit, paged_adamw8bit, paged_adamw"),
         ({"alpha": [-1]}, "test: alpha: -1 is not a valid alpha"),
         ({"alpha": ["2x"]}, "test: alpha: '2x' is not a valid alpha"),
         ({"dropout": [1.0]}, "test: dropout: 1.0 is not a valid dropout; allowed: a number in [0, 1)"),

@@ -148,7 +148,7 @@ def test_training_state_of_a_step_against_the_closed_form(tmp_path, name):
 def test_the_matrix_takes_optimizers_and_refuses_unknown_ones():
     layer = mapping_layer({"models": ["llama-3.2-1b-tiny"], "quant": ["bf16"], "ranks": [8], "optimizers": ["adamw8bit", "paged_adamw"]}, "test")
     assert [o.name for o in build([layer]).optimizers] == ["adamw8bit", "paged_adamw"]
-    with pytest.raises(MatrixError, match="'sgd' is not a optimizer; allowed: adamw, adamw8bit, paged_adamw8bit, paged_adamw"):
+    with pytest.raises(MatrixError, match="'sgd' is not a known optimizer; allowed: adamw, adamw8bit, paged_adamw8bit, paged_adamw"):
         build([mapping_layer({"models": ["llama-3.2-1b-tiny"], "quant": ["bf16"], "ranks": [8], "optimizers": ["sgd"]}, "test")])
 
 

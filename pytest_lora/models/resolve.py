@@ -12,7 +12,15 @@ from . import registry
 
 
 def resolve_model(text: str, where: str, base_dir: Path | None = None) -> ModelSpec:
-    """A registry name, a config.json path or a checkpoint directory, checked to exist."""
+    """A registry name, a config.json path or a checkpoint directory, checked to exist. A path the
+    filesystem refuses (a name too long, ...) is a ``MatrixError`` too."""
+    try:
+        return _resolve(text, where, base_dir)
+    except OSError as error:
+        raise MatrixError(where, text.strip(), f"is not a usable path ({error.strerror or error})") from None
+
+
+def _resolve(text: str, where: str, base_dir: Path | None) -> ModelSpec:
     name = text.strip()
     if registry.is_known(name):
         return ModelSpec(name, "registry", registry.config_path(name).as_posix())

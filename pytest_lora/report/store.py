@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..specs import shortened
+
 SCHEMA_VERSION = 1
 
 
@@ -80,6 +82,40 @@ class ResultsStore:
         text = json.dumps(self.document(), indent=1 if final else None, allow_nan=False) + "\n"
         atomic_write_text(self.run_path, text)
         atomic_write_text(self.latest_path, text)
+
+
+class UnusableDirectory(ValueError):
+    """The results directory cannot hold the results: the message says where, what and why."""
+
+
+def check_directory(path: Path, where: str) -> None:
+    """That ``path`` is, or can be made, a directory this process can write a file into: a probe
+    file is written, flushed to disk and removed. Directories made for the check are removed
+    again, so a run refused later leaves nothing behind."""
+    created: list[Path] = []
+    try:
+        missing = [directory for directory in (path, *path.parents) if not directory.exists()]
+        for directory in reversed(missing):
+            directory.mkdir()
+            created.append(directory)
+        if not path.is_dir():
+            raise NotADirectoryError(0, "it is a file, not a directory")
+        handle, probe = tempfile.mkstemp(prefix=".pytest-lora-probe.", dir=path)
+        try:
+            os.write(handle, b"probe")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        raise UnusableDirectory(f"{where}: {shortened(repr(str(path)))} cannot hold the results ({error.strerror or error}); "
+                                "allowed: a writable directory, or a path where one can be made") from None
+    finally:
+        for directory in reversed(created):
+            try:
+                directory.rmdir()
+            except OSError:  # pragma: no cover - emptied by us; another process may have written there meanwhile
+                pass
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
