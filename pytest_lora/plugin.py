@@ -181,9 +181,12 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
 
 
 def _architecture(lora: LoraSession, validate: Any, model: Any, cache: Any) -> Any:
-    """The model's module names; a config.json that transformers refuses is a usage error naming the file."""
+    """The model's module names; a config.json that our checks or transformers refuse is a usage
+    error naming the file and its field."""
     try:
         return validate.architecture(model, cache)
+    except validate.ConfigProblem as error:
+        raise pytest.UsageError(f"{lora.where_of('models')}: {model.path}: {error}") from None
     except Exception as error:  # transformers' own checks (ValueError) and huggingface_hub's field types (StrictDataclassError)
         from .specs import shortened
 

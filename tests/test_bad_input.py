@@ -109,15 +109,21 @@ def test_a_usable_results_directory_is_left_as_it_was(pytester, suite):
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
          "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 1, "vocab_size": 128, "max_position_embeddings": 64}
-REFUSED = {
-    "heads": ({"hidden_size": 100, "num_attention_heads": 3}, "*hidden size (100) is not a multiple of the number of attention heads (3)*"),
-    "string layers": ({"num_hidden_layers": "2"}, "*num_hidden_layers*"),
-    "unknown type": ({"model_type": "llamaa"}, "*llamaa*"),
+REFUSED = {  # by transformers: its reason follows the file
+    "heads": ({"hidden_size": 100, "num_attention_heads": 3},
+              "transformers refuses this config.json (*hidden size (100) is not a multiple of the number of attention heads (3)*)"),
+    "unknown type": ({"model_type": "llamaa"}, "transformers refuses this config.json (*llamaa*)"),
+    # by our size checks, before transformers (which would let the first two through to torch's "negative dimension")
+    "negative hidden size": ({"hidden_size": -64}, "hidden_size: -64 is not a size; allowed: a whole number >= 1"),
+    "no layers": ({"num_hidden_layers": 0}, "num_hidden_layers: 0 is not a size; allowed: a whole number >= 1"),
+    "string layers": ({"num_hidden_layers": "2"}, 'num_hidden_layers: "2" is not a size; allowed: a whole number >= 1'),
+    "two fields": ({"vocab_size": 1.5, "num_attention_heads": True},
+                   "num_attention_heads: true is not a size; vocab_size: 1.5 is not a size; allowed: *"),
 }
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
-def test_a_config_json_transformers_refuses(pytester, suite, name):
+def test_a_config_json_refused_names_file_and_field(pytester, suite, name):
     import json
 
     change, reason = REFUSED[name]
@@ -125,5 +131,5 @@ def test_a_config_json_transformers_refuses(pytester, suite, name):
     (pytester.path / "m" / "config.json").write_text(json.dumps({**LLAMA, **change}))
     suite()
     result = pytester.runpytest("--lora-bench", "--lora-models=m/config.json", "--lora-quant=bf16")
-    assert_usage_error(pytester, result, "--lora-models: *m/config.json: transformers refuses this config.json (" + reason + ")")
+    assert_usage_error(pytester, result, "--lora-models: *m/config.json: " + reason)
     assert max(len(line) for line in result.stderr.lines) < 500

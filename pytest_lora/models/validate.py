@@ -23,6 +23,33 @@ from ..specs import LoraSpec, ModelSpec
 
 CACHE_PREFIX = "pytest_lora/architecture/"
 
+# The sizes of a model's tensors and layer counts, under the names the shipped families use: each
+# must be a whole number >= 1. transformers checks some of them (types, heads dividing the hidden
+# size) and lets the rest through: a negative hidden size fails deep in torch as "negative
+# dimension", and zero layers builds a model with nothing for LoRA to adapt.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "head_dim", "d_model", "d_ff", "d_kv", "num_layers",
+               "num_decoder_layers", "num_heads", "n_embd", "n_layer", "n_head", "n_positions", "n_ctx", "n_inner",
+               "ffn_dim", "word_embed_proj_dim", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+               "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim")
+
+
+class ConfigProblem(ValueError):
+    """A model's config.json holds a field our checks refuse: the message names each field."""
+
+
+def size_problems(config: dict[str, Any]) -> list[str]:
+    """The size fields of ``config`` that are not whole numbers >= 1, as sentences (``null`` is
+    allowed: transformers fills it in, as for GPT-2's ``n_inner``)."""
+    found = []
+    for name in SIZE_FIELDS:
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            found.append(f"{name}: {json.dumps(value)[:40]} is not a size")
+    return found
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -75,6 +102,9 @@ def inspect_architecture(model: ModelSpec) -> Architecture:
 
     from . import build
 
+    found = size_problems(model.config_dict())
+    if found:
+        raise ConfigProblem("; ".join(found) + "; allowed: a whole number >= 1")
     meta = build.build_meta(model.config_dict())
     modules = tuple((name, is_adaptable(module)) for name, module in meta.named_modules() if name)
     return Architecture(modules, model.config_dict()["model_type"] in defaults)
