@@ -28,12 +28,14 @@ never finished. A run that ends removes its journals once its JSON holds everyth
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 WORKER_JOURNAL = "lora_journal"  # the workerinput key of a worker's journal path
 SUFFIX = ".workers"
@@ -44,13 +46,28 @@ def directory_of(results: Path, run_id: str) -> Path:
     return Path(results) / f"{run_id}{SUFFIX}"
 
 
-class Journal:
-    """A worker's side: append one event per line, each on disk before the call returns."""
+def recovery_journal(path: Path) -> Path:
+    """Where the worker journaling to ``path`` carries on when that fails: the temporary directory."""
+    return Path(tempfile.gettempdir()) / f"pytest-lora-{Path(path).parent.stem}-{Path(path).stem}.jsonl"
 
-    def __init__(self, path: Path):
+
+class Journal:
+    """A worker's side: append one event per line, each on disk before the call returns.
+
+    When an append fails (a full disk, the directory removed), the journal carries on in a
+    recovery journal in the temporary directory, ``pytest-lora-<run-id>-<worker id>.jsonl``, and
+    calls ``on_failure`` with a sentence that names it: the session stops the worker after its
+    test, and xdist stops the run.
+    """
+
+    def __init__(self, path: Path, on_failure: Callable[[str], None] | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        self.recovery_path = recovery_journal(self.path)
+        self.on_failure = on_failure
+        self.failure: str | None = None  # what failed, and where the events went instead
+        self._target = self.path
+        self._fd: int | None = None
+        self._lost = False  # the recovery journal failed too: nothing more can be kept
 
     def started(self, nodeid: str, record: dict[str, Any]) -> None:
         self._append({"event": "started", "nodeid": nodeid, "record": record})
@@ -71,14 +88,48 @@ class Journal:
         self._append({"event": "build", "base": list(base)})
 
     def _append(self, event: dict[str, Any]) -> None:
+        if self._lost:
+            return
         line = (json.dumps(event, allow_nan=False, separators=(",", ":")) + "\n").encode()
+        try:
+            self._write(line)
+        except OSError as error:
+            self._fail_over(error, line)
+
+    def _write(self, line: bytes) -> None:
+        if self._fd is None:
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         written = os.write(self._fd, line)  # O_APPEND: one write lands whole at the end
-        if written != len(line):  # pragma: no cover - a full disk; the reader skips the torn line
-            raise OSError(f"{self.path}: wrote {written} of {len(line)} bytes")
+        if written != len(line):  # a full disk: the readers skip the torn line
+            raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes")
         os.fsync(self._fd)
 
+    def _fail_over(self, error: OSError, line: bytes) -> None:
+        """Carry on in the recovery journal; say what happened (once per change)."""
+        from .report.store import reason
+
+        self.close()
+        if self._target == self.path:
+            self._target = self.recovery_path
+            self.failure = f"cannot append to {self.path} ({reason(error)}): this worker's events from then on are in {self.recovery_path}"
+            try:
+                self._write(line)
+            except OSError as again:
+                self.close()
+                self._lost = True
+                self.failure = (f"cannot append to {self.path} ({reason(error)}), nor to {self.recovery_path} ({reason(again)}): "
+                                "this worker's later records are lost")
+        else:
+            self._lost = True
+            self.failure = f"{self.failure}; then that failed too ({reason(error)}): this worker's later records are lost"
+        if self.on_failure is not None:
+            self.on_failure(self.failure)
+
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Reader:
@@ -115,6 +166,7 @@ class Collector:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.readers: dict[str, Reader] = {}
+        self.recovered: dict[str, Reader] = {}  # the recovery journal of each worker
         self.started: dict[str, dict[str, Any]] = {}  # xdist node id: the record it started
         self.recorded: set[str] = set()  # test ids with a record
         self.groups: dict[str, str] = {}  # xdist node id: its group, as the workers collected them
@@ -128,9 +180,11 @@ class Collector:
         return self.path(worker_id)
 
     def collect(self, worker_id: str) -> Arrivals:
-        """The events worker ``worker_id`` wrote since the last call."""
+        """The events worker ``worker_id`` wrote since the last call: in its journal, then in its
+        recovery journal (written once the journal failed)."""
         reader = self.readers.setdefault(worker_id, Reader(self.path(worker_id)))
-        return self._take(reader.new_events())
+        recovery = self.recovered.setdefault(worker_id, Reader(recovery_journal(self.path(worker_id))))
+        return self._take([*reader.new_events(), *recovery.new_events()])
 
     def collect_all(self) -> Arrivals:
         """Every worker's new events, the journals on disk included (a run's recovery)."""
@@ -178,6 +232,8 @@ class Collector:
     def remove(self) -> None:
         """Drop the journals: the run's JSON holds everything they hold."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        for reader in self.recovered.values():
+            reader.path.unlink(missing_ok=True)
 
 
 KILLED = "the run ended while this config ran (killed before it finished)"

@@ -88,7 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
     if journal.WORKER_JOURNAL in getattr(config, "workerinput", {}):
-        lora.journal = journal.Journal(config.workerinput[journal.WORKER_JOURNAL])
+        lora.journal = journal.Journal(config.workerinput[journal.WORKER_JOURNAL], on_failure=lora.stop_run)
     if lora.shard is not None:
         config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:

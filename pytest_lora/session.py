@@ -55,6 +55,7 @@ class LoraSession:
         self.targets_unchecked = False  # a --co listing without the models' module names in the cache
         self.reruns = 0  # configs run again to confirm a timing regression (--lora-confirm)
         self.session: pytest.Session | None = None  # set when the session starts (the gate sets its exit status)
+        self.stopped_by: str | None = None  # why the run was stopped early (a results write failed)
         self._machine: dict[str, Any] | None = None
         self._visible: list[str] | None = None
         self._check_device_name()
@@ -312,7 +313,7 @@ class LoraSession:
             self.journal.record(record)
         elif again:
             if self.store is not None:
-                self.store.write()
+                self._keep(self.store.write)
         else:
             self.add_records(record)
 
@@ -369,7 +370,30 @@ class LoraSession:
             self.store = ResultsStore(directory, run, self.machine_section())
         self.machine_section()
         self.store.run["builds"] = self.builds_summary()
-        self.store.put(*records)
+        self._keep(self.store.put, *records)
+
+    def _keep(self, write: Any, *records: dict[str, Any]) -> None:
+        """Write records; when the results directory fails, stop the run after this test (the
+        store has kept the records elsewhere and says where)."""
+        from .report.store import ResultsNotWritten
+
+        try:
+            write(*records)
+        except ResultsNotWritten as error:
+            self.stop_run(f"{self.settings['results'].describe()}: {error}")
+
+    def stop_run(self, reason: str) -> None:
+        """End the run after the test in progress, as pytest's ``-x`` does: serially through the
+        session, under xdist through its controller (which stops its workers; a worker's own
+        stop reaches the controller when the worker finishes)."""
+        if hasattr(self.config, "workerinput"):
+            reason = f"{self.config.workerinput.get('workerid', 'a worker')}: {reason}"
+        self.stopped_by = reason
+        if self.session is not None:
+            self.session.shouldstop = reason
+        dsession = self.config.pluginmanager.getplugin("dsession")
+        if dsession is not None:
+            dsession.shouldstop = reason
 
     def finish(self, exitstatus: int) -> int:
         """Judge the run with the gate, write its status; the exit status, 1 if the gate failed it."""
@@ -389,8 +413,16 @@ class LoraSession:
             if comparison.regressions and exitstatus == 0:
                 exitstatus = 1
         self.store.run["builds"] = self.builds_summary()
+        if self.stopped_by is not None:  # the last test's write may fail after xdist's last check to stop
+            exitstatus = exitstatus or int(pytest.ExitCode.INTERRUPTED)
+        dsession = self.config.pluginmanager.getplugin("dsession")
+        stopped_by = self.stopped_by or (getattr(dsession, "shouldstop", None) if dsession is not None else None)
+        if stopped_by:  # by us, or by a worker (its journal failed; -x)
+            self.store.run["stopped_by"] = str(stopped_by)
         self.store.finish(run_status(exitstatus), provenance.now())
-        if self._collector is not None:
+        if self.store.failure is not None and exitstatus == 0:  # the JSON is whole; the tables beside it are not
+            exitstatus = int(pytest.ExitCode.INTERRUPTED)
+        if self._collector is not None and self.store.failure is None:
             self._collector.remove()  # after the final write: the JSON holds every journal's records
         return exitstatus
 

@@ -48,13 +48,25 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
         if lora.reruns:
             writer.write_line(f"pytest-lora: {lora.reruns} config(s) rerun to confirm a timing regression (--lora-confirm)")
     counts = f"{len(store.records)} records ({status_counts(store.records)})"
-    if store.writes:
+    if store.failure is not None:
+        _failure_lines(writer, store)
+    elif store.writes:
         directory = shown_path(store.directory, config.invocation_params.dir)
         writer.write_line(f"pytest-lora: {counts} in {directory / store.run_path.name} (and {store.latest_path.name})")
         writer.write_line(f"pytest-lora: report {directory / (store.run['id'] + '.md')} (+ CSV, plots)"
                           + ("" if full else "; every table: -v"))
     else:
         writer.write_line(f"pytest-lora: {counts}, not written (--lora-bench or --lora-results=DIR writes them)")
+
+
+def _failure_lines(writer: Any, store: Any) -> None:
+    """A results write failed: where the records are, and those on no disk as JSON lines, to be
+    copied from the terminal or the CI log."""
+    writer.write_line(f"pytest-lora: the results were not all written: {store.whereabouts()}", red=True, bold=True)
+    import json
+
+    for record in store.unsaved:
+        writer.write_line(json.dumps(record, allow_nan=False))
 
 
 def shown_path(path: Path, here: Path) -> Path:

@@ -133,3 +133,237 @@ def test_a_config_json_refused_names_file_and_field(pytester, suite, name):
     result = pytester.runpytest("--lora-bench", "--lora-models=m/config.json", "--lora-quant=bf16")
     assert_usage_error(pytester, result, "--lora-models: *m/config.json: " + reason)
     assert max(len(line) for line in result.stderr.lines) < 500
+
+
+# --------------------------------------------------------------------------- a results write that fails mid-run
+
+EIGHT_RECORDS = """
+import pytest
+
+
+@pytest.mark.parametrize("n", range(8))
+def test_record(lora_bench, n):
+    lora_bench.record("n", n, "things")
+"""
+
+DISK_FULL = """
+import errno, json, os
+from pytest_lora.report import store
+
+real = store.atomic_write_text
+FULL_AT = int(os.environ["PLANTED_FULL_AT"])  # the record whose write finds the disk full
+
+
+def full(path, text):
+    if path.parent.name == "results" and len(json.loads(text)["records"]) >= FULL_AT:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(path, text)
+
+
+store.atomic_write_text = full
+"""
+
+
+def plant_full_disk(monkeypatch, full_at: int, temp_full: bool) -> None:
+    """The results directory's disk is full from record ``full_at`` on; with ``temp_full``, the
+    temporary directory's too (a fake filesystem error at the store, undone after the test)."""
+    import json
+
+    from pytest_lora.report import store
+
+    real = store.atomic_write_text
+
+    def full(path, text):
+        in_results = path.parent.name == "results"
+        if (in_results and len(json.loads(text)["records"]) >= full_at) or (temp_full and not in_results):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, text)
+
+    monkeypatch.setattr(store, "atomic_write_text", full)
+
+
+def run_with_full_disk(pytester, suite, monkeypatch, temp_full: bool = False):
+    suite(EIGHT_RECORDS)
+    plant_full_disk(monkeypatch, 6, temp_full)
+    monkeypatch.setattr(tempfile, "tempdir", str(pytester.path / "tmp"))
+    (pytester.path / "tmp").mkdir()
+    return pytester.runpytest("--lora-bench", "--lora-results=results")
+
+
+def test_a_disk_full_after_the_fifth_record_keeps_all_and_says_where(pytester, suite, monkeypatch):
+    """The sixth record's write fails: the run stops there (exit 2, interrupted), the run's file
+    holds the five written before, and the recovery file in the temporary directory holds all
+    six, with the run's status; the error names both."""
+    from pytest_lora.report.store import load
+
+    result = run_with_full_disk(pytester, suite, monkeypatch)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=6)  # the run stopped after the test whose write failed
+    (run_file,) = (path for path in (pytester.path / "results").glob("*.json") if path.name != "latest.json")
+    (recovery,) = (pytester.path / "tmp").glob("pytest-lora-*.json")
+    result.stdout.fnmatch_lines([
+        "pytest-lora: the results were not all written: cannot write*",
+        f"*Interrupted: --lora-results: cannot write {run_file.name} in {run_file.parent} (No space left on device): "
+        f"{run_file.name} holds the first 5 of the 6 records (its last complete write); all 6 are in {recovery} *",
+    ])
+    written = load(run_file)
+    assert [record["test"] for record in written["records"]] == [f"suites/test_suite.py::test_record[{n}]" for n in range(5)]
+    assert written["run"]["status"] == "running"  # as the disk last saw it
+    recovered = load(recovery)
+    assert [record["test"] for record in recovered["records"]] == [f"suites/test_suite.py::test_record[{n}]" for n in range(6)]
+    assert recovered["run"]["status"] == "interrupted" and "No space left" in recovered["run"]["stopped_by"]
+    assert not list((pytester.path / "results").glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_when_the_temporary_directory_is_full_too_the_unsaved_record_is_printed(pytester, suite, monkeypatch):
+    import json
+
+    result = run_with_full_disk(pytester, suite, monkeypatch, temp_full=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*the recovery file *pytest-lora-*.json could not be written either (No space left on device): "
+                                 "the 1 record(s) on no disk are printed below, a JSON line each"])
+    printed = [json.loads(line) for line in result.stdout.lines if line.startswith("{")]
+    assert [record["test"] for record in printed] == ["suites/test_suite.py::test_record[5]"]
+    assert printed[0]["metrics"] == {"n": 5}
+
+
+def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pytester, suite, monkeypatch):
+    """The controller writes the run's file: a write failing there stops the workers (xdist's
+    own stop, as for ``-x``); the records are in the recovery file, and nothing is lost that
+    the controller had received."""
+    from pytest_lora.report.store import load
+
+    suite(EIGHT_RECORDS.replace("range(8)", "range(40)"))
+    pytester.makepyfile(planted_full_disk=DISK_FULL)
+    monkeypatch.setenv("PYTHONPATH", f"{pytester.path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("PLANTED_FULL_AT", "6")
+    monkeypatch.setenv("TMPDIR", str(pytester.path / "tmp"))
+    (pytester.path / "tmp").mkdir()
+    result = pytester.runpytest_subprocess("--lora-bench", "--lora-suites=suites", "--lora-results=results", "-p", "planted_full_disk",
+                                           "-n", "2", "-p", "no:cacheprovider", "-k", "test_record")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    (recovery,) = (pytester.path / "tmp").glob("pytest-lora-*.json")
+    recovered = load(recovery)
+    assert recovered["run"]["status"] == "interrupted"
+    ran = [line for line in result.stdout.lines if "passed" in line]
+    print(ran, len(recovered["records"]))
+    (run_file,) = (path for path in (pytester.path / "results").glob("*.json") if path.name != "latest.json")
+    assert len(load(run_file)["records"]) < 6  # records arrive from the workers in batches
+
+
+JOURNAL_FULL = """
+import errno, os
+from pytest_lora import journal
+
+real = journal.Journal._write
+written = []
+
+
+def full(self, line):
+    if self._target == self.path and b'"event":"record"' in line:
+        written.append(line)
+        if len(written) >= 3:  # this worker's third record finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(self, line)
+
+
+journal.Journal._write = full
+"""
+
+
+def test_a_worker_whose_journal_fails_carries_on_in_a_recovery_journal_and_stops_the_run(pytester, suite, monkeypatch):
+    """A worker's third record finds its journal's disk full: it goes to the recovery journal,
+    which the controller reads too, so the run's file holds every record measured, each ``ok``;
+    the run stops (exit 2) with the worker's reason, and the recovery journal is removed once the
+    run's file holds it."""
+    from pytest_lora.report.store import load
+
+    suite(EIGHT_RECORDS.replace("range(8)", "range(40)"))
+    pytester.makepyfile(planted_full_journal=JOURNAL_FULL)
+    monkeypatch.setenv("PYTHONPATH", f"{pytester.path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("TMPDIR", str(pytester.path / "tmp"))
+    (pytester.path / "tmp").mkdir()
+    result = pytester.runpytest_subprocess("--lora-bench", "--lora-suites=suites", "--lora-results=results", "-p", "planted_full_journal",
+                                           "-n", "2", "-p", "no:cacheprovider", "-k", "test_record", "-rA")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines([f"*Interrupted: gw?: cannot append to *gw?.jsonl (No space left on device): "
+                                 f"this worker's events from then on are in *{os.sep}tmp{os.sep}pytest-lora-*-gw?.jsonl*"])
+    passed = {line.split()[1] for line in result.stdout.lines if line.startswith("PASSED ")}
+    (run_file,) = (path for path in (pytester.path / "results").glob("*.json") if path.name != "latest.json")
+    document = load(run_file)
+    assert {record["test"] for record in document["records"]} == passed and len(passed) < 40  # the run stopped early
+    assert {record["status"] for record in document["records"]} == {"ok"}
+    assert document["run"]["status"] == "interrupted" and "cannot append to" in document["run"]["stopped_by"]
+    assert not list((pytester.path / "tmp").glob("pytest-lora-*.jsonl"))
+
+
+def test_a_journal_fails_over_once_then_gives_up_saying_so(tmp_path, monkeypatch):
+    """Unit: the journal's failure paths, each told to the session once as it happens."""
+    from pytest_lora import journal
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    told = []
+    entry = journal.Journal(tmp_path / "run.workers" / "gw0.jsonl", on_failure=told.append)
+    entry.dropped("a")
+    (tmp_path / "run.workers" / "gw0.jsonl").unlink()
+    (tmp_path / "run.workers").rmdir()
+    (tmp_path / "run.workers").write_text("")  # the journal's directory becomes a file: appends fail
+    entry.close()
+    entry.dropped("b")
+    assert told == [f"cannot append to {tmp_path / 'run.workers' / 'gw0.jsonl'} (File exists): this worker's events "
+                    f"from then on are in {tmp_path / 'tmp' / 'pytest-lora-run-gw0.jsonl'}"]
+    assert (tmp_path / "tmp" / "pytest-lora-run-gw0.jsonl").read_text() == '{"event":"dropped","nodeid":"b"}\n'
+    (tmp_path / "tmp" / "pytest-lora-run-gw0.jsonl").unlink()
+    (tmp_path / "tmp").rmdir()
+    (tmp_path / "tmp").write_text("")  # and then the temporary directory
+    entry.close()
+    entry.dropped("c")
+    entry.dropped("d")  # nothing more is tried, or told
+    assert len(told) == 2 and told[1].endswith("then that failed too (File exists): this worker's later records are lost")
+
+
+def test_a_journal_whose_recovery_fails_at_once_says_both(tmp_path, monkeypatch):
+    from pytest_lora import journal
+
+    (tmp_path / "tmp").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "run.workers").write_text("")
+    told = []
+    journal.Journal(tmp_path / "run.workers" / "gw1.jsonl", on_failure=told.append).dropped("a")
+    assert len(told) == 1 and "(File exists), nor to" in told[0] and told[0].endswith("this worker's later records are lost")
+
+
+def test_a_results_directory_removed_mid_run_is_made_again_with_every_record(pytester, suite):
+    """Each write holds the whole run, so a directory removed between records (a cleanup job)
+    comes back with all of them."""
+    from pytest_lora.report.store import load
+
+    suite(EIGHT_RECORDS.replace('lora_bench.record("n", n, "things")',
+                                'lora_bench.record("n", n, "things")\n    if n == 3:\n        import shutil\n        shutil.rmtree("results")'))
+    result = pytester.runpytest("--lora-bench", "--lora-results=results")
+    assert result.ret == 0
+    assert len(load(pytester.path / "results" / "latest.json")["records"]) == 8
+
+
+def test_a_report_that_cannot_be_written_fails_the_run_and_keeps_the_json(pytester, suite, monkeypatch):
+    from pytest_lora.report.store import load
+
+    import importlib
+
+    publish = importlib.import_module("pytest_lora.report.publish")  # what the store imports, though an earlier run dropped it
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    suite(EIGHT_RECORDS)
+    monkeypatch.setattr(publish, "write_report", refused)
+    result = pytester.runpytest("--lora-bench", "--lora-results=results")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["pytest-lora: the results were not all written: the report beside *.json could not be written "
+                                 "(Disk quota exceeded); the JSON holds every record"])
+    document = load(pytester.path / "results" / "latest.json")
+    assert len(document["records"]) == 8 and document["run"]["status"] == "passed"

@@ -7,6 +7,12 @@ go next to them: the report as markdown (``<run-id>.md``, ``latest.md``), every 
 file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
 run killed half-way) only ever sees a complete document with the records measured so far.
 
+A write that fails mid-run (a full disk, a filesystem gone read-only) loses nothing: the run's file
+keeps its last complete write, every record goes to a recovery file in the temporary directory
+(``pytest-lora-<run-id>.json``), and ``ResultsNotWritten`` says where each is, so that the run can
+stop. Should even the recovery file fail, the records that are on no disk are kept in memory
+(``unsaved``) for the terminal to print.
+
 The store is created at the first record: a run that records nothing (a usage error) writes
 nothing. A plain test run (no ``--lora-bench``, no results directory set) keeps its records in
 memory for the terminal table and writes no file: ``directory`` is ``None``.
@@ -34,6 +40,10 @@ class ResultsStore:
         self.machine = machine
         self.records: list[dict[str, Any]] = []
         self.comparison: Any = None  # the gate's report.compare.Comparison, once the run is judged
+        self.saved = 0  # how many records the run's file holds (its last complete write)
+        self.failure: str | None = None  # why the results directory stopped taking the run's writes
+        self.recovery: Path | None = None  # where every record went after that, if it could be written
+        self.recovery_failure: str | None = None  # why that failed too
 
     @property
     def run_path(self) -> Path:
@@ -64,15 +74,25 @@ class ResultsStore:
         return self.directory is not None
 
     def finish(self, status: str, finished: str) -> None:
-        """Write the run's final document, then its report, CSV and plots (``report.publish``)."""
+        """Write the run's final document, then its report, CSV and plots (``report.publish``).
+        After a failed write only the recovery file is brought up to date, and nothing raises:
+        the failure was reported when it happened."""
         self.run["status"] = status
         self.run["finished"] = finished
         if not self.writes:
             return
-        self.write(final=True)
+        try:
+            self.write(final=True)
+        except ResultsNotWritten:
+            return
+        if self.failure is not None:
+            return
         from .publish import write_report
 
-        write_report(self.document(), self.directory, (self.run["id"], "latest"))
+        try:
+            write_report(self.document(), self.directory, (self.run["id"], "latest"))
+        except OSError as error:
+            self.failure = f"the report beside {self.run_path} could not be written ({reason(error)}); the JSON holds every record"
 
     def write(self, final: bool = False) -> None:
         """Both files from one serialization: compact while the run goes (the C encoder, a third
@@ -80,8 +100,58 @@ class ResultsStore:
         if not self.writes:
             return
         text = json.dumps(self.document(), indent=1 if final else None, allow_nan=False) + "\n"
-        atomic_write_text(self.run_path, text)
-        atomic_write_text(self.latest_path, text)
+        if self.failure is not None:
+            self._save_elsewhere(text)
+            return
+        for path in (self.run_path, self.latest_path):
+            try:
+                atomic_write_text(path, text)
+            except OSError as error:
+                self.failure = f"cannot write {path.name} in {path.parent} ({reason(error)})"
+                self._save_elsewhere(text)
+                raise ResultsNotWritten(self.whereabouts()) from None
+            if path == self.run_path:
+                self.saved = len(self.records)
+
+    @property
+    def recovery_path(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"pytest-lora-{self.run['id']}.json"
+
+    def _save_elsewhere(self, text: str) -> None:
+        if self.recovery_failure is not None:
+            return
+        try:
+            atomic_write_text(self.recovery_path, text)
+            self.recovery = self.recovery_path
+        except OSError as error:
+            self.recovery = None
+            self.recovery_failure = reason(error)
+
+    @property
+    def unsaved(self) -> list[dict[str, Any]]:
+        """The records on no disk: those after the run file's last write, when the recovery failed too."""
+        return [] if self.recovery is not None or self.failure is None else self.records[self.saved:]
+
+    def whereabouts(self) -> str:
+        """What failed and where the run's records are now."""
+        total = len(self.records)
+        if self.saved == total and self.recovery is None and self.recovery_failure is None:
+            return self.failure  # the report beside a whole JSON
+        kept = (f"{self.run_path.name} holds the first {self.saved} of the {total} records (its last complete write)"
+                if self.saved else f"none of the {total} records reached {self.directory}")
+        if self.recovery is not None:
+            return f"{self.failure}: {kept}; all {total} are in {self.recovery}"
+        return (f"{self.failure}: {kept}; the recovery file {self.recovery_path} could not be written either "
+                f"({self.recovery_failure}): the {total - self.saved} record(s) on no disk are printed below, a JSON line each")
+
+
+class ResultsNotWritten(Exception):
+    """A write of the run's results failed: the message says why and where the records are."""
+
+
+def reason(error: OSError) -> str:
+    """``No space left on device`` rather than ``[Errno 28] No space left on device: '/path'``."""
+    return error.strerror or str(error) or type(error).__name__
 
 
 class UnusableDirectory(ValueError):
@@ -108,7 +178,7 @@ def check_directory(path: Path, where: str) -> None:
             os.close(handle)
             os.unlink(probe)
     except OSError as error:
-        raise UnusableDirectory(f"{where}: {shortened(repr(str(path)))} cannot hold the results ({error.strerror or error}); "
+        raise UnusableDirectory(f"{where}: {shortened(repr(str(path)))} cannot hold the results ({reason(error)}); "
                                 "allowed: a writable directory, or a path where one can be made") from None
     finally:
         for directory in reversed(created):
