@@ -52,6 +52,14 @@ def test_a_model_name_too_long_for_the_filesystem(pytester, suite):
     assert max(len(line) for line in result.stderr.lines) < 300  # the value is shortened
 
 
+def test_a_matrix_value_too_long_for_the_filesystem(pytester, suite):
+    suite()
+    (pytester.path / "m.toml").write_text('models = ["' + "m" * 3000 + '"]\n')
+    result = pytester.runpytest(*ONE[:1], "--lora-quant=bf16", "--lora-matrix=m.toml")
+    assert_usage_error(pytester, result, "--lora-matrix (m.toml): models: 'mmmm*' (3,002 characters) is not a usable path (File name too long)*")
+    assert max(len(line) for line in result.stderr.lines) < 300
+
+
 def test_an_empty_list_in_a_matrix_file(pytester, suite):
     suite()
     (pytester.path / "m.toml").write_text("alpha = []\n")
@@ -82,20 +90,21 @@ def test_a_results_path_under_a_file(pytester, suite):
     assert_usage_error(pytester, result, "--lora-results: '*taken/results' cannot hold the results (Not a directory); allowed: *")
 
 
-def test_an_unwritable_results_directory(pytester, suite, monkeypatch):
-    """A read-only filesystem refuses the probe file (root ignores permission bits, so the
-    filesystem's refusal is planted)."""
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC], ids=["read-only", "disk full"])
+def test_an_unwritable_results_directory(pytester, suite, monkeypatch, code):
+    """A read-only filesystem, or a full disk, refuses the probe file (root ignores permission
+    bits, so the filesystem's refusal is planted)."""
     suite()
     real = tempfile.mkstemp
 
-    def read_only(*args, **kwargs):
+    def refused(*args, **kwargs):
         if str(kwargs.get("prefix", "")).startswith(".pytest-lora-probe"):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
     result = pytester.runpytest(*ONE, "--lora-results=out")
-    assert_usage_error(pytester, result, "--lora-results: '*out' cannot hold the results (Read-only file system); allowed: *")
+    assert_usage_error(pytester, result, f"--lora-results: '*out' cannot hold the results ({os.strerror(code)}); allowed: *")
     assert not (pytester.path / "out").exists()  # the directory made for the check is gone again
 
 
