@@ -224,9 +224,13 @@ def resolve(config: pytest.Config, namespace: Any = None) -> dict[str, Setting]:
 def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setting:
     invocation_dir = config.invocation_params.dir
     cli = getattr(namespace, option.dest, None)
+    if not option.flag and isinstance(cli, str) and not cli.strip() or option.repeat and cli and not any(str(item).strip() for item in cli):
+        raise pytest.UsageError(f"{option.cli}: an empty value; allowed: {option.metavar or 'a value'} (leave the option out for its default)")
     if cli:
         return Setting(option, tuple(cli) if option.repeat else cli, "cli", invocation_dir)
     env = os.environ.get(option.env)
+    if env is not None and env != "" and not env.strip():  # "" is unset, as CI templates leave it; "  " is a mistake
+        raise pytest.UsageError(f"{option.env} (environment): {env!r} is blank; allowed: {option.metavar or 'a value'}, or unset or ''")
     if env is not None and env.strip() != "":
         value = _parse_flag(option, env, option.env) if option.flag else env.strip()
         if option.repeat:

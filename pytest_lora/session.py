@@ -7,6 +7,7 @@ builds (so that tests can prove each base is built once).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -110,7 +111,7 @@ class LoraSession:
                 raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a {what} count; allowed: an integer >= {smallest}")
         peak = self.settings["peak"]
         if str(peak.value).lower() not in ("auto", "measure") and not _positive_float(peak.value):
-            raise pytest.UsageError(f"{peak.describe()}: {peak.value!r} is not a peak; allowed: auto, measure or TFLOP/s as a positive number")
+            raise pytest.UsageError(f"{peak.describe()}: {peak.value!r} is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number")
 
     def steps(self, name: str) -> int:
         """Timed rounds or warm-up steps: the option, else 10 / 3 on a GPU and 5 / 1 on the CPU."""
@@ -440,7 +441,8 @@ def run_status(exitstatus: int) -> str:
 
 
 def _positive_float(value: Any) -> bool:
+    """A finite number above 0 (``inf`` and ``1e400`` would make every MFU read 0.0)."""
     try:
-        return float(value) > 0
+        return math.isfinite(float(value)) and float(value) > 0
     except (TypeError, ValueError):
         return False

@@ -376,3 +376,28 @@ def test_a_report_that_cannot_be_written_fails_the_run_and_keeps_the_json(pytest
                                  "(Disk quota exceeded); the JSON holds every record"])
     document = load(pytester.path / "results" / "latest.json")
     assert len(document["records"]) == 8 and document["run"]["status"] == "passed"
+
+
+# --------------------------------------------------------------------------- values that used to fall back silently
+
+@pytest.mark.parametrize("arg", ["--lora-quant=", "--lora-targets= ", "--lora-fail="])
+def test_an_explicitly_empty_option_is_a_usage_error(pytester, suite, arg):
+    suite()
+    name = arg.split("=")[0]
+    assert_usage_error(pytester, pytester.runpytest(*ONE[:2], arg), f"{name}: an empty value; allowed: * (leave the option out for its default)")
+
+
+def test_a_blank_environment_value_is_a_usage_error_and_an_empty_one_is_unset(pytester, suite, monkeypatch):
+    suite()
+    monkeypatch.setenv("PYTEST_LORA_QUANT", " \t")
+    assert_usage_error(pytester, pytester.runpytest(*ONE[:2]), "PYTEST_LORA_QUANT (environment): ' \\t' is blank; allowed: Q,..., or unset or ''")
+    monkeypatch.setenv("PYTEST_LORA_QUANT", "")  # as a CI template leaves a variable it has no value for
+    result = pytester.runpytest(*ONE, "--co")
+    assert result.ret == 0
+
+
+@pytest.mark.parametrize("peak", ["inf", "1e400", "nan", "-inf"])
+def test_a_peak_that_is_not_finite_is_a_usage_error(pytester, suite, peak):
+    suite()
+    assert_usage_error(pytester, pytester.runpytest(*ONE, f"--lora-peak={peak}"),
+                       f"--lora-peak: '{peak}' is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number")

@@ -131,7 +131,7 @@ def test_steps_are_timed_without_pytest_benchmark(pytester, step_time_suite):
         ("--lora-rounds=0", "--lora-rounds: '0' is not a step count; allowed: an integer >= 1"),
         ("--lora-warmup=-1", "--lora-warmup: '-1' is not a step count; allowed: an integer >= 0"),
         ("--lora-threads=0", "--lora-threads: '0' is not a thread count; allowed: an integer >= 1"),
-        ("--lora-peak=fast", "--lora-peak: 'fast' is not a peak; allowed: auto, measure or TFLOP/s as a positive number"),
+        ("--lora-peak=fast", "--lora-peak: 'fast' is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number"),
     ],
 )
 def test_bad_timing_options(pytester, option, message):
