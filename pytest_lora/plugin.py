@@ -93,7 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
-        lora.data_checkpoint()
+        lora.check_data()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

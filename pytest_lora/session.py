@@ -192,6 +192,26 @@ class LoraSession:
                                     f"reads them); found {len(checkpoints)}; allowed: exactly one checkpoint directory")
         return checkpoints[0].path
 
+    def check_data(self) -> None:
+        """The forget and learn files, read and tokenised as the experiment will: an empty, binary
+        or too short file, or JSONL without ``text``, is a usage error before any test runs."""
+        checkpoint = self.data_checkpoint()
+        if checkpoint is None:
+            return
+        import transformers
+
+        from .measure import forgetting
+
+        forget, learn = self.settings["forget_data"], self.settings["learn_data"]
+        try:
+            forgetting.data_blocks(transformers.AutoTokenizer.from_pretrained(checkpoint), self.path_setting("forget_data"),
+                                   self.path_setting("learn_data"))
+        except forgetting.DataProblem as problem:
+            setting, need = (forget, "one block") if problem.path == self.path_setting("forget_data") else \
+                (learn, f"{forgetting.LEARN_BLOCKS} blocks (one held out, one to train on)")
+            raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} {problem}; allowed: UTF-8 text or JSONL with a "
+                                    f"\"text\" field, at least {need} of {forgetting.DATA_SEQ_LEN} tokens") from None
+
     # ----------------------------------------------------------------- device
 
     def _check_device_name(self) -> None:

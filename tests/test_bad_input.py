@@ -401,3 +401,57 @@ def test_a_peak_that_is_not_finite_is_a_usage_error(pytester, suite, peak):
     suite()
     assert_usage_error(pytester, pytester.runpytest(*ONE, f"--lora-peak={peak}"),
                        f"--lora-peak: '{peak}' is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number")
+
+
+# --------------------------------------------------------------------------- the forgetting experiment's data files
+
+DATA_FILES = {  # name: (content, what read_texts says)
+    "binary.txt": (b"\x89PNG\r\n\x1a\n\xff\x00", "is not UTF-8 text (byte 0: invalid start byte; a binary file?)"),
+    "empty.txt": (b"\n\n  \n", "holds no text"),
+    "broken.jsonl": (b'{"text": "w1 w2"}\n{"text": \n', "line 2 is not JSON (Expecting value)"),
+    "untexted.jsonl": (b'{"text": "w1"}\n\n{"content": "w2"}\n', 'line 3 has no "text" string (*)'),
+    "listed.jsonl": (b'["w1"]\n', 'line 1 has no "text" string (*)'),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA_FILES))
+def test_data_files_the_experiment_cannot_read_say_why(tmp_path, name):
+    import fnmatch
+
+    from pytest_lora.measure import forgetting
+
+    content, reason = DATA_FILES[name]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(forgetting.DataProblem) as raised:
+        forgetting.read_texts(tmp_path / name)
+    assert fnmatch.fnmatch(str(raised.value), reason), str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def word_checkpoint(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer: ``wN`` is one token."""
+    from test_forgetting_checks import save_checkpoint_with_tokenizer
+
+    directory = tmp_path_factory.mktemp("checkpoint") / "my-model"
+    save_checkpoint_with_tokenizer(directory)
+    return directory
+
+
+def words(count: int) -> str:
+    return " ".join(f"w{i % 200}" for i in range(count))
+
+
+@pytest.mark.parametrize("forget, learn, message", [
+    (words(64), words(100), "--lora-learn-data: 'new.txt' 100 tokens: too few for 2 blocks of 64; allowed: UTF-8 text or JSONL with a "
+                            '"text" field, at least 2 blocks (one held out, one to train on) of 64 tokens'),
+    (words(63), words(200), "--lora-forget-data: 'old.txt' 63 tokens: too few for one block of 64; allowed: *at least one block of 64 tokens"),
+    ("", words(200), "--lora-forget-data: 'old.txt' holds no text; allowed: *"),
+], ids=["one learn block", "short forget file", "empty forget file"])
+def test_data_files_are_checked_before_the_run(pytester, word_checkpoint, forget, learn, message):
+    """A learn file of one block would make the held-out set the training set: refused, as are
+    a forget file too short for one block and an empty one, before any test runs."""
+    (pytester.path / "old.txt").write_text(forget)
+    (pytester.path / "new.txt").write_text(learn)
+    result = pytester.runpytest("--lora-bench", f"--lora-models={word_checkpoint}", "--lora-quant=fp32", "--lora-forget-data=old.txt",
+                                "--lora-learn-data=new.txt", "-m", "lora_forgetting")
+    assert_usage_error(pytester, result, message)

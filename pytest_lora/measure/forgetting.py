@@ -141,34 +141,76 @@ def synthetic_experiment(config: dict[str, Any], state: dict[str, torch.Tensor],
     return Experiment(f"{task_a.name} -> {task_b.name}", make_base, forget_eval, learn_eval, task_b.sampler(batch, seq_len), facts)
 
 
+DATA_SEQ_LEN = 64  # tokens per block of the user's data
+LEARN_BLOCKS = 2  # the fewest learn blocks: the held-out tenth (at least one) and a training block apart
+
+
+class DataProblem(ValueError):
+    """A data file the experiment cannot use; the message says why, ``path`` which file (once known)."""
+
+    path: Path | None = None
+
+
 def read_texts(path: Path) -> list[str]:
     """A JSONL file's ``text`` fields, or a text file's paragraphs (separated by blank lines)."""
-    content = Path(path).read_text(encoding="utf-8")
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataProblem(f"is not UTF-8 text (byte {error.start}: {error.reason}; a binary file?)") from None
     if Path(path).suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in content.splitlines() if line.strip()]
-    return [part.strip() for part in content.split("\n\n") if part.strip()]
+        texts = [_jsonl_text(line, number) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
+    else:
+        texts = [part.strip() for part in content.split("\n\n") if part.strip()]
+    if not texts:
+        raise DataProblem("holds no text")
+    return texts
 
 
-def blocks(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
-    """The texts tokenised, concatenated and cut into ``seq_len`` token blocks."""
+def _jsonl_text(line: str, number: int) -> str:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataProblem(f"line {number} is not JSON ({error.msg})") from None
+    if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+        raise DataProblem(f'line {number} has no "text" string (one JSON object per line with a "text" field is allowed)')
+    return item["text"]
+
+
+def blocks(tokenizer: Any, texts: list[str], seq_len: int, minimum: int = 1) -> torch.Tensor:
+    """The texts tokenised, concatenated and cut into ``seq_len`` token blocks, at least ``minimum``."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text)["input_ids"])
     count = len(ids) // seq_len
-    if count == 0:
-        raise ValueError(f"{len(ids)} tokens: too few for one block of {seq_len}")
+    if count < minimum:
+        wanted = "one block" if minimum == 1 else f"{minimum} blocks"
+        raise DataProblem(f"{len(ids)} tokens: too few for {wanted} of {seq_len}")
     return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
 
 
-def data_experiment(checkpoint: str, forget_path: Path, learn_path: Path, device: str, batch: int = 8, seq_len: int = 64) -> Experiment:
+def data_blocks(tokenizer: Any, forget_path: Path, learn_path: Path, seq_len: int = DATA_SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forget file's blocks (one at least) and the learn file's (two at least: with one, the
+    held-out set would be the training set); a ``DataProblem`` names the file."""
+    found = []
+    for path, minimum in ((forget_path, 1), (learn_path, LEARN_BLOCKS)):
+        try:
+            found.append(blocks(tokenizer, read_texts(path), seq_len, minimum))
+        except DataProblem as problem:
+            problem.path = Path(path)
+            raise
+    return found[0], found[1]
+
+
+def data_experiment(checkpoint: str, forget_path: Path, learn_path: Path, device: str, batch: int = 8,
+                    seq_len: int = DATA_SEQ_LEN) -> Experiment:
     """The user's checkpoint; held-out loss on the forget text; learn text split 90 / 10."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    forget = blocks(tokenizer, read_texts(forget_path), seq_len).to(device)
-    learn = blocks(tokenizer, read_texts(learn_path), seq_len)
+    forget, learn = data_blocks(tokenizer, forget_path, learn_path, seq_len)
+    forget = forget.to(device)
     cut = max(1, len(learn) // 10)
-    train, learn_eval = learn[cut:] if len(learn) > 1 else learn, learn[:cut].to(device)
+    train, learn_eval = learn[cut:], learn[:cut].to(device)
     config_dict = registry.load_config_dict(checkpoint)
     cls = build.model_class(config_dict)
 
