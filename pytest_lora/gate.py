@@ -80,7 +80,7 @@ class Gate:
             return None
         history = self.settings["history"]
         if (whole_number(history.value) or 0) < 1:
-            raise pytest.UsageError(f"{history.describe()}: {history.value!r} is not a number of runs; allowed: an integer >= 1")
+            raise pytest.UsageError(f"{history.describe()}: {history.shown} is not a number of runs; allowed: an integer >= 1")
         try:
             return baseline_module.load(setting.path(), setting.describe(), whole_number(history.value))
         except baseline_module.BaselineError as error:

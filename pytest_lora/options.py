@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .specs import OPTIMIZERS, QUANTIZATIONS
+from .specs import OPTIMIZERS, QUANTIZATIONS, shortened
 
 SOURCES = ("cli", "env", "ini", "default")
 
@@ -165,9 +165,23 @@ class Setting:
     base_dir: Path | None = None
 
     def path(self, text: str | None = None) -> Path:
-        """``text`` (by default the value) as a path: a relative one is taken from ``base_dir``."""
-        path = Path(str(self.value if text is None else text)).expanduser()
-        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+        """``text`` (by default the value) as a path: a relative one is taken from ``base_dir``.
+        A path the filesystem refuses (a name too long, a NUL byte, ``~nobody``) is a usage error."""
+        raw = str(self.value if text is None else text)
+        try:
+            path = Path(raw).expanduser()
+            path = path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+            path.exists()  # raises for what the filesystem refuses, not for what is missing
+        except (OSError, ValueError, RuntimeError) as error:
+            why = getattr(error, "strerror", None) or str(error)
+            raise pytest.UsageError(f"{self.describe()}: {shortened(repr(raw))} is not a usable path ({why}); "
+                                    "allowed: a path the filesystem accepts") from None
+        return path
+
+    @property
+    def shown(self) -> str:
+        """The value for a message: quoted, shortened in the middle when long."""
+        return shortened(repr(self.value))
 
     @property
     def is_set(self) -> bool:

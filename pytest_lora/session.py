@@ -108,10 +108,10 @@ class LoraSession:
             setting = self.settings[name]
             number = whole_number(setting.value)
             if setting.value is not None and (number is None or number < smallest):
-                raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a {what} count; allowed: an integer >= {smallest}")
+                raise pytest.UsageError(f"{setting.describe()}: {setting.shown} is not a {what} count; allowed: an integer >= {smallest}")
         peak = self.settings["peak"]
         if str(peak.value).lower() not in ("auto", "measure") and not _positive_float(peak.value):
-            raise pytest.UsageError(f"{peak.describe()}: {peak.value!r} is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number")
+            raise pytest.UsageError(f"{peak.describe()}: {peak.shown} is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number")
 
     def steps(self, name: str) -> int:
         """Timed rounds or warm-up steps: the option, else 10 / 3 on a GPU and 5 / 1 on the CPU."""
@@ -176,10 +176,10 @@ class LoraSession:
         forget, learn = self.settings["forget_data"], self.settings["learn_data"]
         if bool(forget.value) != bool(learn.value):
             given, missing = (forget, learn) if forget.value else (learn, forget)
-            raise pytest.UsageError(f"{given.describe()}: {given.value!r} needs {missing.option.cli} too; allowed: both or neither")
+            raise pytest.UsageError(f"{given.describe()}: {given.shown} needs {missing.option.cli} too; allowed: both or neither")
         for setting in (forget, learn):
             if setting.value and not self.path_setting(setting.option.name).is_file():
-                raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} does not exist; allowed: a text or JSONL file")
+                raise pytest.UsageError(f"{setting.describe()}: {setting.shown} does not exist; allowed: a text or JSONL file")
 
     def data_checkpoint(self) -> str | None:
         """The checkpoint the user's forget / learn data go with (``None`` for the synthetic tasks)."""
@@ -209,7 +209,7 @@ class LoraSession:
         except forgetting.DataProblem as problem:
             setting, need = (forget, "one block") if problem.path == self.path_setting("forget_data") else \
                 (learn, f"{forgetting.LEARN_BLOCKS} blocks (one held out, one to train on)")
-            raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} {problem}; allowed: UTF-8 text or JSONL with a "
+            raise pytest.UsageError(f"{setting.describe()}: {setting.shown} {problem}; allowed: UTF-8 text or JSONL with a "
                                     f"\"text\" field, at least {need} of {forgetting.DATA_SEQ_LEN} tokens") from None
 
     # ----------------------------------------------------------------- device
@@ -217,7 +217,7 @@ class LoraSession:
     def _check_device_name(self) -> None:
         setting = self.settings["device"]
         if str(setting.value).lower() not in DEVICES:
-            raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a device; allowed: {', '.join(DEVICES)}")
+            raise pytest.UsageError(f"{setting.describe()}: {setting.shown} is not a device; allowed: {', '.join(DEVICES)}")
 
     @property
     def gpu(self) -> Any:

@@ -32,7 +32,7 @@ def parse(setting: Any) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(setting.value))
     if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a shard; allowed: K/N with 1 <= K <= N, e.g. 2/4")
+        raise pytest.UsageError(f"{setting.describe()}: {setting.shown} is not a shard; allowed: K/N with 1 <= K <= N, e.g. 2/4")
     return int(match[1]), int(match[2])
 
 

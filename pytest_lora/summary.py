@@ -20,7 +20,7 @@ REPORTS = ("summary", "full")
 
 def check_report_option(setting: Any) -> None:
     if str(setting.value).lower() not in REPORTS:
-        raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a report; allowed: {', '.join(REPORTS)}")
+        raise pytest.UsageError(f"{setting.describe()}: {setting.shown} is not a report; allowed: {', '.join(REPORTS)}")
 
 
 def write(writer: Any, config: pytest.Config, lora: Any) -> None:

@@ -77,7 +77,7 @@ def gpus_per_worker(setting: Any) -> int:
     if value is None or value < 1:
         import pytest
 
-        raise pytest.UsageError(f"{setting.describe()}: {setting.value!r} is not a GPU count; allowed: an integer >= 1")
+        raise pytest.UsageError(f"{setting.describe()}: {setting.shown} is not a GPU count; allowed: an integer >= 1")
     return value
 
 

@@ -60,6 +60,18 @@ def test_a_matrix_value_too_long_for_the_filesystem(pytester, suite):
     assert max(len(line) for line in result.stderr.lines) < 300
 
 
+@pytest.mark.parametrize("option", ["--lora-compare", "--lora-matrix", "--lora-suites", "--lora-forget-data", "--lora-results"])
+@pytest.mark.parametrize("value, why", [("a" * 300, "File name too long"), ("~nobody-at-all/x", "Could not determine home directory.")],
+                         ids=["too long", "unknown user"])
+def test_a_path_option_the_filesystem_refuses(pytester, suite, option, value, why):
+    """Found by the fuzzer: --lora-compare with a 300-character name was an INTERNALERROR."""
+    suite()
+    partner = ["--lora-learn-data=new.txt"] if option == "--lora-forget-data" else []  # the pair comes first
+    result = pytester.runpytest(*ONE, f"{option}={value}", *partner)
+    assert_usage_error(pytester, result, f"{option}: '{value[:10]}*is not a usable path ({why}); allowed: a path the filesystem accepts")
+    assert max(len(line) for line in result.stderr.lines) < 300
+
+
 def test_an_empty_list_in_a_matrix_file(pytester, suite):
     suite()
     (pytester.path / "m.toml").write_text("alpha = []\n")
