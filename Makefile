@@ -20,7 +20,7 @@ HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50
 # before pytest-cov would start, and its module-level lines would count as never run.
 COVERED := pytest_lora/measure,pytest_lora/models
 
-.PHONY: bench publish test test-gpu-host-stack fuzz gpu-check gpu-wheels install clean
+.PHONY: bench publish test test-gpu-host-stack fuzz store-bench gpu-check gpu-wheels install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SYSTEM_TORCH) $(VENV)
@@ -62,6 +62,10 @@ endif
 
 test-gpu-host-stack: $(HOST_VENV)/.installed
 	$(HOST_VENV)/bin/python -m pytest $(ARGS)
+
+# What one record costs the results store at record 1-100 and 9,901-10,000 (figures, no verdict).
+store-bench: $(VENV)/.installed
+	$(PY) benchmarks/store_append.py $(ARGS)
 
 # The long, randomised run of the option fuzzer (CI runs 60 fixed examples): EXAMPLES values,
 # failures shrunk to their smallest form; the statistics say how many runs ended clean or exit 4.

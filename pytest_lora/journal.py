@@ -16,7 +16,9 @@ The events:
 - ``dropped``: a started test leaves no record (skipped outside the bench);
 - ``build``: a base model was built (model, quantization, device);
 - ``groups``: the group (``shard.group_of``) of every test the worker collected, which xdist's
-  scheduler in the controller reads to keep each base's tests on one worker (``scheduling``).
+  scheduler in the controller reads to keep each base's tests on one worker (``scheduling``);
+- ``selected``: the tests the worker collected that record (they take ``lora_bench``): the run
+  is whole when each has a record or was dropped.
 
 The controller (``Collector``) reads each worker's new lines whenever that worker reports a test,
 once more when the worker goes down, and writes them into the run's JSON at once. When xdist says
@@ -83,6 +85,9 @@ class Journal:
 
     def groups(self, groups: dict[str, str]) -> None:
         self._append({"event": "groups", "groups": groups})
+
+    def selected(self, nodeids: list[str]) -> None:
+        self._append({"event": "selected", "nodeids": nodeids})
 
     def build(self, base: tuple[str, str, str]) -> None:
         self._append({"event": "build", "base": list(base)})
@@ -170,6 +175,8 @@ class Collector:
         self.started: dict[str, dict[str, Any]] = {}  # xdist node id: the record it started
         self.recorded: set[str] = set()  # test ids with a record
         self.groups: dict[str, str] = {}  # xdist node id: its group, as the workers collected them
+        self.selected: set[str] = set()  # the node ids of the tests that record, as the workers collected them
+        self.dropped: set[str] = set()  # tests that recorded nothing (skipped outside the bench)
 
     def path(self, worker_id: str) -> Path:
         return self.directory / f"{worker_id}.jsonl"
@@ -204,6 +211,9 @@ class Collector:
                 self.started[event["nodeid"]] = event["record"]
             elif event["event"] == "dropped":
                 self.started.pop(event["nodeid"], None)
+                self.dropped.add(event["nodeid"])
+            elif event["event"] == "selected":
+                self.selected.update(event["nodeids"])
             elif event["event"] == "record":
                 self.recorded.add(event["record"]["test"])
                 arrivals.records.append(event["record"])

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .specs import OPTIMIZERS, QUANTIZATIONS, shortened
+from .specs import OPTIMIZERS, QUANTIZATIONS, shortened, shown
 
 SOURCES = ("cli", "env", "ini", "default")
 
@@ -174,14 +174,14 @@ class Setting:
             path.exists()  # raises for what the filesystem refuses, not for what is missing
         except (OSError, ValueError, RuntimeError) as error:
             why = getattr(error, "strerror", None) or str(error)
-            raise pytest.UsageError(f"{self.describe()}: {shortened(repr(raw))} is not a usable path ({why}); "
+            raise pytest.UsageError(f"{self.describe()}: {shown(raw)} is not a usable path ({why}); "
                                     "allowed: a path the filesystem accepts") from None
         return path
 
     @property
     def shown(self) -> str:
         """The value for a message: quoted, shortened in the middle when long."""
-        return shortened(repr(self.value))
+        return shown(self.value)
 
     @property
     def is_set(self) -> bool:
@@ -222,7 +222,7 @@ def _parse_flag(option: Option, raw: str, where: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise pytest.UsageError(f"{where}: {raw!r} is not a boolean; allowed: 1/0, true/false, yes/no, on/off")
+    raise pytest.UsageError(f"{where}: {shown(raw)} is not a boolean; allowed: 1/0, true/false, yes/no, on/off")
 
 
 def resolve(config: pytest.Config, namespace: Any = None) -> dict[str, Setting]:
@@ -265,7 +265,7 @@ def _read_ini(config: pytest.Config, option: Option) -> Any:
         return config.getini(option.ini)
     except (ValueError, TypeError, pytest.UsageError) as error:  # pytest's own check of the ini type
         allowed = "true or false" if option.flag else "a string or a list"
-        raise pytest.UsageError(f"{option.ini} (ini): {error}; allowed: {allowed}") from None
+        raise pytest.UsageError(f"{option.ini} (ini): {shortened(str(error), 200)}; allowed: {allowed}") from None
 
 
 def _ini_text(option: Option, items: list[str]) -> str:

@@ -97,7 +97,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[SESSION_KEY].session = session
+    lora = session.config.stash[SESSION_KEY]
+    lora.session = session
+    lora.interrupts.install()
+    lora.tidy_results_directory()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lora = config.stash.get(SESSION_KEY, None)
+    if lora is not None:
+        lora.interrupts.restore()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -175,9 +184,12 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
         return
     architectures = {model: _architecture(lora, validate, model, cache) for model in models}  # once per model
     found = [problem for model, spec in pairs for problem in validate.problems(model, spec, architectures[model])]
-    if found:
-        where = lora.where_of("targets")
-        raise pytest.UsageError(f"{where}: " + "\n  ".join(dict.fromkeys(found)))
+    by_source: dict[str, list[str]] = {}  # each problem under the option or file that set its key
+    for problem in dict.fromkeys(found):
+        key = "modules_to_save" if problem.startswith("modules_to_save ") else "targets"
+        by_source.setdefault(lora.where_of(key), []).append(problem)
+    if by_source:
+        raise pytest.UsageError("\n".join(f"{where}: " + "\n  ".join(problems) for where, problems in by_source.items()))
 
 
 def _architecture(lora: LoraSession, validate: Any, model: Any, cache: Any) -> Any:
@@ -198,6 +210,9 @@ def _architecture(lora: LoraSession, validate: Any, model: Any, cache: Any) -> A
 def pytest_collection_finish(session: pytest.Session) -> None:
     lora = session.config.stash[SESSION_KEY]
     lora.tests_total = len(session.items)
+    lora.recording = {item.nodeid for item in session.items if "lora_bench" in getattr(item, "fixturenames", ())}
+    if lora.journal is not None:
+        lora.journal.selected(sorted(lora.recording))
     if lora.journal is not None and lora.bench:
         lora.journal.groups({item.nodeid: shard.group_of(item) for item in session.items})
 
@@ -312,6 +327,7 @@ def _deliver(item: pytest.Item, recorder: Any) -> None:
     config = item.config
     lora = config.stash[SESSION_KEY]
     if recorder.status == "skipped" and not lora.bench:
+        lora.dropped.add(item.nodeid)
         if lora.journal is not None:
             lora.journal.dropped(item.nodeid)
         return
@@ -319,7 +335,7 @@ def _deliver(item: pytest.Item, recorder: Any) -> None:
     first = confirm.first_run(item)
     if first is not None:  # the first run's record is already with the store or the controller
         first["confirmation"] = confirm.confirmation_of(record)
-        lora.deliver(first, again=True)
+        lora.deliver(first)
         return
     item.stash[RECORD_KEY] = record
     lora.deliver(record)
@@ -330,7 +346,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if lora.journal is not None:
         lora.journal.close()
     elif not hasattr(session.config, "workerinput"):
-        session.exitstatus = lora.finish(int(session.exitstatus))
+        with lora.interrupts.writing():  # a second Ctrl-C or SIGTERM must not cut the results
+            session.exitstatus = lora.finish(int(session.exitstatus))
 
 
 @pytest.hookimpl(optionalhook=True)

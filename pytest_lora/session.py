@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from . import budget, shard, summary, workers
+from .interrupts import Interrupts
 from . import matrix as matrix_module
 from . import options
 from .matrix import Matrix, MatrixError, RawValue
@@ -57,6 +58,10 @@ class LoraSession:
         self.reruns = 0  # configs run again to confirm a timing regression (--lora-confirm)
         self.session: pytest.Session | None = None  # set when the session starts (the gate sets its exit status)
         self.stopped_by: str | None = None  # why the run was stopped early (a results write failed)
+        self.interrupts = Interrupts()  # SIGINT and SIGTERM while the session runs
+        self.unfinished: list[Path] = []  # logs of earlier runs that never finished, found at the start
+        self.recording: set[str] = set()  # node ids of the selected tests that record (take lora_bench)
+        self.dropped: set[str] = set()  # of those, the ones that recorded nothing by design (skipped outside the bench)
         self._machine: dict[str, Any] | None = None
         self._visible: list[str] | None = None
         self._check_device_name()
@@ -96,6 +101,18 @@ class LoraSession:
             check_directory(self.path_setting("results"), self.settings["results"].describe())
         except UnusableDirectory as error:
             raise pytest.UsageError(str(error)) from None
+
+    def tidy_results_directory(self) -> None:
+        """At the start of a run: remove the temporary files a killed write left (ours, by name,
+        stale), and note the runs that never finished, for the summary."""
+        if not self.records_wanted or hasattr(self.config, "workerinput"):
+            return
+        directory = self.path_setting("results")
+        if directory.is_dir():
+            from .report.store import remove_stale_temporaries, unfinished_runs
+
+            remove_stale_temporaries(directory)
+            self.unfinished = unfinished_runs(directory)
 
     def path_setting(self, name: str) -> Path:
         """A path option, relative to where it was written (``options.Setting.base_dir``)."""
@@ -323,18 +340,15 @@ class LoraSession:
         """The run's base builds: each base once, unless a test asked for it after it was released."""
         return [{"model": model, "quant": quant, "device": device, "count": count} for (model, quant, device), count in self.builds.items()]
 
-    def deliver(self, record: dict[str, Any], again: bool = False) -> None:
-        """A test's record: to the worker's journal under xdist, else to the store. ``again``: a
-        record delivered before, now with more in it (a confirming rerun's result)."""
+    def deliver(self, record: dict[str, Any]) -> None:
+        """A test's record: to the worker's journal under xdist, else to the store. A record
+        delivered again (with a confirming rerun's result in it) replaces the first."""
         if self.journal is not None:
             machine = self.machine_section()
             if machine != self._machine_sent:  # the controller describes the workers' device, not its own
                 self.journal.machine(machine)
                 self._machine_sent = dict(machine)
             self.journal.record(record)
-        elif again:
-            if self.store is not None:
-                self._keep(self.store.write)
         else:
             self.add_records(record)
 
@@ -437,10 +451,13 @@ class LoraSession:
         if self.stopped_by is not None:  # the last test's write may fail after xdist's last check to stop
             exitstatus = exitstatus or int(pytest.ExitCode.INTERRUPTED)
         dsession = self.config.pluginmanager.getplugin("dsession")
-        stopped_by = self.stopped_by or (getattr(dsession, "shouldstop", None) if dsession is not None else None)
-        if stopped_by:  # by us, or by a worker (its journal failed; -x)
+        stopped_by = self.stopped_by or self.interrupts.first or (getattr(dsession, "shouldstop", None) if dsession is not None else None)
+        if stopped_by:  # by us, a signal, or a worker (its journal failed; -x)
             self.store.run["stopped_by"] = str(stopped_by)
-        self.store.finish(run_status(exitstatus), provenance.now())
+        tests = self.store.run["tests"] = self.test_counts()
+        if tests["recorded"] + tests["dropped"] < tests["selected"] and exitstatus == 0:  # a record went missing: say so
+            exitstatus = int(pytest.ExitCode.INTERRUPTED)
+        self.store.finish(run_status(exitstatus, tests), provenance.now())
         if self.store.failure is not None and exitstatus == 0:  # the JSON is whole; the tables beside it are not
             exitstatus = int(pytest.ExitCode.INTERRUPTED)
         if self._collector is not None and self.store.failure is None:
@@ -456,8 +473,22 @@ class LoraSession:
             self.store.finish("failed", provenance.now())
 
 
-def run_status(exitstatus: int) -> str:
-    return "passed" if exitstatus == 0 else "interrupted" if exitstatus == 2 else "failed"
+    def test_counts(self) -> dict[str, int]:
+        """How many selected tests record, how many did, and how many recorded nothing by design
+        (skipped outside the bench): the workers' counts under xdist."""
+        selected, dropped = self.recording, self.dropped
+        if self._collector is not None:
+            selected, dropped = self._collector.selected, self._collector.dropped
+        return {"selected": len(selected), "recorded": len(self.store.records), "dropped": len(dropped)}
+
+
+def run_status(exitstatus: int, tests: dict[str, int] | None = None) -> str:
+    """``passed`` only when pytest says so and every selected test left its record;
+    ``interrupted`` when the run stopped or a record is missing; else ``failed``."""
+    whole = tests is None or tests["recorded"] + tests["dropped"] >= tests["selected"]
+    if exitstatus == 2 or not whole:
+        return "interrupted"
+    return "passed" if exitstatus == 0 else "failed"
 
 
 def _positive_float(value: Any) -> bool:

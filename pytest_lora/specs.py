@@ -34,6 +34,11 @@ def shortened(text: str, limit: int = 80) -> str:
     return f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text):,d} characters)"
 
 
+def shown(value: Any) -> str:
+    """A value quoted for a message, shortened when long."""
+    return shortened(repr(value))
+
+
 def whole_number(value: Any) -> int | None:
     """``value`` as a non-negative integer written in ASCII digits, else ``None``.
 

@@ -24,6 +24,10 @@ def check_report_option(setting: Any) -> None:
 
 
 def write(writer: Any, config: pytest.Config, lora: Any) -> None:
+    for log in lora.unfinished:  # found at the start: an earlier run killed before its end
+        shown = shown_path(log, config.invocation_params.dir)
+        writer.write_line(f"pytest-lora: run {log.stem} never finished (killed?): its records are in {shown}; "
+                          f"`pytest-lora report {shown}` makes its report", yellow=True)
     store = lora.store
     if store is None or not store.records:
         return

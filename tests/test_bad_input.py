@@ -72,6 +72,14 @@ def test_a_path_option_the_filesystem_refuses(pytester, suite, option, value, wh
     assert max(len(line) for line in result.stderr.lines) < 300
 
 
+def test_modules_to_save_that_match_nothing_name_the_file_that_set_them(pytester, suite):
+    """Found by the fuzzer: the error named the default matrix's targets, not the file."""
+    suite()
+    (pytester.path / "m.toml").write_text('modules_to_save = ["INF"]\n')
+    result = pytester.runpytest(*ONE, "--lora-matrix=m.toml")
+    assert_usage_error(pytester, result, "--lora-matrix (m.toml): modules_to_save: modules_to_save 'INF' matches no module of llama-3.2-1b-tiny")
+
+
 def test_an_empty_list_in_a_matrix_file(pytester, suite):
     suite()
     (pytester.path / "m.toml").write_text("alpha = []\n")
@@ -168,39 +176,46 @@ def test_record(lora_bench, n):
 """
 
 DISK_FULL = """
-import errno, json, os
-from pytest_lora.report import store
+import errno, os
+from pytest_lora.report import runlog
 
-real = store.atomic_write_text
-FULL_AT = int(os.environ["PLANTED_FULL_AT"])  # the record whose write finds the disk full
+real = runlog.RunLog.append
+FULL_AT = int(os.environ["PLANTED_FULL_AT"])  # the record whose append finds the disk full
+appended = []
 
 
-def full(path, text):
-    if path.parent.name == "results" and len(json.loads(text)["records"]) >= FULL_AT:
+def full(self, header, records):
+    if len(appended) + len(records) >= FULL_AT:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return real(path, text)
+    real(self, header, records)
+    appended.extend(records)
 
 
-store.atomic_write_text = full
+runlog.RunLog.append = full
 """
 
 
 def plant_full_disk(monkeypatch, full_at: int, temp_full: bool) -> None:
     """The results directory's disk is full from record ``full_at`` on; with ``temp_full``, the
     temporary directory's too (a fake filesystem error at the store, undone after the test)."""
-    import json
+    from pytest_lora.report import runlog, store
 
-    from pytest_lora.report import store
+    real_append, real_write = runlog.RunLog.append, store.atomic_write_text
+    appended = []
 
-    real = store.atomic_write_text
-
-    def full(path, text):
-        in_results = path.parent.name == "results"
-        if (in_results and len(json.loads(text)["records"]) >= full_at) or (temp_full and not in_results):
+    def full_append(self, header, records):
+        if len(appended) + len(records) >= full_at:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, text)
+        real_append(self, header, records)
+        appended.extend(records)
 
-    monkeypatch.setattr(store, "atomic_write_text", full)
+    def full_write(path, text):  # the recovery file's write
+        if temp_full and path.parent.name != "results":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, text)
+
+    monkeypatch.setattr(runlog.RunLog, "append", full_append)
+    monkeypatch.setattr(store, "atomic_write_text", full_write)
 
 
 def run_with_full_disk(pytester, suite, monkeypatch, temp_full: bool = False):
@@ -212,7 +227,7 @@ def run_with_full_disk(pytester, suite, monkeypatch, temp_full: bool = False):
 
 
 def test_a_disk_full_after_the_fifth_record_keeps_all_and_says_where(pytester, suite, monkeypatch):
-    """The sixth record's write fails: the run stops there (exit 2, interrupted), the run's file
+    """The sixth record's append fails: the run stops there (exit 2, interrupted), the run's log
     holds the five written before, and the recovery file in the temporary directory holds all
     six, with the run's status; the error names both."""
     from pytest_lora.report.store import load
@@ -221,14 +236,15 @@ def test_a_disk_full_after_the_fifth_record_keeps_all_and_says_where(pytester, s
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
     result.assert_outcomes(passed=6)  # the run stopped after the test whose write failed
-    (run_file,) = (path for path in (pytester.path / "results").glob("*.json") if path.name != "latest.json")
+    (log,) = (pytester.path / "results").glob("*.jsonl")
+    assert not list((pytester.path / "results").glob("*.json"))  # the document is written at the end, into the recovery file
     (recovery,) = (pytester.path / "tmp").glob("pytest-lora-*.json")
     result.stdout.fnmatch_lines([
-        "pytest-lora: the results were not all written: cannot write*",
-        f"*Interrupted: --lora-results: cannot write {run_file.name} in {run_file.parent} (No space left on device): "
-        f"{run_file.name} holds the first 5 of the 6 records (its last complete write); all 6 are in {recovery} *",
+        "pytest-lora: the results were not all written: cannot append to*",
+        f"*Interrupted: --lora-results: cannot append to {log.name} in {log.parent} (No space left on device): "
+        f"{log.name} holds the first 5 of the 6 records (its complete lines); all 6 are in {recovery} *",
     ])
-    written = load(run_file)
+    written = load(log)
     assert [record["test"] for record in written["records"]] == [f"suites/test_suite.py::test_record[{n}]" for n in range(5)]
     assert written["run"]["status"] == "running"  # as the disk last saw it
     recovered = load(recovery)
@@ -270,8 +286,8 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     assert recovered["run"]["status"] == "interrupted"
     ran = [line for line in result.stdout.lines if "passed" in line]
     print(ran, len(recovered["records"]))
-    (run_file,) = (path for path in (pytester.path / "results").glob("*.json") if path.name != "latest.json")
-    assert len(load(run_file)["records"]) < 6  # records arrive from the workers in batches
+    (log,) = (pytester.path / "results").glob("*.jsonl")
+    assert len(load(log)["records"]) < 6  # records arrive from the workers in batches
 
 
 JOURNAL_FULL = """

@@ -22,11 +22,11 @@ import os
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_lora.matrix import MATRIX_KEYS
-from pytest_lora.options import OPTIONS
+from pytest_lora.options import BY_NAME, OPTIONS
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 DERANDOMIZE = os.environ.get("FUZZ_RANDOM", "0") != "1"
@@ -154,6 +154,19 @@ def fuzz_directory(pytester, suite):
     return pytester
 
 
+def found(name: str, source: str, value: object, matrix: dict | None = None) -> tuple:
+    """An example that once broke (kept as an explicit example, run first every time)."""
+    return ([(BY_NAME[name], source, value)] if name else [], matrix)
+
+
+@example(example=found("rounds", "cli", "²"))  # str.isdigit takes it, int() refuses it: an INTERNALERROR
+@example(example=found("gpus_per_worker", "env", "¹"))
+@example(example=found("compare", "cli", "a" * 300))  # a name too long for the filesystem: an INTERNALERROR
+@example(example=found("bench", "env", "m" * 3000))  # the value echoed whole in the message
+@example(example=found("bench", "ini", "m" * 3000))
+@example(example=found("", "", None, {"targets": "m" * 3000}))
+@example(example=found("", "", None, {"modules_to_save": "INF"}))  # the error named the default matrix, not the file
+@example(example=found("targets", "pyproject", True))  # a rejected run left pytest-benchmark's .benchmarks
 @settings(max_examples=EXAMPLES, derandomize=DERANDOMIZE, deadline=None, database=None, phases=PHASES,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(example=examples())

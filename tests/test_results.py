@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY
 from pytest_lora.report.store import SCHEMA_VERSION, atomic_write_json, load
 
-RUN_KEYS = {"id", "started", "finished", "argv", "git", "status", "builds"}
+RUN_KEYS = {"id", "started", "finished", "argv", "git", "status", "builds", "tests"}
 MACHINE_KEYS = {"device", "gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes", "python", "cpu",
                 "cpu_count", "cpu_threads", "load_avg_start"}
 RECORD_KEYS = {"suite", "test", "model", "quant", "lora", "workload", "status", "metrics", "units", "error", "warnings", "samples"}

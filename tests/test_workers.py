@@ -47,7 +47,7 @@ def test_gpus_per_worker_is_a_whole_number_of_at_least_one():
     assert workers.gpus_per_worker(SimpleNamespace(value="4")) == 4
     for bad in ("0", "two", "-1", "1.5"):
         with pytest.raises(pytest.UsageError, match=r"--lora-gpus-per-worker: .* is not a GPU count; allowed: an integer >= 1"):
-            workers.gpus_per_worker(SimpleNamespace(value=bad, describe=lambda: "--lora-gpus-per-worker"))
+            workers.gpus_per_worker(SimpleNamespace(value=bad, shown=repr(bad), describe=lambda: "--lora-gpus-per-worker"))
 
 
 def test_a_worker_takes_its_share_of_the_cores_unless_omp_num_threads_is_set(monkeypatch):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from ..specs import LoraSpec, ModelSpec
+from ..specs import LoraSpec, ModelSpec, shown
 
 CACHE_PREFIX = "pytest_lora/architecture/"
 
@@ -153,8 +153,8 @@ def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture) -> list[str]:
     elif isinstance(lora.targets, tuple):
         for target in lora.targets:
             if not any(ok and name_matches(name, (target,)) for name, ok in names):
-                found.append(f"target {target!r} matches no Linear, Conv1D or Embedding of {model.id}; its modules end in: {', '.join(adaptable)}")
+                found.append(f"target {shown(target)} matches no Linear, Conv1D or Embedding of {model.id}; its modules end in: {', '.join(adaptable)}")
     for module in lora.modules_to_save:
         if not any(name_matches(name, (module,)) for name, _ in names):
-            found.append(f"modules_to_save {module!r} matches no module of {model.id}")
+            found.append(f"modules_to_save {shown(module)} matches no module of {model.id}")
     return found

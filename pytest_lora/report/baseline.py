@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import SCHEMA_VERSION
+from . import runlog
+from .store import SCHEMA_VERSION, unfinished_runs
 
 DEFAULT_WINDOW = 5
 ALLOWED = f"a pytest-lora results JSON (schema_version {SCHEMA_VERSION}) or a directory of them"
@@ -61,7 +62,8 @@ def load(path: Path, where: str, window: int = DEFAULT_WINDOW) -> Baseline:
 
 def _history(directory: Path, where: str, window: int) -> Baseline:
     runs, left_out = [], []
-    for path in sorted(directory.glob("*.json")):
+    finished = sorted(directory.glob("*.json"))
+    for path in finished + unfinished_runs(directory):  # a killed run's log: left out below, and said so
         if path.name == "latest.json" or path.name.startswith("."):
             continue
         document = read(path, where)
@@ -76,8 +78,11 @@ def _history(directory: Path, where: str, window: int) -> Baseline:
 def read(path: Path, where: str) -> dict[str, Any]:
     """A results document, checked for what the gate reads; a ``BaselineError`` otherwise."""
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if Path(path).suffix == runlog.SUFFIX:  # a run that never finished: its log
+            document = runlog.read(Path(path))
+        else:
+            document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
         raise BaselineError(f"{where}: {str(path)!r} is not readable JSON ({error}); allowed: {ALLOWED}") from None
     if not isinstance(document, dict):
         raise BaselineError(f"{where}: {str(path)!r} is not a results document (a JSON {type(document).__name__}); allowed: {ALLOWED}")

@@ -29,6 +29,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from ..specs import shown
+
 STATS = ("value", "median", "mean", "min", "max")
 ALIASES = {"step_time": "step_time_median_s", "peak_memory": "peak_reserved_bytes"}
 SIZES = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -136,14 +138,14 @@ def parse(text: str, where: str) -> Rule:
     """``METRIC[:STAT]:THRESHOLD`` as a ``Rule``; a ``RuleError`` naming ``where`` if malformed."""
     parts = [part.strip() for part in str(text).strip().split(":")]
     if len(parts) not in (2, 3) or not all(parts):
-        raise RuleError(f"{where}: {text!r} is not a rule; allowed: METRIC[:STAT]:THRESHOLD, e.g. "
+        raise RuleError(f"{where}: {shown(text)} is not a rule; allowed: METRIC[:STAT]:THRESHOLD, e.g. "
                         "'step_time_median_s:10%', 'peak_reserved_bytes:+256MiB', 'trainable_params:=='")
     metric = ALIASES.get(parts[0], parts[0])
     if not metric.isidentifier():
-        raise RuleError(f"{where}: {text!r}: {parts[0]!r} is not a metric name; allowed: a record's metric, e.g. step_time_median_s")
+        raise RuleError(f"{where}: {shown(text)}: {shown(parts[0])} is not a metric name; allowed: a record's metric, e.g. step_time_median_s")
     stat = parts[1] if len(parts) == 3 else "value"
     if stat not in STATS:
-        raise RuleError(f"{where}: {text!r}: {stat!r} is not a statistic; allowed: {', '.join(STATS)}")
+        raise RuleError(f"{where}: {shown(text)}: {shown(stat)} is not a statistic; allowed: {', '.join(STATS)}")
     return parse_threshold(metric, stat, parts[-1], where, rule_text=text)
 
 
@@ -177,7 +179,7 @@ def parse_threshold(metric: str, stat: str, threshold: str, where: str, rule_tex
 
 def _once(current: float | None, value: float, text: str, where: str) -> float:
     if current is not None:
-        raise RuleError(f"{where}: {text!r}: two thresholds of the same kind; allowed: {ALLOWED}")
+        raise RuleError(f"{where}: {shown(text)}: two thresholds of the same kind; allowed: {ALLOWED}")
     return value
 
 
@@ -185,19 +187,19 @@ def _number(body: str, text: str, where: str) -> float:
     try:
         value = float(body)
     except ValueError:
-        raise RuleError(f"{where}: {text!r}: {body!r} is not a number; allowed: {ALLOWED}") from None
+        raise RuleError(f"{where}: {shown(text)}: {shown(body)} is not a number; allowed: {ALLOWED}") from None
     if value != value or value in (float("inf"), float("-inf")) or value < 0:
-        raise RuleError(f"{where}: {text!r}: {body!r} must be a finite number >= 0; allowed: {ALLOWED}")
+        raise RuleError(f"{where}: {shown(text)}: {shown(body)} must be a finite number >= 0; allowed: {ALLOWED}")
     return value
 
 
 def _size(body: str, text: str, where: str) -> float:
     match = re.fullmatch(r"([0-9.eE+-]+)([A-Za-z]*)", body)
     if not match:
-        raise RuleError(f"{where}: {text!r}: {body!r} is not a threshold; allowed: {ALLOWED}")
+        raise RuleError(f"{where}: {shown(text)}: {shown(body)} is not a threshold; allowed: {ALLOWED}")
     number, unit = match.groups()
     if unit and unit.lower() not in SIZES:
-        raise RuleError(f"{where}: {text!r}: {unit!r} is not a size unit; allowed: {', '.join(['B', 'KiB', 'MiB', 'GiB', 'KB', 'MB', 'GB'])}")
+        raise RuleError(f"{where}: {shown(text)}: {shown(unit)} is not a size unit; allowed: {', '.join(['B', 'KiB', 'MiB', 'GiB', 'KB', 'MB', 'GB'])}")
     return _number(number, text, where) * SIZES.get(unit.lower(), 1)
 
 
@@ -205,7 +207,7 @@ def size_in_bytes(text: str, where: str) -> int:
     """``24GiB``, ``24 GiB``, ``1.5e9`` or ``512MB`` as bytes; a ``RuleError`` naming ``where`` if not."""
     size = _size(str(text).replace(" ", ""), str(text), where)
     if size <= 0:
-        raise RuleError(f"{where}: {text!r} is not a positive size; allowed: e.g. 24GiB, 80GB, 512MiB")
+        raise RuleError(f"{where}: {shown(text)} is not a positive size; allowed: e.g. 24GiB, 80GB, 512MiB")
     return int(size)
 
 

@@ -1,14 +1,18 @@
-"""The results store: one JSON document per run, rewritten atomically after every record.
+"""The results store: each record on disk as it is measured, one JSON document per run at its end.
 
-``<dir>/<run-id>.json`` and ``<dir>/latest.json`` hold the same document (schema in DESIGN.md):
-run provenance, the machine, and one record per measured test. When the run ends, the tables
-go next to them: the report as markdown (``<run-id>.md``, ``latest.md``), every record as CSV
-(``<run-id>.csv``, ``latest.csv``) and the plots (``<run-id>-<plot>.png``). Each write goes to a temporary
-file in the same directory, is flushed to disk, then renamed over the target, so a reader (or a
-run killed half-way) only ever sees a complete document with the records measured so far.
+While the run goes, each record is appended to the run's log, ``<dir>/<run-id>.jsonl`` (``runlog``:
+one line per record, fsynced, the same cost at record 10,000 as at record 10). When the run ends,
+or is interrupted, ``<dir>/<run-id>.json`` and ``<dir>/latest.json`` get the whole document
+(schema in DESIGN.md): run provenance, the machine, and one record per measured test; then the
+log goes, and the tables go next to them: the report as markdown (``<run-id>.md``,
+``latest.md``), every record as CSV (``<run-id>.csv``, ``latest.csv``) and the plots
+(``<run-id>-<plot>.png``). Each of those writes goes to a temporary file in the same directory,
+is flushed to disk, then renamed over the target (and the directory fsynced), so a reader only
+ever sees a complete document. A run killed before its end leaves its log, which every reader
+takes for the document (``load``).
 
-A write that fails mid-run (a full disk, a filesystem gone read-only) loses nothing: the run's file
-keeps its last complete write, every record goes to a recovery file in the temporary directory
+A write that fails (a full disk, a filesystem gone read-only) loses nothing: the log keeps its
+complete lines, every record goes to a recovery file in the temporary directory
 (``pytest-lora-<run-id>.json``), and ``ResultsNotWritten`` says where each is, so that the run can
 stop. Should even the recovery file fail, the records that are on no disk are kept in memory
 (``unsaved``) for the terminal to print.
@@ -22,11 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from ..specs import shortened
+from . import runlog
 
 SCHEMA_VERSION = 1
 
@@ -39,8 +46,10 @@ class ResultsStore:
         self.run = run
         self.machine = machine
         self.records: list[dict[str, Any]] = []
+        self._index: dict[str, int] = {}  # each record's test id: its place in ``records`` (kept, not rebuilt per record)
         self.comparison: Any = None  # the gate's report.compare.Comparison, once the run is judged
-        self.saved = 0  # how many records the run's file holds (its last complete write)
+        self.log = None if directory is None else runlog.RunLog(self.directory / f"{run['id']}{runlog.SUFFIX}")
+        self.saved = 0  # how many records are on disk (in the log, then in the run's JSON)
         self.failure: str | None = None  # why the results directory stopped taking the run's writes
         self.recovery: Path | None = None  # where every record went after that, if it could be written
         self.recovery_failure: str | None = None  # why that failed too
@@ -57,32 +66,40 @@ class ResultsStore:
         return {"schema_version": SCHEMA_VERSION, "run": self.run, "machine": self.machine, "records": self.records}
 
     def put(self, *records: dict[str, Any]) -> None:
-        """Add records, each replacing an earlier one of its test, and write the document at once:
-        nothing measured is lost. (An xdist worker sends a record again when a confirming rerun
-        adds to it.)"""
-        index = {record["test"]: position for position, record in enumerate(self.records)}
+        """Add records, each replacing an earlier one of its test, and append them to the log at
+        once: nothing measured is lost. (A record comes again when a confirming rerun adds to it.)"""
         for record in records:
-            if record["test"] in index:
-                self.records[index[record["test"]]] = record
+            if record["test"] in self._index:
+                self.records[self._index[record["test"]]] = record
             else:
-                index[record["test"]] = len(self.records)
+                self._index[record["test"]] = len(self.records)
                 self.records.append(record)
-        self.write()
+        if not self.writes:
+            return
+        if self.failure is not None:
+            self._save_elsewhere(self._text())
+            return
+        header = {"schema_version": SCHEMA_VERSION, "run": self.run, "machine": self.machine}
+        try:
+            self.log.append(header, self.records if self.log.lost() else records)
+        except OSError as error:
+            self._failed(f"cannot append to {self.log.path.name} in {self.directory} ({reason(error)})")
+        self.saved = len(self.records)
 
     @property
     def writes(self) -> bool:
         return self.directory is not None
 
     def finish(self, status: str, finished: str) -> None:
-        """Write the run's final document, then its report, CSV and plots (``report.publish``).
-        After a failed write only the recovery file is brought up to date, and nothing raises:
-        the failure was reported when it happened."""
+        """Write the run's document, then its report, CSV and plots (``report.publish``). After a
+        failed write only the recovery file is brought up to date, and nothing raises: the failure
+        was reported when it happened."""
         self.run["status"] = status
         self.run["finished"] = finished
         if not self.writes:
             return
         try:
-            self.write(final=True)
+            self.write()
         except ResultsNotWritten:
             return
         if self.failure is not None:
@@ -94,12 +111,12 @@ class ResultsStore:
         except OSError as error:
             self.failure = f"the report beside {self.run_path} could not be written ({reason(error)}); the JSON holds every record"
 
-    def write(self, final: bool = False) -> None:
-        """Both files from one serialization: compact while the run goes (the C encoder, a third
-        of the time of an indented one, after every record), indented for people at the end."""
+    def write(self) -> None:
+        """The whole document into the run's file and ``latest.json``, from one serialization; then
+        the log goes. After a failure, into the recovery file only."""
         if not self.writes:
             return
-        text = json.dumps(self.document(), indent=1 if final else None, allow_nan=False) + "\n"
+        text = self._text()
         if self.failure is not None:
             self._save_elsewhere(text)
             return
@@ -107,11 +124,16 @@ class ResultsStore:
             try:
                 atomic_write_text(path, text)
             except OSError as error:
-                self.failure = f"cannot write {path.name} in {path.parent} ({reason(error)})"
-                self._save_elsewhere(text)
-                raise ResultsNotWritten(self.whereabouts()) from None
-            if path == self.run_path:
-                self.saved = len(self.records)
+                self._failed(f"cannot write {path.name} in {path.parent} ({reason(error)})", text)
+        self.log.remove()
+
+    def _text(self) -> str:
+        return json.dumps(self.document(), indent=1, allow_nan=False) + "\n"
+
+    def _failed(self, failure: str, text: str | None = None) -> None:
+        self.failure = failure
+        self._save_elsewhere(text or self._text())
+        raise ResultsNotWritten(self.whereabouts()) from None
 
     @property
     def recovery_path(self) -> Path:
@@ -129,7 +151,7 @@ class ResultsStore:
 
     @property
     def unsaved(self) -> list[dict[str, Any]]:
-        """The records on no disk: those after the run file's last write, when the recovery failed too."""
+        """The records on no disk: those after the log's last line, when the recovery failed too."""
         return [] if self.recovery is not None or self.failure is None else self.records[self.saved:]
 
     def whereabouts(self) -> str:
@@ -137,12 +159,16 @@ class ResultsStore:
         total = len(self.records)
         if self.saved == total and self.recovery is None and self.recovery_failure is None:
             return self.failure  # the report beside a whole JSON
-        kept = (f"{self.run_path.name} holds the first {self.saved} of the {total} records (its last complete write)"
-                if self.saved else f"none of the {total} records reached {self.directory}")
+        if not self.saved:
+            kept = f"none of the {total} records reached {self.directory}"
+        else:
+            share = f"all {total}" if self.saved == total else f"the first {self.saved} of the {total}"
+            kept = f"{self.log.path.name} holds {share} records (its complete lines)"
         if self.recovery is not None:
             return f"{self.failure}: {kept}; all {total} are in {self.recovery}"
-        return (f"{self.failure}: {kept}; the recovery file {self.recovery_path} could not be written either "
-                f"({self.recovery_failure}): the {total - self.saved} record(s) on no disk are printed below, a JSON line each")
+        lost = total - self.saved
+        return (f"{self.failure}: {kept}; the recovery file {self.recovery_path} could not be written either ({self.recovery_failure})"
+                + (f": the {lost} record(s) on no disk are printed below, a JSON line each" if lost else ""))
 
 
 class ResultsNotWritten(Exception):
@@ -211,6 +237,29 @@ def _atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    runlog.fsync_directory(path.parent)  # the rename is on disk too
+
+
+TEMPORARY = re.compile(r"\.(.+\.[A-Za-z0-9_]{8}\.tmp|pytest-lora-probe\.[A-Za-z0-9_]{8})")  # _atomic_write's and the probe's names
+STALE_AFTER_S = 60.0  # older than any write of ours takes: another run's write in progress is left alone
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """The temporary files a killed write left in ``directory`` (ours only, by their names); those removed."""
+    removed = []
+    for path in Path(directory).glob(".*"):
+        try:
+            if TEMPORARY.fullmatch(path.name) and path.is_file() and time.time() - path.stat().st_mtime > STALE_AFTER_S:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # pragma: no cover - gone meanwhile
+            continue
+    return removed
+
+
+def unfinished_runs(directory: Path) -> list[Path]:
+    """The logs of runs that never wrote their JSON: killed, or still running elsewhere."""
+    return sorted(path for path in Path(directory).glob(f"*{runlog.SUFFIX}") if not path.with_suffix(".json").exists())
 
 
 def current_umask() -> int:
@@ -221,8 +270,9 @@ def current_umask() -> int:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a results document, checking its schema version."""
-    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a results document (or the log of a run that never finished), checking its schema version."""
+    path = Path(path)
+    document = runlog.read(path) if path.suffix == runlog.SUFFIX else json.loads(path.read_text(encoding="utf-8"))
     if document.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {document.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     return document
