@@ -52,6 +52,9 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
         if lora.reruns:
             writer.write_line(f"pytest-lora: {lora.reruns} config(s) rerun to confirm a timing regression (--lora-confirm)")
     counts = f"{len(store.records)} records ({status_counts(store.records)})"
+    tests = store.run.get("tests")
+    if store.run.get("status") == "interrupted" and tests:
+        writer.write_line(f"pytest-lora: interrupted: {tests['recorded']} of {tests['selected']} selected tests recorded", yellow=True)
     if store.failure is not None:
         _failure_lines(writer, store)
     elif store.writes:

@@ -64,6 +64,7 @@ def test_a_double_ctrl_c_is_recorded_interrupted_with_the_counts(pytester, suite
                                            "-p", "planted_second_ctrl_c", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stderr.fnmatch_lines(["*pytest-lora: SIGINT held until the results are written*"])
+    result.stdout.fnmatch_lines(["pytest-lora: interrupted: 1 of 3 selected tests recorded"])
     document, names = run_files(pytester.path)
     assert document["run"]["status"] == "interrupted" and document["run"]["stopped_by"] == "SIGINT"
     assert document["run"]["tests"] == {"selected": 3, "recorded": 1, "dropped": 0}
@@ -107,6 +108,8 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(pytester, suite):
     assert run["status"] == "interrupted" and run["stopped_by"] == "SIGTERM" and run["finished"] is not None
     assert run["tests"] == {"selected": 2, "recorded": 1, "dropped": 0}
     assert {f"{run['id']}.md", f"{run['id']}.csv", "latest.md", "latest.csv"} <= set(names)
+    assert "interrupted, " in (pytester.path / "results" / "latest.md").read_text()
+    assert "; 1 of 2 selected tests recorded (stopped by SIGTERM)" in (pytester.path / "results" / "latest.md").read_text()
     assert not [name for name in names if name.endswith((".tmp", ".jsonl"))]
 
 

@@ -64,7 +64,11 @@ def git_line(run: dict[str, Any]) -> str:
 def run_line(run: dict[str, Any]) -> str:
     if run.get("finished") is None:
         return f"{run.get('status')}, started {run.get('started')}, not finished: the records measured until it was stopped or killed"
-    return f"{run.get('status')}, {run.get('started')} to {run.get('finished')}"
+    line = f"{run.get('status')}, {run.get('started')} to {run.get('finished')}"
+    tests = run.get("tests")
+    if run.get("status") == "interrupted" and tests:  # how far it got
+        line += f"; {tests['recorded']} of {tests['selected']} selected tests recorded" + (f" (stopped by {run['stopped_by']})" if run.get("stopped_by") else "")
+    return line
 
 
 def builds_line(builds: list[dict[str, Any]]) -> str:
