@@ -265,3 +265,22 @@ def test_a_record_costs_the_same_bytes_at_the_end_of_a_run_as_at_its_start(tmp_p
         store.put(a_record(f"t[{index:04d}]"))
     assert len(written) == 1000 and len(set(written[1:])) == 1  # the first carries the header
     assert written[0] > written[1]
+
+
+def test_the_gate_history_and_compare_read_a_killed_runs_log(tmp_path):
+    """A directory of runs with a killed one: the history leaves the log out and says why; the
+    log itself reads as a baseline file."""
+    from pytest_lora.report import baseline
+
+    passed = ResultsStore(tmp_path, {"id": "20260101-000000-aaaaaa", **RUN}, {"device": "cpu"})
+    passed.put(a_record("t[a]"))
+    passed.write()
+    passed.run["status"] = "passed"
+    passed.write()
+    killed = ResultsStore(tmp_path, {"id": "20260102-000000-bbbbbb", **RUN}, {"device": "cpu"})
+    killed.put(a_record("t[a]"))  # never finished: its log is all there is
+    history = baseline.load(tmp_path, "--lora-compare", 5)
+    assert [run["run"]["id"] for run in history.runs] == ["20260101-000000-aaaaaa"]
+    assert history.left_out == ["20260102-000000-bbbbbb.jsonl (running)"]
+    alone = baseline.load(tmp_path / "20260102-000000-bbbbbb.jsonl", "--lora-compare")
+    assert alone.runs[0]["records"] == [a_record("t[a]")]
