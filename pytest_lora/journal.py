@@ -30,7 +30,6 @@ never finished. A run that ends removes its journals once its JSON holds everyth
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -38,6 +37,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from .report.runlog import append_whole, open_for_appending
 
 WORKER_JOURNAL = "lora_journal"  # the workerinput key of a worker's journal path
 SUFFIX = ".workers"
@@ -104,11 +105,8 @@ class Journal:
     def _write(self, line: bytes) -> None:
         if self._fd is None:
             self._target.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        written = os.write(self._fd, line)  # O_APPEND: one write lands whole at the end
-        if written != len(line):  # a full disk: the readers skip the torn line
-            raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes")
-        os.fsync(self._fd)
+            self._fd = open_for_appending(self._target)
+        append_whole(self._fd, line)
 
     def _fail_over(self, error: OSError, line: bytes) -> None:
         """Carry on in the recovery journal; say what happened (once per change)."""

@@ -215,14 +215,11 @@ class LoraSession:
         checkpoint = self.data_checkpoint()
         if checkpoint is None:
             return
-        import transformers
-
         from .measure import forgetting
 
         forget, learn = self.settings["forget_data"], self.settings["learn_data"]
         try:
-            forgetting.data_blocks(transformers.AutoTokenizer.from_pretrained(checkpoint), self.path_setting("forget_data"),
-                                   self.path_setting("learn_data"))
+            forgetting.data_blocks(checkpoint, self.path_setting("forget_data"), self.path_setting("learn_data"))
         except forgetting.DataProblem as problem:
             setting, need = (forget, "one block") if problem.path == self.path_setting("forget_data") else \
                 (learn, f"{forgetting.LEARN_BLOCKS} blocks (one held out, one to train on)")

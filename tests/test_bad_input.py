@@ -52,12 +52,23 @@ def test_a_model_name_too_long_for_the_filesystem(pytester, suite):
     assert max(len(line) for line in result.stderr.lines) < 300  # the value is shortened
 
 
-def test_a_matrix_value_too_long_for_the_filesystem(pytester, suite):
+MATRIX_FILES = {  # a matrix file's content: the message (each once an INTERNALERROR or a wrong name)
+    "value too long for the filesystem": ('models = ["' + "m" * 3000 + '"]\n',
+                                          "models: 'mmmm*' (3,002 characters) is not a usable path (File name too long)*"),
+    "empty list": ("alpha = []\n", "alpha: [] is empty; allowed: at least one value"),
+    # found by the fuzzer: the error named the default matrix's targets, not the file
+    "modules_to_save matching nothing": ('modules_to_save = ["INF"]\n', "modules_to_save: modules_to_save 'INF' matches no module of llama-3.2-1b-tiny"),
+}
+
+
+@pytest.mark.parametrize("case", list(MATRIX_FILES))
+def test_a_bad_matrix_file_value_names_the_file_and_key(pytester, suite, case):
+    content, message = MATRIX_FILES[case]
     suite()
-    (pytester.path / "m.toml").write_text('models = ["' + "m" * 3000 + '"]\n')
-    result = pytester.runpytest(*ONE[:1], "--lora-quant=bf16", "--lora-matrix=m.toml")
-    assert_usage_error(pytester, result, "--lora-matrix (m.toml): models: 'mmmm*' (3,002 characters) is not a usable path (File name too long)*")
-    assert max(len(line) for line in result.stderr.lines) < 300
+    (pytester.path / "m.toml").write_text(content)
+    result = pytester.runpytest("--lora-bench", "--lora-quant=bf16", "--lora-matrix=m.toml")
+    assert_usage_error(pytester, result, f"--lora-matrix (m.toml): {message}")
+    assert max(len(line) for line in result.stderr.lines) < 300  # long values are shortened
 
 
 @pytest.mark.parametrize("option", ["--lora-compare", "--lora-matrix", "--lora-suites", "--lora-forget-data", "--lora-results"])
@@ -72,21 +83,6 @@ def test_a_path_option_the_filesystem_refuses(pytester, suite, option, value, wh
     assert max(len(line) for line in result.stderr.lines) < 300
 
 
-def test_modules_to_save_that_match_nothing_name_the_file_that_set_them(pytester, suite):
-    """Found by the fuzzer: the error named the default matrix's targets, not the file."""
-    suite()
-    (pytester.path / "m.toml").write_text('modules_to_save = ["INF"]\n')
-    result = pytester.runpytest(*ONE, "--lora-matrix=m.toml")
-    assert_usage_error(pytester, result, "--lora-matrix (m.toml): modules_to_save: modules_to_save 'INF' matches no module of llama-3.2-1b-tiny")
-
-
-def test_an_empty_list_in_a_matrix_file(pytester, suite):
-    suite()
-    (pytester.path / "m.toml").write_text("alpha = []\n")
-    result = pytester.runpytest(*ONE, "--lora-matrix=m.toml")
-    assert_usage_error(pytester, result, "--lora-matrix (m.toml): alpha: [] is empty; allowed: at least one value")
-
-
 def test_shortened_keeps_both_ends_and_the_length():
     assert shortened("short") == "short"
     text = shortened("a" * 50 + "b" * 50, limit=40)
@@ -96,18 +92,13 @@ def test_shortened_keeps_both_ends_and_the_length():
 # --------------------------------------------------------------------------- the results directory
 
 
-def test_a_results_path_that_is_a_file(pytester, suite):
+@pytest.mark.parametrize("path, why", [("taken", "it is a file, not a directory"), ("taken/results", "Not a directory")],
+                         ids=["a file", "under a file"])
+def test_a_results_path_that_is_or_lies_under_a_file(pytester, suite, path, why):
     suite()
     (pytester.path / "taken").write_text("not a directory")
-    result = pytester.runpytest(*ONE, "--lora-results=taken")
-    assert_usage_error(pytester, result, "--lora-results: '*taken' cannot hold the results (it is a file, not a directory); allowed: *")
-
-
-def test_a_results_path_under_a_file(pytester, suite):
-    suite()
-    (pytester.path / "taken").write_text("not a directory")
-    result = pytester.runpytest(*ONE, "--lora-results=taken/results")
-    assert_usage_error(pytester, result, "--lora-results: '*taken/results' cannot hold the results (Not a directory); allowed: *")
+    result = pytester.runpytest(*ONE, f"--lora-results={path}")
+    assert_usage_error(pytester, result, f"--lora-results: '*{path}'* cannot hold the results ({why}); allowed: *")  # a long path is shortened
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC], ids=["read-only", "disk full"])
@@ -284,8 +275,6 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     (recovery,) = (pytester.path / "tmp").glob("pytest-lora-*.json")
     recovered = load(recovery)
     assert recovered["run"]["status"] == "interrupted"
-    ran = [line for line in result.stdout.lines if "passed" in line]
-    print(ran, len(recovered["records"]))
     (log,) = (pytester.path / "results").glob("*.jsonl")
     assert len(load(log)["records"]) < 6  # records arrive from the workers in batches
 

@@ -17,6 +17,7 @@ checkpoint's own tokenizer.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -188,9 +189,15 @@ def blocks(tokenizer: Any, texts: list[str], seq_len: int, minimum: int = 1) -> 
     return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
 
 
-def data_blocks(tokenizer: Any, forget_path: Path, learn_path: Path, seq_len: int = DATA_SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=4)
+def data_blocks(checkpoint: str, forget_path: Path, learn_path: Path, seq_len: int = DATA_SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
     """The forget file's blocks (one at least) and the learn file's (two at least: with one, the
-    held-out set would be the training set); a ``DataProblem`` names the file."""
+    held-out set would be the training set), tokenised with the checkpoint's tokenizer; a
+    ``DataProblem`` names the file. Kept per process: the session's check before the run and the
+    experiment read the files once (callers copy what they move or change)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     found = []
     for path, minimum in ((forget_path, 1), (learn_path, LEARN_BLOCKS)):
         try:
@@ -204,10 +211,7 @@ def data_blocks(tokenizer: Any, forget_path: Path, learn_path: Path, seq_len: in
 def data_experiment(checkpoint: str, forget_path: Path, learn_path: Path, device: str, batch: int = 8,
                     seq_len: int = DATA_SEQ_LEN) -> Experiment:
     """The user's checkpoint; held-out loss on the forget text; learn text split 90 / 10."""
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    forget, learn = data_blocks(tokenizer, forget_path, learn_path, seq_len)
+    forget, learn = data_blocks(checkpoint, Path(forget_path), Path(learn_path), seq_len)
     forget = forget.to(device)
     cut = max(1, len(learn) // 10)
     train, learn_eval = learn[cut:], learn[:cut].to(device)

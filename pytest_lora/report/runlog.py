@@ -47,12 +47,9 @@ class RunLog:
         data = ("\n".join(lines) + "\n").encode()
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+            self._fd = open_for_appending(self.path)
             fsync_directory(self.path.parent)  # the new file's name is on disk too
-        written = os.write(self._fd, data)  # O_APPEND: one write lands whole at the end
-        if written != len(data):  # a full disk: the reader skips the torn line
-            raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes")
-        os.fsync(self._fd)
+        append_whole(self._fd, data)
         self._header = text
 
     def lost(self) -> bool:
@@ -98,6 +95,20 @@ def read(path: Path) -> dict[str, Any]:
     if header is None:
         raise ValueError("no header line")
     return {**header, "records": list(records.values())}
+
+
+def open_for_appending(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+
+
+def append_whole(handle: int, data: bytes) -> None:
+    """``data`` at the end of a file opened for appending, on disk when this returns: one write
+    (with O_APPEND it lands whole at the end), then fsync. ``OSError`` when the disk took less
+    (a full disk: the readers skip the torn line)."""
+    written = os.write(handle, data)
+    if written != len(data):
+        raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes")
+    os.fsync(handle)
 
 
 def fsync_directory(directory: Path) -> None:
