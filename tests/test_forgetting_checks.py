@@ -111,7 +111,12 @@ def save_checkpoint_with_tokenizer(directory: Path) -> None:
     build.instantiate(registry.load_config_dict("llama-3.2-1b-tiny"), "cpu", torch.float32).save_pretrained(directory)
 
 
-def test_own_checkpoint_and_data(pytester, forgetting_suite, tmp_path):
+def test_own_checkpoint_and_data(pytester, forgetting_suite, tmp_path, monkeypatch):
+    from pytest_lora.measure import forgetting
+
+    reads = []
+    read_texts = forgetting.read_texts
+    monkeypatch.setattr(forgetting, "read_texts", lambda path: reads.append(path) or read_texts(path))
     checkpoint = tmp_path / "my-model"
     save_checkpoint_with_tokenizer(checkpoint)
     generator = torch.Generator().manual_seed(0)
@@ -122,6 +127,7 @@ def test_own_checkpoint_and_data(pytester, forgetting_suite, tmp_path):
     result = pytester.runpytest("--lora-bench", "--lora-quant=fp32", "--lora-ranks=4", "--lora-targets=q_proj,v_proj", "--lora-seeds=1", *args)
     result.assert_outcomes(passed=4)
     assert {r["model"] for r in records(pytester)} == {"old.txt -> new.jsonl"}
+    assert len(reads) == 2  # each file read once: the check before the run and the experiment share it
 
 
 @pytest.mark.parametrize(

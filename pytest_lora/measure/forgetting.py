@@ -189,12 +189,16 @@ def blocks(tokenizer: Any, texts: list[str], seq_len: int, minimum: int = 1) -> 
     return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
 
 
-@functools.lru_cache(maxsize=4)
 def data_blocks(checkpoint: str, forget_path: Path, learn_path: Path, seq_len: int = DATA_SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
     """The forget file's blocks (one at least) and the learn file's (two at least: with one, the
     held-out set would be the training set), tokenised with the checkpoint's tokenizer; a
     ``DataProblem`` names the file. Kept per process: the session's check before the run and the
     experiment read the files once (callers copy what they move or change)."""
+    return _data_blocks(str(checkpoint), Path(forget_path), Path(learn_path), int(seq_len))
+
+
+@functools.lru_cache(maxsize=4)
+def _data_blocks(checkpoint: str, forget_path: Path, learn_path: Path, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
@@ -211,7 +215,7 @@ def data_blocks(checkpoint: str, forget_path: Path, learn_path: Path, seq_len: i
 def data_experiment(checkpoint: str, forget_path: Path, learn_path: Path, device: str, batch: int = 8,
                     seq_len: int = DATA_SEQ_LEN) -> Experiment:
     """The user's checkpoint; held-out loss on the forget text; learn text split 90 / 10."""
-    forget, learn = data_blocks(checkpoint, Path(forget_path), Path(learn_path), seq_len)
+    forget, learn = data_blocks(checkpoint, forget_path, learn_path, seq_len)
     forget = forget.to(device)
     cut = max(1, len(learn) // 10)
     train, learn_eval = learn[cut:], learn[:cut].to(device)
