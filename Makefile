@@ -15,10 +15,10 @@ SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo --system
 HOST_VENV ?= .venv-gpu-host
 HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50.2
 
-# Every line of measure/ and models/ runs in the tests, or says why it can't (# pragma: no cover - why).
-# coverage runs pytest (not pytest-cov's --cov): the plugin is imported through its entry point
-# before pytest-cov would start, and its module-level lines would count as never run.
-COVERED := pytest_lora/measure,pytest_lora/models
+# Every line of measure/ and models/ (pyproject.toml's [tool.coverage.run]) runs in the tests, or
+# says why it can't (# pragma: no cover - why). coverage runs pytest (not pytest-cov's --cov): the
+# plugin is imported through its entry point before pytest-cov would start, and its module-level
+# lines would count as never run.
 
 .PHONY: bench publish test test-gpu-host-stack fuzz store-bench gpu-check gpu-wheels install clean
 
@@ -51,17 +51,25 @@ publish: $(VENV)/.installed
 	run = json.loads(next(pathlib.Path('results/published').glob('*.json')).read_text()); readme = pathlib.Path('README.md'); \
 	readme.write_text(m.with_published_headline(readme.read_text(), m.published_headline(run, 'results/published')))"
 
+# The tests run on xdist workers, one per core (-n auto); each process writes its own coverage
+# data file (pyproject.toml), joined by `coverage combine` before the 100% gate. The run ends with
+# its wall time and its slowest tests, so that a drift shows in every run.
 # With ARGS (a subset of the tests) the coverage gate is off.
+XDIST ?= -n auto
+SLOWEST ?= 30
 test: $(VENV)/.installed
 ifeq ($(strip $(ARGS)),)
-	$(PY) -m coverage run --source=$(COVERED) -m pytest
+	rm -f .coverage .coverage.*
+	@start=$$(date +%s); $(PY) -m coverage run -m pytest $(XDIST) --durations=$(SLOWEST); status=$$?; \
+	echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$status
+	$(PY) -m coverage combine --quiet
 	$(PY) -m coverage report --show-missing --skip-covered --fail-under=100
 else
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 endif
 
 test-gpu-host-stack: $(HOST_VENV)/.installed
-	$(HOST_VENV)/bin/python -m pytest $(ARGS)
+	$(HOST_VENV)/bin/python -m pytest $(XDIST) --durations=$(SLOWEST) $(ARGS)
 
 # What one record costs the results store at record 1-100 and 9,901-10,000 (figures, no verdict).
 store-bench: $(VENV)/.installed

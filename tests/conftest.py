@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from hypothesis import settings
 
 from pytest_lora import bench
@@ -48,11 +50,25 @@ def test_count(lora_model, lora_bench):
 """
 
 
+# The xdist worker this process is, if any (its variables are hidden from the tests, below).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Coverage measures the processes that run the tests (an xdist controller hands its
+    subprocess patch on to its workers), not the pytest runs the tests start: those were never
+    part of the gate, and tracing their imports would cost every subprocess run seconds."""
+    if WORKER is not None or config.getoption("dist", "no") == "no":
+        os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
+
+
 @pytest.fixture(autouse=True)
 def no_lora_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The runner's own PYTEST_LORA_* variables must not leak into the tests' pytest runs."""
+    """The runner's own PYTEST_LORA_* variables must not leak into the tests' pytest runs, nor
+    the PYTEST_XDIST_* of the worker a test runs on: an inner run that sees them believes it is
+    an xdist worker itself (pytest-benchmark then switches its benchmarks off)."""
     for name in list(os.environ):
-        if name.startswith("PYTEST_LORA_"):
+        if name.startswith(("PYTEST_LORA_", "PYTEST_XDIST_")):
             monkeypatch.delenv(name)
 
 
@@ -94,13 +110,22 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     return write
 
 
+def clean_environment() -> dict[str, str]:
+    """This environment less the runner's PYTEST_LORA_* and the xdist worker's PYTEST_XDIST_*."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_LORA_", "PYTEST_XDIST_"))}
+
+
+def bench_command(directory: Path) -> list[str]:
+    """``pytest --lora-bench`` of the built-in suites on the CPU, results under ``directory/results``."""
+    return [sys.executable, "-m", "pytest", "--lora-bench", "--lora-device=cpu", "-q", "-p", "no:cacheprovider",
+            f"--lora-results={directory / 'results'}"]
+
+
 def bench_subprocess(directory: Path, *args: str) -> subprocess.CompletedProcess:
     """``pytest --lora-bench`` of the built-in suites in a fresh process (as a user runs it, output
     not a terminal), results under ``directory/results``."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
-    return subprocess.run([sys.executable, "-m", "pytest", "--lora-bench", "--lora-device=cpu", "-q", "-p", "no:cacheprovider",
-                           f"--lora-results={directory / 'results'}", *args],
-                          cwd=directory, capture_output=True, text=True, env=environment, timeout=900)
+    return subprocess.run([*bench_command(directory), *args], cwd=directory, capture_output=True, text=True,
+                          env=clean_environment(), timeout=900)
 
 
 # A small matrix of the three suites whose numbers repeat exactly (timings aside): -n 2, a killed
@@ -116,18 +141,97 @@ def untimed(document: dict, suites: tuple[str, ...] | None = None) -> dict:
             for r in document["records"] if suites is None or r["suite"] in suites}
 
 
+class SharedRun:
+    """A ``pytest --lora-bench`` subprocess that several tests read, run once for the whole test run.
+
+    Under xdist each worker is a process with session fixtures of its own: a bench run that two
+    workers ask for would run twice, and a worker that waits for another's would sit idle. So
+    the run starts in the background as soon as a collection holds a test that reads it (the
+    first worker to look starts it under a file lock in the run's shared temporary root, the
+    recipe of xdist's documentation; the others find it started). It runs beside the first tests,
+    and whoever reads it waits for its exit-code file. Its results sit under ``directory/results``."""
+
+    def __init__(self, name: str, args):
+        self.name, self.args = name, args  # args(directory): the run's own command-line arguments
+        self.process: subprocess.Popen | None = None
+
+    def start(self, root: Path) -> None:
+        directory = root / self.name
+        with FileLock(str(root / f"{self.name}.lock")):
+            if directory.exists():
+                return  # started by this process or another worker
+            directory.mkdir()
+            command = [*bench_command(directory), *self.args(directory)]
+            finish = '"$@" > stdout 2> stderr; echo $? > exit.tmp && mv exit.tmp exit'  # the exit code once both files are whole
+            self.process = subprocess.Popen(["bash", "-c", finish, "bash", *command], cwd=directory, env=clean_environment())
+
+    def wait(self, root: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+        self.start(root)
+        directory, deadline = root / self.name, time.monotonic() + timeout
+        while not (directory / "exit").exists():
+            assert time.monotonic() < deadline, f"{self.name}: no exit code after {timeout} s"
+            time.sleep(0.2)
+        done = subprocess.CompletedProcess(self.name, int((directory / "exit").read_text()),
+                                           (directory / "stdout").read_text(), (directory / "stderr").read_text())
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    def close(self) -> None:
+        """The process that started the run waits for it: no run outlives the test run."""
+        if self.process is not None:
+            self.process.wait(timeout=900)
+
+
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary directory of the whole test run: under xdist, the parent of every worker's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if WORKER is not None else base
+
+
+SHARED_RUNS = {
+    "small_serial_run": SharedRun("small-serial", lambda directory: SMALL),
+    "bench_run": SharedRun("bench-run", lambda directory: (f"--lora-matrix={bench_matrix_file(directory)}", "--lora-seeds=2")),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_runs_started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Start every shared run that a selected test reads, before the first test."""
+    needed = [run for name, run in SHARED_RUNS.items() if any(name in getattr(item, "fixturenames", ()) for item in request.session.items)]
+    for run in needed:
+        run.start(shared_root(tmp_path_factory))
+    yield
+    for run in needed:
+        run.close()
+
+
 @pytest.fixture(scope="session")
 def small_serial_run(tmp_path_factory) -> dict:
-    """The ``SMALL`` matrix run serially once for the session: the reference of the parallel runs."""
-    directory = tmp_path_factory.mktemp("small-serial")
-    done = bench_subprocess(directory, *SMALL)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((directory / "results" / "latest.json").read_text())
+    """The ``SMALL`` matrix run serially once: the reference of the parallel runs."""
+    root = shared_root(tmp_path_factory)
+    SHARED_RUNS["small_serial_run"].wait(root)
+    return json.loads((root / "small-serial" / "results" / "latest.json").read_text())
+
+
+# Every suite on the smallest matrix that still feeds every table, plot and gate kind: a decoder
+# (Llama: the gate's one-config tests pair with its bf16 records) and GPT-2 (Conv1D layers), the
+# two full-precision dtypes and one bitsandbytes 4-bit format (the memory grid's change from full
+# precision, the merge table's quantized strategies), one LoRA spec, both optimizers (the tables'
+# workload labels). The default CPU matrix's own 27 bases run in the bench and the published run.
+BENCH_MATRIX = {"models": ["llama-3.2-1b-tiny", "gpt2-medium-tiny"], "quant": ["fp32", "bf16", "nf4"], "ranks": [16],
+                "targets": ["default"], "optimizers": ["adamw", "adamw8bit"]}
+
+
+def bench_matrix_file(directory: Path) -> Path:
+    """``BENCH_MATRIX`` as a ``--lora-matrix`` file in ``directory``."""
+    path = directory / "bench-matrix.toml"
+    path.write_text("".join(f"{key} = {json.dumps(values)}\n" for key, values in BENCH_MATRIX.items()))
+    return path
 
 
 @dataclass
-class DefaultRun:
-    """One run of the default CPU matrix, every suite: its results directory, document and output."""
+class BenchRun:
+    """One run of ``BENCH_MATRIX``, every suite: its results directory, document and output."""
 
     results: Path
     document: dict
@@ -139,10 +243,10 @@ class DefaultRun:
 
 
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory) -> DefaultRun:
-    """The default matrix run once for the session: the gate's baseline and the report's source."""
-    directory = tmp_path_factory.mktemp("default-run")
-    done = bench_subprocess(directory)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = directory / "results"
-    return DefaultRun(results, json.loads((results / "latest.json").read_text()), done.stdout)
+def bench_run(tmp_path_factory) -> BenchRun:
+    """``BENCH_MATRIX`` run once for the whole test run, two seeds of the forgetting experiment (a
+    spread, at two thirds of the default's cost): the gate's baseline and the report's source."""
+    root = shared_root(tmp_path_factory)
+    done = SHARED_RUNS["bench_run"].wait(root)
+    results = root / "bench-run" / "results"
+    return BenchRun(results, json.loads((results / "latest.json").read_text()), done.stdout)

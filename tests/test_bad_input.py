@@ -115,7 +115,7 @@ def test_an_unwritable_results_directory(pytester, suite, monkeypatch, code):
 
     monkeypatch.setattr(tempfile, "mkstemp", refused)
     result = pytester.runpytest(*ONE, "--lora-results=out")
-    assert_usage_error(pytester, result, f"--lora-results: '*out' cannot hold the results ({os.strerror(code)}); allowed: *")
+    assert_usage_error(pytester, result, f"--lora-results: '*out'* cannot hold the results ({os.strerror(code)}); allowed: *")  # a long path is shortened
     assert not (pytester.path / "out").exists()  # the directory made for the check is gone again
 
 

@@ -5,6 +5,7 @@ or NVML) says why where it is excluded."""
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def test_every_excluded_line_says_why(where, line, reason):
     assert re.match(r"\s*-\s*\S.{10,}", reason), f"{where}: '# pragma: no cover' needs ' - the reason' (a GPU host only, ...)"
 
 
-def test_make_test_gates_on_full_coverage_of_measure_and_models():
-    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
-    assert "COVERED := pytest_lora/measure,pytest_lora/models" in makefile and "--fail-under=100" in makefile
+def test_make_test_gates_on_full_coverage_of_measure_and_models_in_every_worker():
+    """The gate is over both packages, measured in every xdist worker (each process its own data
+    file, started through coverage's subprocess patch) and joined before the report."""
+    root = Path(__file__).parents[1]
+    run = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["coverage"]["run"]
+    assert run["source_pkgs"] == ["pytest_lora.measure", "pytest_lora.models"]
+    assert run["parallel"] is True and run["patch"] == ["subprocess"]
+    makefile = (root / "Makefile").read_text()
+    assert "coverage run -m pytest $(XDIST)" in makefile and "XDIST ?= -n auto" in makefile
+    assert makefile.index("coverage combine") < makefile.index("--fail-under=100")

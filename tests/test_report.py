@@ -3,8 +3,8 @@
 The markdown is parsed with a GFM parser (markdown-it-py with the table extension, as GitHub
 renders), never matched as text: a cell that breaks its table shows up as a row of the wrong
 width. Each headline number is traced back to the records it comes from, and each reduction or
-change is recomputed here from the records. The source is the session's run of the default CPU
-matrix (conftest's ``default_run``), so these tests read exactly what ``pytest --lora-bench``
+change is recomputed here from the records. The source is the session's run of every suite on
+a small matrix (conftest's ``bench_run``), so these tests read exactly what ``pytest --lora-bench``
 publishes; a few small documents, built here, check what is left out.
 """
 
@@ -23,17 +23,18 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from conftest import TINY
+from conftest import BENCH_MATRIX, TINY
 from pytest_lora import cli, matrix
 from pytest_lora.report import headline, markdown, plots, spreadsheet
 from pytest_lora.models import formats
 from pytest_lora.specs import QUANTIZATIONS
 
-DEFAULT_CPU = matrix.load_toml(matrix.DEFAULT_MATRIX_FILE, "default")["cpu"]
-BASES = len(DEFAULT_CPU["models"]) * len(DEFAULT_CPU["quant"])  # the default CPU matrix: 3 models x its formats
-LORA_SPECS = len(DEFAULT_CPU["ranks"]) * len(DEFAULT_CPU["targets"])
+# the matrix of the session's run: the default CPU matrix with conftest's BENCH_MATRIX in place of its dimensions
+RUN_MATRIX = {**matrix.load_toml(matrix.DEFAULT_MATRIX_FILE, "default")["cpu"], **BENCH_MATRIX}
+BASES = len(RUN_MATRIX["models"]) * len(RUN_MATRIX["quant"])  # its models x its formats
+LORA_SPECS = len(RUN_MATRIX["ranks"]) * len(RUN_MATRIX["targets"])
 STEP_CONFIGS = BASES * LORA_SPECS  # x its LoRA specs
-OPTIMIZED = STEP_CONFIGS * len(DEFAULT_CPU["optimizers"])  # the memory and step-time suites also take every optimizer
+OPTIMIZED = STEP_CONFIGS * len(RUN_MATRIX["optimizers"])  # the memory and step-time suites also take every optimizer
 FULL_PRECISION = ("bf16", "none", "fp32", "fp16")  # the reference, the first of these the run measured
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -101,10 +102,10 @@ def percent(text: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def report(default_run) -> list[dict]:
-    run_id = default_run.document["run"]["id"]
-    text = (default_run.results / f"{run_id}.md").read_text()
-    assert text == (default_run.results / "latest.md").read_text()
+def report(bench_run) -> list[dict]:
+    run_id = bench_run.document["run"]["id"]
+    text = (bench_run.results / f"{run_id}.md").read_text()
+    assert text == (bench_run.results / "latest.md").read_text()
     return parse(text)
 
 
@@ -136,20 +137,20 @@ def reference_of(records: list[dict], record: dict) -> dict:
 
 
 def ok_records(run) -> int:
-    """Every record of the default CPU run is ok but the GPU-only ones (peak memory and paging
+    """Every record of the session's run is ok but the GPU-only ones (peak memory and paging
     under pressure, one per step config and optimizer)."""
     records = run.document["records"]
     assert sum(r["status"] == "skipped" for r in records) == 2 * OPTIMIZED
     return len(records) - 2 * OPTIMIZED
 
 
-def test_the_report_opens_with_machine_versions_and_code_then_the_headline(report, default_run):
-    assert report[1]["heading"] == f"pytest-lora run {default_run.document['run']['id']}"
-    text = (default_run.results / "latest.md").read_text()
+def test_the_report_opens_with_machine_versions_and_code_then_the_headline(report, bench_run):
+    assert report[1]["heading"] == f"pytest-lora run {bench_run.document['run']['id']}"
+    text = (bench_run.results / "latest.md").read_text()
     head = text.split("## Headline", 1)[0]
-    machine = default_run.document["machine"]
+    machine = bench_run.document["machine"]
     for fact in ("**Machine**", machine["cpu"], f"torch {machine['torch']}", f"peft {machine['peft']}", f"bitsandbytes {machine['bitsandbytes']}",
-                 "**Code**", (default_run.document["run"]["git"]["commit"] or "not a git checkout")[:12], "**Records**", f"{ok_records(default_run)} ok",
+                 "**Code**", (bench_run.document["run"]["git"]["commit"] or "not a git checkout")[:12], "**Records**", f"{ok_records(bench_run)} ok",
                  f"{2 * OPTIMIZED} skipped"):
         assert fact in head, fact
     headings = [s["heading"] for s in report if s.get("level") in (2, 3)]
@@ -157,9 +158,9 @@ def test_the_report_opens_with_machine_versions_and_code_then_the_headline(repor
     assert "Every record" in headings
 
 
-def test_every_table_renders_as_a_table_with_every_row_as_wide_as_its_header(report, default_run):
+def test_every_table_renders_as_a_table_with_every_row_as_wide_as_its_header(report, bench_run):
     tables = [table for s in report for table in s["tables"]]
-    text = (default_run.results / "latest.md").read_text()
+    text = (bench_run.results / "latest.md").read_text()
     assert len(tables) == sum(1 for line in text.splitlines() if re.fullmatch(r"\|(-+:?\|)+", line))
     for table in tables:
         assert all(len(row) == len(table[0]) for row in table), table[0]
@@ -168,7 +169,7 @@ def test_every_table_renders_as_a_table_with_every_row_as_wide_as_its_header(rep
     assert float(drift["merge_drift_k1 [max|W-W0|/max|W0|]"]) >= 0
 
 
-def test_the_full_tables_leave_out_skipped_configs_and_empty_columns(report, default_run):
+def test_the_full_tables_leave_out_skipped_configs_and_empty_columns(report, bench_run):
     headings = [s["heading"] for s in report]
     assert "memory: test_step_peak_memory" not in headings  # all skipped on a CPU
     for s in report[headings.index("Every record"):]:
@@ -181,9 +182,9 @@ def test_the_full_tables_leave_out_skipped_configs_and_empty_columns(report, def
 # ----------------------------------------------------------------- headline numbers
 
 
-def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precision_base(report, default_run):
-    steps = [r for r in records_of(default_run.document, "test_step_memory") if r["status"] == "ok"]
-    weights = {(r["model"], r["quant"]): r["metrics"]["weight_bytes"] for r in records_of(default_run.document, "test_weight_storage")}
+def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precision_base(report, bench_run):
+    steps = [r for r in records_of(bench_run.document, "test_step_memory") if r["status"] == "ok"]
+    weights = {(r["model"], r["quant"]): r["metrics"]["weight_bytes"] for r in records_of(bench_run.document, "test_weight_storage")}
 
     def measured(record: dict) -> int:
         m = record["metrics"]
@@ -206,8 +207,8 @@ def test_memory_grid_is_the_measured_step_with_its_change_from_the_full_precisio
                for column, cell in row.items() if column not in ("model", "quant"))
 
 
-def test_speed_table_gives_each_config_its_tokens_per_second_and_change_from_the_base(report, default_run):
-    timed = records_of(default_run.document, "test_step_time")
+def test_speed_table_gives_each_config_its_tokens_per_second_and_change_from_the_base(report, bench_run):
+    timed = records_of(bench_run.document, "test_step_time")
     rows = as_dicts(section(report, "Speed")["tables"][0])
     assert len(rows) == len(timed) == OPTIMIZED
     shown = {(row["model"], row["quant"], row["lora"]): row for row in rows}
@@ -226,8 +227,8 @@ def test_speed_table_gives_each_config_its_tokens_per_second_and_change_from_the
     assert "MFU" not in rows[0]  # no MFU on a CPU: the column is left out
 
 
-def test_merge_fidelity_gives_each_strategy_per_quantization_and_names_the_best(report, default_run):
-    trained = {r["quant"]: r["metrics"] for r in records_of(default_run.document, "test_merge_on_a_trained_model")}
+def test_merge_fidelity_gives_each_strategy_per_quantization_and_names_the_best(report, bench_run):
+    trained = {r["quant"]: r["metrics"] for r in records_of(bench_run.document, "test_merge_on_a_trained_model")}
     part = section(report, "Merge fidelity")
     rows = {row["quant"]: row for row in as_dicts(part["tables"][0])}
     assert set(rows) == set(trained)
@@ -245,8 +246,8 @@ def test_merge_fidelity_gives_each_strategy_per_quantization_and_names_the_best(
     assert f"on {list(best_of.values()).count(best)} of {len(best_of)} formats" in verdict
 
 
-def test_serving_table_shows_each_variants_latency_from_the_records(report, default_run):
-    timed = records_of(default_run.document, "test_serving_latency")
+def test_serving_table_shows_each_variants_latency_from_the_records(report, bench_run):
+    timed = records_of(bench_run.document, "test_serving_latency")
     rows = as_dicts(section(report, "Serving")["tables"][0])
     assert len(rows) == len(timed) == STEP_CONFIGS  # every base and LoRA spec, one serving workload
     shown = {(row["model"], row["quant"], row["lora"]): row for row in rows}
@@ -260,8 +261,8 @@ def test_serving_table_shows_each_variants_latency_from_the_records(report, defa
         assert ("dequantized_merged_prefill_median_s" in metrics) == QUANTIZATIONS[record["quant"]].is_quantized
 
 
-def test_forgetting_sets_lora_beside_full_finetuning_with_the_spread_over_seeds(report, default_run):
-    methods = records_of(default_run.document, "test_forgetting_lora") + records_of(default_run.document, "test_forgetting_full_finetuning")
+def test_forgetting_sets_lora_beside_full_finetuning_with_the_spread_over_seeds(report, bench_run):
+    methods = records_of(bench_run.document, "test_forgetting_lora") + records_of(bench_run.document, "test_forgetting_full_finetuning")
     rows = as_dicts(section(report, "Forgetting")["tables"][0])
     assert len(rows) == len(methods) == LORA_SPECS + 2  # a LoRA run per spec, full fine-tuning at two learning rates
     for row, record in zip(rows, methods):
@@ -270,20 +271,20 @@ def test_forgetting_sets_lora_beside_full_finetuning_with_the_spread_over_seeds(
             mean, spread = row[column].split(" ± ")
             assert float(mean) == pytest.approx(metrics[metric], rel=5e-3)
             assert float(spread) == pytest.approx(metrics[f"{metric}_std"], rel=5e-2)
-        assert int(row["seeds"]) == metrics["seeds"] == 3
+        assert int(row["seeds"]) == metrics["seeds"] == 2  # the run's --lora-seeds
     assert sum(row["method"].startswith("full fine-tuning") for row in rows) == 2
 
 
-def test_parameter_counts_per_config_and_the_published_counts_reproduced(report, default_run):
-    counted = records_of(default_run.document, "test_trainable_parameters")
+def test_parameter_counts_per_config_and_the_published_counts_reproduced(report, bench_run):
+    counted = records_of(bench_run.document, "test_trainable_parameters")
     rows = as_dicts(section(report, "Trainable parameters")["tables"][0])
-    assert len(rows) == len(DEFAULT_CPU["models"]) * LORA_SPECS  # every quantization counts the same
+    assert len(rows) == len(RUN_MATRIX["models"]) * LORA_SPECS  # every quantization counts the same
     for record in counted:  # peft's own total: equal where peft counts the format's weights, short of HQQ's packed ones
         peft_total, total = record["metrics"]["peft_total_params"], record["metrics"]["total_params"]
         assert peft_total == total if formats.of(QUANTIZATIONS[record["quant"]]).peft_counts_weights else peft_total < total
     for row in rows:
         matching = [r for r in counted if r["model"] == row["model"] and lora_label(r) == row["lora"]]
-        assert row["quant"] == "all" and len(matching) == len(DEFAULT_CPU["quant"])
+        assert row["quant"] == "all" and len(matching) == len(RUN_MATRIX["quant"])
         assert {(r["metrics"]["trainable_params"], r["metrics"]["total_params"]) for r in matching} == {(number(row["trainable"]), number(row["total"]))}
         assert float(row["trainable [%]"]) == pytest.approx(100 * number(row["trainable"]) / number(row["total"]), rel=5e-3)
     published = section(report, "Published counts")
@@ -295,23 +296,23 @@ def test_parameter_counts_per_config_and_the_published_counts_reproduced(report,
 # ----------------------------------------------------------------- plots, CSV, report command
 
 
-def test_every_plot_is_written_linked_and_captioned(report, default_run):
-    run_id = default_run.document["run"]["id"]
+def test_every_plot_is_written_linked_and_captioned(report, bench_run):
+    run_id = bench_run.document["run"]["id"]
     images = [image for s in report for image in s["images"]]
     assert images == [f"{run_id}-{name}.png" for name in ("memory", "speed", "merge", "forgetting")]
     for image in images:
-        assert (default_run.results / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    machine = default_run.document["machine"]
-    assert plots.caption(default_run.document) == (f"cpu: {machine['cpu']}; torch {machine['torch']}, peft {machine['peft']}, "
+        assert (bench_run.results / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    machine = bench_run.document["machine"]
+    assert plots.caption(bench_run.document) == (f"cpu: {machine['cpu']}; torch {machine['torch']}, peft {machine['peft']}, "
                                                     f"bitsandbytes {machine['bitsandbytes']}; run {run_id}")
 
 
-def test_the_speed_plots_whiskers_are_the_quartiles_of_the_steps(default_run):
+def test_the_speed_plots_whiskers_are_the_quartiles_of_the_steps(bench_run):
     import statistics
 
-    record = next(r for r in records_of(default_run.document, "test_step_time") if r["status"] == "ok")
+    record = next(r for r in records_of(bench_run.document, "test_step_time") if r["status"] == "ok")
     samples = sorted(record["samples"]["tokens_per_s"])
-    bars = plots.speed_bars(default_run.document["records"])[record["model"]][step_label(record)][record["quant"]]
+    bars = plots.speed_bars(bench_run.document["records"])[record["model"]][step_label(record)][record["quant"]]
     low, _, high = statistics.quantiles(samples, n=4, method="inclusive")  # numpy's linear interpolation
     assert bars == (record["metrics"]["tokens_per_s"], pytest.approx(low), pytest.approx(high)) and low <= high
 
@@ -321,21 +322,21 @@ def small_document(records: list[dict]) -> dict:
             "machine": {"device": "cpu", "cpu": "test"}, "records": records}
 
 
-def test_a_plot_with_nothing_to_show_is_not_written(default_run, tmp_path):
-    counts = [r for r in default_run.document["records"] if "test_trainable_parameters" in r["test"]]
+def test_a_plot_with_nothing_to_show_is_not_written(bench_run, tmp_path):
+    counts = [r for r in bench_run.document["records"] if "test_trainable_parameters" in r["test"]]
     assert plots.write(small_document(counts), tmp_path) == [] and list(tmp_path.iterdir()) == []
-    forgetting = [r for r in default_run.document["records"] if r["suite"] == "forgetting"]
+    forgetting = [r for r in bench_run.document["records"] if r["suite"] == "forgetting"]
     written = plots.write(small_document(forgetting), tmp_path)
     assert [path.name for path in written] == ["20260101-000000-abcdef-forgetting.png"] and len(list(tmp_path.iterdir())) == 1
     text = markdown.render_run(small_document(counts))
     assert ".png" not in text and "### Memory" not in text and "### Trainable parameters" in text
-    skipped = [r for r in default_run.document["records"] if "test_step_peak_memory" in r["test"]]
+    skipped = [r for r in bench_run.document["records"] if "test_step_peak_memory" in r["test"]]
     assert plots.available(skipped) == [] and headline.sections(skipped) == []
 
 
-def test_csv_has_one_row_per_record_equal_to_the_json(default_run):
-    document = default_run.document
-    rows = list(csv.DictReader(io.StringIO((default_run.results / "latest.csv").read_text(), newline="")))
+def test_csv_has_one_row_per_record_equal_to_the_json(bench_run):
+    document = bench_run.document
+    rows = list(csv.DictReader(io.StringIO((bench_run.results / "latest.csv").read_text(), newline="")))
     assert len(rows) == len(document["records"])
     for row, record in zip(rows, document["records"]):
         assert (row["run_id"], row["test"], row["model"], row["quant"], row["status"]) == (
@@ -354,40 +355,40 @@ def test_csv_has_one_row_per_record_equal_to_the_json(default_run):
         assert shown == {f"{m} [{record['units'][m]}]" for m, v in record["metrics"].items() if v is not None}
 
 
-def test_report_command_writes_the_same_report_from_the_saved_run(default_run, tmp_path):
-    run_id = default_run.document["run"]["id"]
-    assert cli.main(["report", str(default_run.latest), "-o", str(tmp_path)]) == 0
-    assert (tmp_path / f"{run_id}.md").read_text() == (default_run.results / f"{run_id}.md").read_text()
-    assert (tmp_path / f"{run_id}.csv").read_text() == (default_run.results / f"{run_id}.csv").read_text()
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in default_run.results.glob(f"{run_id}-*.png"))
+def test_report_command_writes_the_same_report_from_the_saved_run(bench_run, tmp_path):
+    run_id = bench_run.document["run"]["id"]
+    assert cli.main(["report", str(bench_run.latest), "-o", str(tmp_path)]) == 0
+    assert (tmp_path / f"{run_id}.md").read_text() == (bench_run.results / f"{run_id}.md").read_text()
+    assert (tmp_path / f"{run_id}.csv").read_text() == (bench_run.results / f"{run_id}.csv").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in bench_run.results.glob(f"{run_id}-*.png"))
 
 
-def test_report_command_sets_several_runs_side_by_side(default_run, tmp_path):
-    other = copy.deepcopy(default_run.document)
+def test_report_command_sets_several_runs_side_by_side(bench_run, tmp_path):
+    other = copy.deepcopy(bench_run.document)
     other["run"]["id"] = "20990101-000000-ffffff"
     other["machine"].update(device="cuda", gpu_name="NVIDIA H200", torch="2.11.0")
     for record in other["records"]:
         if record["metrics"].get("tokens_per_s"):
             record["metrics"]["tokens_per_s"] *= 2
     (tmp_path / "gpu.json").write_text(json.dumps(other))
-    assert cli.main(["report", str(default_run.latest), str(tmp_path / "gpu.json"), "-o", str(tmp_path)]) == 0
-    written = tmp_path / f"runs-{default_run.document['run']['id']}-20990101-000000-ffffff.md"
+    assert cli.main(["report", str(bench_run.latest), str(tmp_path / "gpu.json"), "-o", str(tmp_path)]) == 0
+    written = tmp_path / f"runs-{bench_run.document['run']['id']}-20990101-000000-ffffff.md"
     sections = parse(written.read_text())
     rows = as_dicts(section(sections, "tokens/s")["tables"][0])
     assert len(rows) == OPTIMIZED
-    first = next(r for r in records_of(default_run.document, "test_step_time"))
+    first = next(r for r in records_of(bench_run.document, "test_step_time"))
     assert rows[0]["config"] == f"{first['model']} {first['quant']} {lora_label(first)} 2x64"
     header = list(rows[0])
     assert header[1].startswith("run 1: ") and header[2] == "run 2: NVIDIA H200, torch 2.11.0" and rows[0]["change"] == "+100.0%"
     memory = as_dicts(sections[2]["tables"][0])  # the step memory the headline grid shows, per run
-    step = next(r for r in records_of(default_run.document, "test_step_memory"))
-    weights = next(r for r in records_of(default_run.document, "test_weight_storage") if (r["model"], r["quant"]) == (step["model"], step["quant"]))
+    step = next(r for r in records_of(bench_run.document, "test_step_memory"))
+    weights = next(r for r in records_of(bench_run.document, "test_weight_storage") if (r["model"], r["quant"]) == (step["model"], step["quant"]))
     measured = weights["metrics"]["weight_bytes"] + sum(step["metrics"][m] for m in ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes"))
     assert sections[2]["heading"].startswith("step memory in bytes") and number(memory[0][header[1]]) == measured and memory[0]["change"] == "="
     plot = written.with_name(written.stem + "-speed.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sections[0]["images"] + sections[1]["images"] == [plot.name]
-    assert plots.runs_speed([default_run.document, other])[rows[0]["config"]] == [first["metrics"]["tokens_per_s"], 2 * first["metrics"]["tokens_per_s"]]
-    counts_only = [r for r in default_run.document["records"] if "test_trainable_parameters" in r["test"]]
+    assert plots.runs_speed([bench_run.document, other])[rows[0]["config"]] == [first["metrics"]["tokens_per_s"], 2 * first["metrics"]["tokens_per_s"]]
+    counts_only = [r for r in bench_run.document["records"] if "test_trainable_parameters" in r["test"]]
     assert not plots.write_runs([small_document(counts_only)] * 2, tmp_path / "none.png", ["a", "b"]) and not (tmp_path / "none.png").exists()
     assert cli.main(["report", str(tmp_path / "missing.json")]) == cli.USAGE_ERROR
 
@@ -395,16 +396,16 @@ def test_report_command_sets_several_runs_side_by_side(default_run, tmp_path):
 # ----------------------------------------------------------------- terminal
 
 
-def test_the_default_runs_terminal_summary_fits_a_screen(default_run):
-    summary = default_run.stdout.split("pytest-lora results", 1)[1].splitlines()[1:]
+def test_the_bench_runs_terminal_summary_fits_a_screen(bench_run):
+    summary = bench_run.stdout.split("pytest-lora results", 1)[1].splitlines()[1:]
     summary = summary[:next(i for i, line in enumerate(summary) if re.search(r"\d+ passed", line))]
     assert 20 < len(summary) < 80, "\n".join(summary)
     assert max(len(line) for line in summary) <= 120
     text = "\n".join(summary)
     for title in ("Memory:", "Speed:", "Serving:", "Merge fidelity:", "Forgetting:", "Trainable parameters:", "Published counts:"):
         assert title in text
-    assert f"{ok_records(default_run)} ok, {2 * OPTIMIZED} skipped" in text and "latest.json" in text
-    assert "warnings summary" not in default_run.stdout  # library noise the harness causes is filtered
+    assert f"{ok_records(bench_run)} ok, {2 * OPTIMIZED} skipped" in text and "latest.json" in text
+    assert "warnings summary" not in bench_run.stdout  # library noise the harness causes is filtered
 
 
 def test_full_tables_with_the_report_option_or_verbose(pytester, suite):
@@ -418,16 +419,16 @@ def test_full_tables_with_the_report_option_or_verbose(pytester, suite):
     bad.stderr.fnmatch_lines(["*--lora-report: 'everything' is not a report; allowed: summary, full*"])
 
 
-def test_wide_tables_are_cut_into_column_groups_that_fit(default_run):
+def test_wide_tables_are_cut_into_column_groups_that_fit(bench_run):
     from pytest_lora.report import table
 
-    merged = [r for r in default_run.document["records"] if "test_merge_quantized" in r["test"]]
+    merged = [r for r in bench_run.document["records"] if "test_merge_quantized" in r["test"]]
     text = table.render_full_terminal(merged, 120, False)
     assert max(len(line) for line in text.splitlines()) <= 120
     groups = re.findall(r"pytest-lora merge: test_merge_quantized \((\d)/(\d)\)", text)
     assert len(groups) >= 2 and all(total == str(len(groups)) for _, total in groups)
     llama_rows = sum(r["model"] == "llama-3.2-1b-tiny" for r in merged)  # its quantized formats x the LoRA specs
-    assert llama_rows == LORA_SPECS * sum(QUANTIZATIONS[q].is_quantized for q in DEFAULT_CPU["quant"])
+    assert llama_rows == LORA_SPECS * sum(QUANTIZATIONS[q].is_quantized for q in RUN_MATRIX["quant"])
     assert text.count("llama-3.2-1b-tiny") == len(groups) * llama_rows  # every row in every group
 
 

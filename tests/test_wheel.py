@@ -64,12 +64,12 @@ def test_the_wheel_runs_the_bench_in_an_empty_directory(tmp_path):
     where = run(python, "-c", found, cwd=project).stdout.split()
     assert all(Path(path).is_relative_to(tmp_path / "venv") for path in where), where
 
-    result = run(python, "-m", "pytest", "--lora-bench", "-m", "lora_params", "--lora-device=cpu", "-p", "no:cacheprovider", "-q", cwd=project)
+    result = run(python, "-m", "pytest", "--lora-bench", "-m", "lora_params", "--lora-device=cpu", "--lora-quant=bf16,nf4", "-p", "no:cacheprovider", "-q", cwd=project)
     assert " passed" in result.stdout and " failed" not in result.stdout
     latest = json.loads((project / "results" / "latest.json").read_text())
     assert latest["run"]["status"] == "passed"
     suites = {record["suite"] for record in latest["records"]}
-    assert suites == {"params"} and len(latest["records"]) > 50
+    assert suites == {"params"} and len(latest["records"]) > 10  # 3 models x 2 formats x 2 target sets, and the published counts
     assert all(record["test"].startswith("suites/test_params.py::") for record in latest["records"])  # as from a checkout
     # nothing else is written into the project (pytest-benchmark makes .benchmarks/ in every pytest run)
     assert {p.name for p in project.iterdir()} - {".benchmarks"} == {"results"}
