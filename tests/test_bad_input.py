@@ -268,7 +268,7 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     monkeypatch.setenv("PLANTED_FULL_AT", "6")
     monkeypatch.setenv("TMPDIR", str(pytester.path / "tmp"))
     (pytester.path / "tmp").mkdir()
-    result = pytester.runpytest_subprocess("--lora-bench", "--lora-suites=suites", "--lora-results=results", "-p", "planted_full_disk",
+    result = pytester.runpytest_subprocess("--lora-bench", "suites", "--lora-results=results", "-p", "planted_full_disk",
                                            "-n", "2", "-p", "no:cacheprovider", "-k", "test_record")
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
@@ -311,7 +311,7 @@ def test_a_worker_whose_journal_fails_carries_on_in_a_recovery_journal_and_stops
     monkeypatch.setenv("PYTHONPATH", f"{pytester.path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("TMPDIR", str(pytester.path / "tmp"))
     (pytester.path / "tmp").mkdir()
-    result = pytester.runpytest_subprocess("--lora-bench", "--lora-suites=suites", "--lora-results=results", "-p", "planted_full_journal",
+    result = pytester.runpytest_subprocess("--lora-bench", "suites", "--lora-results=results", "-p", "planted_full_journal",
                                            "-n", "2", "-p", "no:cacheprovider", "-k", "test_record", "-rA")
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     assert "Traceback" not in result.stdout.str() + result.stderr.str()

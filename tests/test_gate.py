@@ -58,7 +58,8 @@ def test_an_identical_rerun_passes_the_default_gate(baseline, tmp_path):
 
 
 def bench(pytester, *args):
-    return pytester.runpytest("--lora-bench", *ONE, "-p", "no:cacheprovider", *args)
+    """One config of the built-in suites in this process, with the baseline's two forgetting seeds."""
+    return pytester.runpytest("--lora-bench", *ONE, "--lora-seeds=2", "-p", "no:cacheprovider", *args)
 
 
 def document(pytester) -> dict:
@@ -245,11 +246,12 @@ train.TrainStep.run = run
 """
 
 
-def test_confirm_reruns_in_the_xdist_worker_and_the_controller_judges_the_rerun(pytester, monkeypatch):
+def test_confirm_reruns_in_the_xdist_worker_and_the_controller_judges_the_rerun(pytester, step_baseline, monkeypatch):
+    """The baseline is timed in this process (``step_baseline``), the run under ``-n 2``."""
     pytest.importorskip("xdist")
     pytester.makepyfile(plant=PLANT)  # python -m pytest puts the directory on sys.path: -p plant loads it
     run = ("-p", "plant", "--lora-bench", "--lora-device=cpu", *ONE, "-k", STEP)
-    pytester.runpytest_subprocess(*run, "--lora-results=base").assert_outcomes(passed=1)
+    assert step_baseline == pytester.path / "base" / "latest.json"
     monkeypatch.setenv("PLANT_SLEEP", "1")
     result = pytester.runpytest_subprocess("-n", "2", *run, "--lora-compare=base/latest.json", "--lora-confirm", *CONFIRM_RULES)
     assert result.ret == 0, result.stdout.str()[-3000:]

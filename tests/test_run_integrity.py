@@ -20,7 +20,6 @@ import time
 
 import pytest
 
-from conftest import bench_subprocess
 from pytest_lora.report import runlog
 from pytest_lora.report.store import ResultsStore, load, remove_stale_temporaries, unfinished_runs
 from pytest_lora.session import run_status
@@ -60,7 +59,7 @@ def test_a_double_ctrl_c_is_recorded_interrupted_with_the_counts(pytester, suite
     suite(THREE.replace("{second}", "os.kill(os.getpid(), signal.SIGINT)"))
     pytester.makepyfile(planted_second_ctrl_c=SECOND_CTRL_C)
     pytester.syspathinsert()
-    result = pytester.runpytest_subprocess("--lora-bench", "--lora-suites=suites", "-k", "test_first or test_second or test_third",
+    result = pytester.runpytest_subprocess("--lora-bench", "suites", "-k", "test_first or test_second or test_third",
                                            "-p", "planted_second_ctrl_c", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stderr.fnmatch_lines(["*pytest-lora: SIGINT held until the results are written*"])
@@ -93,7 +92,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(pytester, suite):
     temporary is left."""
     suite(SLEEPS)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
-    process = subprocess.Popen([sys.executable, "-m", "pytest", "--lora-bench", "--lora-suites=suites", "-k", "test_first or test_waits",
+    process = subprocess.Popen([sys.executable, "-m", "pytest", "--lora-bench", "suites", "-k", "test_first or test_waits",
                                 "-p", "no:cacheprovider", "-q"], cwd=pytester.path, env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -148,12 +147,13 @@ def test_every_selected_test_leaves_one_record_whatever_happens_in_setup(pyteste
     assert document["run"]["status"] == "failed"
 
 
-def test_a_single_quantization_family_records_every_merge_test(tmp_path):
-    """``-m lora_merge`` on full-precision bases only: the quantized-only tests have an empty
-    parameter set; each is skipped with pytest's reason and recorded, none crashes."""
-    done = bench_subprocess(tmp_path, "-m", "lora_merge", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=fp32", "--lora-ranks=4")
-    assert done.returncode == 0, done.stdout[-3000:]
-    document = load(tmp_path / "results" / "latest.json")
+def test_a_single_quantization_family_records_every_merge_test(pytester):
+    """``-m lora_merge`` of the built-in suites on full-precision bases only: the quantized-only
+    tests have an empty parameter set; each is skipped with pytest's reason and recorded, none crashes."""
+    result = pytester.runpytest("--lora-bench", "-m", "lora_merge", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=fp32", "--lora-ranks=4",
+                                "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    document = load(pytester.path / "results" / "latest.json")
     tests = document["run"]["tests"]
     assert tests["selected"] == tests["recorded"] == len(document["records"]) >= 4
     assert len({record["test"] for record in document["records"]}) == len(document["records"])
