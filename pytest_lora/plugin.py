@@ -9,6 +9,7 @@ neither torch nor transformers; they load when a test first needs a model.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -34,6 +35,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     new_recorder,
 )
 from .markers import suite_of
+from .models import heap
 from .session import LoraSession
 
 MARKERS_KEY = pytest.StashKey[markers.SuiteMarkers]()
@@ -244,11 +246,15 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtestloop(session: pytest.Session) -> Any:
-    """``--lora-confirm``: once every test ran, the configs whose timing regressed run again."""
-    result = yield
+    """``--lora-confirm``: once every test ran, the configs whose timing regressed run again.
+    Where the suites run (not in an xdist controller), what is alive before the first test is
+    out of the cycle collector's sight until the last (``models.heap``)."""
     lora = session.config.stash[SESSION_KEY]
-    if lora.gate.confirm and not (session.shouldfail or session.shouldstop):
-        confirm.rerun_regressed(session.items, lora)
+    runs_here = lora.bench and (hasattr(session.config, "workerinput") or not getattr(session.config.option, "numprocesses", None))
+    with heap.long_lived_frozen() if runs_here else contextlib.nullcontext():
+        result = yield
+        if lora.gate.confirm and not (session.shouldfail or session.shouldstop):
+            confirm.rerun_regressed(session.items, lora)
     return result
 
 

@@ -180,3 +180,43 @@ def test_the_full_precision_merge_check_holds_one_layer_at_a_time(pytester, suit
     # logits_agreement holds up to eight float64 tensors of the logits' size; on the tiny model they
     # outweigh the layers (this check held 1.05 MB; with every layer's float64 terms at once, 2.76 MB)
     assert peak - before <= base + 8 * 8 * logits, f"the check held {peak - before:,d} B over a {base:,d} B base"
+
+
+FREEZE_SEEN = """
+import gc
+
+import pytest
+
+pytestmark = pytest.mark.lora_params
+
+
+def test_the_heap_seen(lora_bench):
+    lora_bench.record("frozen_objects", gc.get_freeze_count(), "objects")
+"""
+
+
+def test_what_lives_before_the_first_test_is_collected_once_and_frozen_until_the_last(pytester, suite):
+    """The bench's collections walk only what its tests made (``models.heap``): the garbage of
+    before the run is collected first (frozen garbage would never be freed), what is alive is
+    frozen while the tests run, and thawed when they are done."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    suite(FREEZE_SEEN)
+    gc.disable()  # no collection of the cycle but the run's own
+    try:
+        cycle = Node()
+        cycle.itself = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        result = pytester.runpytest("--lora-bench", "-p", "no:cacheprovider")
+    finally:
+        gc.enable()
+    result.assert_outcomes(passed=1)
+    assert gone() is None
+    [record] = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    assert record["metrics"]["frozen_objects"] > 100_000  # torch's, transformers' and pytest's objects at least
+    assert gc.get_freeze_count() == 0
