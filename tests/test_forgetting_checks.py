@@ -68,16 +68,17 @@ def records(pytester):
     return json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
 
 
-def test_the_suite_compares_lora_with_full_finetuning(pytester, forgetting_suite):
-    result = pytester.runpytest("--lora-bench", "--lora-ranks=4", "--lora-targets=all-linear", "--lora-seeds=2")
-    result.assert_outcomes(passed=4)
-    by_test = {r["test"].split("::")[1].split("[")[0] + r["test"][r["test"].find("["):]: r for r in records(pytester)}
+def test_the_suite_compares_lora_with_full_finetuning(bench_run):
+    """The suite in conftest's bench run (two seeds): the base's test, LoRA and both full
+    fine-tuning rates, every one passed, with the comparison and the plot."""
+    by_test = {r["test"].split("::")[1]: r for r in bench_run.document["records"] if r["suite"] == "forgetting"}
+    assert sorted(name.split("[")[0] for name in by_test) == ["test_forgetting_full_finetuning"] * 2 + ["test_forgetting_lora", "test_the_base_has_learnt_task_a"]
+    assert {r["status"] for r in by_test.values()} == {"ok"}
     lora = next(r for name, r in by_test.items() if name.startswith("test_forgetting_lora"))
     assert lora["metrics"]["seeds"] == 2
     assert {"forgetting_delta_loss", "learning_delta_loss", "forgetting_minus_full", "learning_minus_full"} <= set(lora["metrics"])
     assert lora["metrics"]["learning_delta_loss"] > 0  # it learnt B
-    run_id = json.loads((pytester.path / "results" / "latest.json").read_text())["run"]["id"]
-    plot = pytester.path / "results" / f"{run_id}-forgetting.png"
+    plot = bench_run.results / f"{bench_run.document['run']['id']}-forgetting.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -119,7 +119,8 @@ def test_a_planted_regression_fails_with_exit_1_naming_metric_and_config(pyteste
 def test_the_gate_judges_the_records_xdist_workers_send(pytester, baseline, tmp_path):
     pytest.importorskip("xdist")
     path, config = planted(baseline, tmp_path, "trainable_params", lambda v: v - 1, "test_trainable_parameters")
-    result = pytester.runpytest_subprocess("-n", "2", "--lora-bench", "--lora-device=cpu", *ONE, "-m", "lora_params",
+    # one worker: ONE is one base, all of whose tests xdist's loadgroup sends to one worker (a second would only import torch)
+    result = pytester.runpytest_subprocess("-n", "1", "--lora-bench", "--lora-device=cpu", *ONE, "-m", "lora_params",
                                            "-k", "not published", f"--lora-compare={path}")
     assert result.ret == 1
     assert regressions(document(pytester)) == [(config, "trainable_params")]
@@ -247,13 +248,14 @@ train.TrainStep.run = run
 
 
 def test_confirm_reruns_in_the_xdist_worker_and_the_controller_judges_the_rerun(pytester, step_baseline, monkeypatch):
-    """The baseline is timed in this process (``step_baseline``), the run under ``-n 2``."""
+    """The baseline is timed in this process (``step_baseline``), the run on an xdist worker (one:
+    the run is one config)."""
     pytest.importorskip("xdist")
     pytester.makepyfile(plant=PLANT)  # python -m pytest puts the directory on sys.path: -p plant loads it
     run = ("-p", "plant", "--lora-bench", "--lora-device=cpu", *ONE, "-k", STEP)
     assert step_baseline == pytester.path / "base" / "latest.json"
     monkeypatch.setenv("PLANT_SLEEP", "1")
-    result = pytester.runpytest_subprocess("-n", "2", *run, "--lora-compare=base/latest.json", "--lora-confirm", *CONFIRM_RULES)
+    result = pytester.runpytest_subprocess("-n", "1", *run, "--lora-compare=base/latest.json", "--lora-confirm", *CONFIRM_RULES)
     assert result.ret == 0, result.stdout.str()[-3000:]
     data = document(pytester)
     [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]

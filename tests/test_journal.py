@@ -15,7 +15,7 @@ from pytest_lora import journal
 from pytest_lora.report import markdown
 from pytest_lora.report.store import load
 
-from conftest import SMALL, untimed
+from conftest import untimed
 
 
 def record(test: str, status: str = "ok", **metrics) -> dict:
@@ -87,7 +87,7 @@ PLANT_EXIT = """
 import os
 
 def pytest_runtest_call(item):
-    if "test_trainable_parameters[llama-3.2-1b-tiny-nf4-r8-a16-default" in item.nodeid:
+    if item.nodeid.endswith("test_record[5]"):
         os._exit(3)  # a segfault, the OOM killer: the worker is gone without a word
 """
 
@@ -96,7 +96,7 @@ import os
 import signal
 
 def pytest_runtest_call(item):
-    if "test_trainable_parameters[gpt2-medium-tiny-nf4-r8-a16-default" in item.nodeid:
+    if item.nodeid.endswith("test_record[7]"):
         os.kill(os.getppid(), signal.SIGKILL)  # the whole run: its controller
         os._exit(3)
 """
@@ -107,39 +107,49 @@ import signal
 import time
 
 def pytest_runtest_call(item):
-    if "test_trainable_parameters[llama-3.2-1b-tiny-nf4-r8-a16-default" in item.nodeid:
+    if item.nodeid.endswith("test_record[5]"):
         os.killpg(0, signal.SIGINT)  # Ctrl-C in the terminal: every process of the run
         time.sleep(5)
 """
 
-KILLED_TEST = "suites/test_params.py::test_trainable_parameters[llama-3.2-1b-tiny-nf4-r8-a16-default-d0.05]"
+# The parallel runs here run a suite of twelve configs that record a number and build nothing:
+# what they test is the records' way from the workers to the controller (``--dist load`` spreads
+# them over both workers), not what a suite measures; each config takes 50 ms, so that the other
+# worker is inside one when a fault strikes. tests/test_workers.py holds -n 2 against the serial
+# run on every suite of SMALL.
+RECORDING_SUITE = """
+import time
+
+import pytest
 
 
-# The parallel runs here run the parameter suite (four bases, one per model and format, spread over
-# two workers): what they test is the records' way to the controller, and the serial run's records
-# of this suite are what they must keep. tests/test_workers.py holds -n 2 against the serial run
-# on every suite of SMALL.
-SUITES = ("params",)
+@pytest.mark.parametrize("n", range(12))
+def test_record(n, lora_bench):
+    lora_bench.describe(model=f"m{n}")
+    lora_bench.record("square", n * n, "count")
+    time.sleep(0.05)
+"""
 
-
-@pytest.fixture(scope="module")
-def serial_run(small_serial_run) -> dict:
-    return {**small_serial_run, "records": [r for r in small_serial_run["records"] if r["suite"] in SUITES]}
+KILLED_TEST = "suites/test_recording.py::test_record[5]"
+EXPECTED = {f"suites/test_recording.py::test_record[{n}]": ("ok", {"square": n * n}) for n in range(12)}
 
 
 def run_pytest(directory, *args: str, plant: str | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
+    (directory / "suites").mkdir()
+    (directory / "suites" / "test_recording.py").write_text(RECORDING_SUITE)
     plugin = []
     if plant is not None:
         (directory / "planted.py").write_text(plant)
         environment["PYTHONPATH"] = str(directory)
         plugin = ["-p", "planted"]
-    return subprocess.run([sys.executable, "-m", "pytest", *plugin, "--lora-bench", *SMALL, "-m", "lora_params", "-q", *args],
+    return subprocess.run([sys.executable, "-m", "pytest", *plugin, "--lora-bench", "suites", "--dist", "load", "-p", "no:cacheprovider",
+                           "-q", *args],
                           cwd=directory, capture_output=True, text=True, env=environment, timeout=300,
                           start_new_session=True)  # its own process group: a planted Ctrl-C stops only the run
 
 
-def test_a_worker_that_dies_loses_no_record_and_its_config_says_why(tmp_path, serial_run):
+def test_a_worker_that_dies_loses_no_record_and_its_config_says_why(tmp_path):
     done = run_pytest(tmp_path, "-n", "2", "--lora-results=results", plant=PLANT_EXIT)
     assert done.returncode == 1, done.stdout[-3000:]  # the config that killed its worker fails the run
     assert done.stdout.count("node down") == 1  # the config is not run again on the next worker
@@ -149,13 +159,13 @@ def test_a_worker_that_dies_loses_no_record_and_its_config_says_why(tmp_path, se
     assert (status, metrics) == ("error", {})
     killed = next(r for r in document["records"] if r["test"] == KILLED_TEST)
     assert killed["error"].startswith("worker gw") and "died while running this config" in killed["error"]
-    expected = untimed(serial_run)
+    expected = dict(EXPECTED)
     del expected[KILLED_TEST]
     assert records == expected  # every other record, measured before the crash or after it
     assert not list((tmp_path / "results").glob("*.workers"))  # the journals go once the JSON holds them
 
 
-def test_a_killed_run_leaves_results_that_pytest_lora_report_reads_whole(tmp_path, serial_run):
+def test_a_killed_run_leaves_results_that_pytest_lora_report_reads_whole(tmp_path):
     done = run_pytest(tmp_path, "-n", "2", "--lora-results=results", plant=PLANT_KILL)
     assert done.returncode != 0
     results = tmp_path / "results"
@@ -172,12 +182,12 @@ def test_a_killed_run_leaves_results_that_pytest_lora_report_reads_whole(tmp_pat
     assert "not finished" in text
     csv_tests = (results / f"{run_json.stem}.csv").read_text()
     assert all(test.split("::")[-1] in csv_tests for test in journaled)  # every record a worker wrote
-    killed = "test_trainable_parameters[gpt2-medium-tiny-nf4-r8-a16-default-d0.05]"
+    killed = "test_record[7]"
     row = next(line for line in csv_tests.splitlines() if killed in line)
     assert "error" in row and "killed before it finished" in row
 
 
-def test_a_run_stopped_with_ctrl_c_marks_what_its_workers_were_running(tmp_path, serial_run):
+def test_a_run_stopped_with_ctrl_c_marks_what_its_workers_were_running(tmp_path):
     done = run_pytest(tmp_path, "-n", "2", "--lora-results=results", plant=PLANT_CTRL_C)
     assert done.returncode == 2, done.stdout[-3000:]  # interrupted
     document = json.loads((tmp_path / "results" / "latest.json").read_text())
@@ -186,8 +196,7 @@ def test_a_run_stopped_with_ctrl_c_marks_what_its_workers_were_running(tmp_path,
     assert stopped[KILLED_TEST] == "the run stopped while this config ran (interrupted)"
     assert set(stopped.values()) == {"the run stopped while this config ran (interrupted)"}  # at most one per worker
     assert 1 <= len(stopped) <= 2
-    expected = untimed(serial_run)
-    assert all(expected[test] == value for test, value in untimed(document).items() if test not in stopped)
+    assert all(EXPECTED[test] == value for test, value in untimed(document).items() if test not in stopped)
 
 
 FAKE_GPU_PLUGIN = """

@@ -18,7 +18,7 @@ from pytest_lora import cli, shard
 from pytest_lora.models import registry
 from pytest_lora.report.compare import config_key
 
-SMALL = ("--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", "--lora-quant=none,nf4", "--lora-ranks=8", "--lora-targets=default|all-linear",
+SMALL = ("--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", "--lora-quant=none,nf4", "--lora-ranks=8", "--lora-targets=default",
          "-m", "lora_params or lora_memory", "-p", "no:cacheprovider")
 TIMINGS = {"count_time_s"}
 
