@@ -75,7 +75,7 @@ test-gpu-host-stack: $(HOST_VENV)/.installed
 store-bench: $(VENV)/.installed
 	$(PY) benchmarks/store_append.py $(ARGS)
 
-# The long, randomised run of the option fuzzer (CI runs 60 fixed examples): EXAMPLES values,
+# The long, randomised run of the option fuzzer (CI runs 100 fixed examples): EXAMPLES values,
 # failures shrunk to their smallest form; the statistics say how many runs ended clean or exit 4.
 EXAMPLES ?= 5000
 fuzz: $(VENV)/.installed

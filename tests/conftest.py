@@ -23,16 +23,6 @@ settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# pytester's in-process runs restore sys.modules afterwards; a C extension such as torch can't be
-# imported a second time, so everything heavy is imported once here, before any inner run.
-import bitsandbytes  # noqa: F401,E402
-import peft  # noqa: F401,E402
-import torch  # noqa: F401,E402
-import transformers  # noqa: F401,E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")  # the report's plots: imported once here too, not again in every inner run
-import matplotlib.pyplot  # noqa: F401,E402
 
 # A tiny matrix that runs in a second: one tiny model, one quantization, one rank, two targets.
 TINY = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=none", "--lora-ranks=8", "--lora-targets=q_proj,v_proj")
@@ -50,6 +40,12 @@ def test_count(lora_model, lora_bench):
 """
 
 
+# One torch thread in each process of the test run: the xdist workers, the pytest runs they start
+# and the shared runs in the background share the cores, and torch's OpenMP threads spin while
+# they wait for each other, so that more threads than cores burn the CPU time the tests need
+# (seen here: the same run took 420 and 680 CPU seconds). A value the developer set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The xdist worker this process is, if any (its variables are hidden from the tests, below).
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
@@ -57,9 +53,40 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 def pytest_configure(config: pytest.Config) -> None:
     """Coverage measures the processes that run the tests (an xdist controller hands its
     subprocess patch on to its workers), not the pytest runs the tests start: those were never
-    part of the gate, and tracing their imports would cost every subprocess run seconds."""
+    part of the gate, and tracing their imports would cost every subprocess run seconds.
+
+    pytester's in-process runs restore ``sys.modules`` afterwards; a C extension such as torch
+    can't be imported a second time, so everything heavy is imported once here, before any inner
+    run, by each process that runs tests (not by an xdist controller, which would only wait the
+    seconds it takes before it starts its workers)."""
     if WORKER is not None or config.getoption("dist", "no") == "no":
         os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
+    if WORKER is not None or not config.getoption("numprocesses", None):
+        import_the_heavy_stack()
+
+
+def import_the_heavy_stack() -> None:
+    import bitsandbytes  # noqa: F401
+    import matplotlib
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    matplotlib.use("Agg")  # the report's plots: imported once here too, not again in every inner run
+    import matplotlib.pyplot  # noqa: F401
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tests run first (xdist hands the tests out in this order, a free worker taking the
+    next): the longest jobs first, so that neither worker is left alone with one at the end. Of
+    them, those that read a shared run go after the rest, by when the run has finished."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 1 if any(name in item.fixturenames for name in SHARED_RUNS) else 0
+
+    items.sort(key=rank)  # stable: within a rank, the collection's order
 
 
 @pytest.fixture(autouse=True)

@@ -256,6 +256,7 @@ def test_when_the_temporary_directory_is_full_too_the_unsaved_record_is_printed(
     assert printed[0]["metrics"] == {"n": 5}
 
 
+@pytest.mark.slow
 def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pytester, suite, monkeypatch):
     """The controller writes the run's file: a write failing there stops the workers (xdist's
     own stop, as for ``-x``); the records are in the recovery file, and nothing is lost that
@@ -299,6 +300,7 @@ journal.Journal._write = full
 """
 
 
+@pytest.mark.slow
 def test_a_worker_whose_journal_fails_carries_on_in_a_recovery_journal_and_stops_the_run(pytester, suite, monkeypatch):
     """A worker's third record finds its journal's disk full: it goes to the recovery journal,
     which the controller reads too, so the run's file holds every record measured, each ``ok``;

@@ -53,6 +53,7 @@ def llama_by_hand(config: dict, targets: tuple[str, ...], r: int) -> ParamCount:
     return ParamCount(lora, embeddings + layers * per_layer + h + lora)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     config=llama_configs(),
@@ -66,6 +67,7 @@ def test_llama_counts_match_a_count_by_hand(config, targets, r):
     assert closed_form(build.build_meta(config), peft.LoraConfig(**lora)) == expected
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     config=llama_configs(),

@@ -170,6 +170,7 @@ def test_a_plain_pytest_run_does_not_pay_for_torch(pytester):
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+@pytest.mark.slow
 def test_xdist_workers_send_their_records_to_the_controller(pytester, suite):
     pytest.importorskip("xdist")
     suite()

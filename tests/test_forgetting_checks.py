@@ -42,6 +42,7 @@ def test_markov_language_follows_its_definition():
     assert torch.equal(dialect.successors[:, 1], task.successors[:, 0])  # A's favourite is B's second
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-3.2-1b-tiny", "opt-125m-tiny"], ids=["cpu-task-model", "gpu-task-model-architecture"])
 def test_pretraining_really_learns_task_a(name):
     """The CPU's task model, and the architecture of the GPU's (OPT-125M, here at width 64: the
@@ -82,6 +83,7 @@ def test_the_suite_compares_lora_with_full_finetuning(bench_run):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_suite_fails_when_the_adapter_cannot_be_switched_off(pytester, forgetting_suite):
     pytester.makeconftest(
         """

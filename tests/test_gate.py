@@ -37,6 +37,7 @@ def baseline(bench_run) -> Path:
     return bench_run.latest
 
 
+@pytest.mark.slow
 def test_an_identical_rerun_passes_the_default_gate(baseline, tmp_path):
     """The same command again, compared with the first run: every config, every gated metric, no alarm.
 
@@ -103,6 +104,7 @@ PLANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", PLANTS)
 def test_a_planted_regression_fails_with_exit_1_naming_metric_and_config(pytester, baseline, tmp_path, kind):
     metric, change, test = PLANTS[kind]
@@ -116,6 +118,7 @@ def test_a_planted_regression_fails_with_exit_1_naming_metric_and_config(pyteste
     assert cli.main(["compare", str(path), str(pytester.path / "results" / "latest.json")]) == 1  # the same verdict outside pytest
 
 
+@pytest.mark.slow
 def test_the_gate_judges_the_records_xdist_workers_send(pytester, baseline, tmp_path):
     pytest.importorskip("xdist")
     path, config = planted(baseline, tmp_path, "trainable_params", lambda v: v - 1, "test_trainable_parameters")
@@ -200,6 +203,7 @@ def test_a_timing_change_inside_the_noise_does_not_fail(pytester, step_baseline,
 CONFIRM_RULES = ("--lora-fail=step_time_median_s:300%", "--lora-fail=tokens_per_s:off")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persistent", [False, True], ids=["one-off", "persistent"])
 def test_confirm_clears_a_one_off_slowdown_and_keeps_a_persistent_one(pytester, step_baseline, slow_steps, persistent):
     baseline = step_baseline
@@ -247,6 +251,7 @@ train.TrainStep.run = run
 """
 
 
+@pytest.mark.slow
 def test_confirm_reruns_in_the_xdist_worker_and_the_controller_judges_the_rerun(pytester, step_baseline, monkeypatch):
     """The baseline is timed in this process (``step_baseline``), the run on an xdist worker (one:
     the run is one config)."""

@@ -191,6 +191,7 @@ def failed(checks):
     return sorted({c.name for c in checks if c.ok is False})
 
 
+@pytest.mark.slow
 def test_gpu_check_passes_on_a_healthy_fake_gpu(pytester, monkeypatch):
     checks = gpu_check(pytester, monkeypatch)
     # At width 64 the checkpointed step's analytic model overestimates by more than its 15% (0.83

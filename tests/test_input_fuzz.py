@@ -159,6 +159,7 @@ def found(name: str, source: str, value: object, matrix: dict | None = None) -> 
     return ([(BY_NAME[name], source, value)] if name else [], matrix)
 
 
+@pytest.mark.slow
 @example(example=found("rounds", "cli", "²"))  # str.isdigit takes it, int() refuses it: an INTERNALERROR
 @example(example=found("gpus_per_worker", "env", "¹"))
 @example(example=found("compare", "cli", "a" * 300))  # a name too long for the filesystem: an INTERNALERROR

@@ -149,6 +149,7 @@ def run_pytest(directory, *args: str, plant: str | None = None) -> subprocess.Co
                           start_new_session=True)  # its own process group: a planted Ctrl-C stops only the run
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_loses_no_record_and_its_config_says_why(tmp_path):
     done = run_pytest(tmp_path, "-n", "2", "--lora-results=results", plant=PLANT_EXIT)
     assert done.returncode == 1, done.stdout[-3000:]  # the config that killed its worker fails the run
@@ -187,6 +188,7 @@ def test_a_killed_run_leaves_results_that_pytest_lora_report_reads_whole(tmp_pat
     assert "error" in row and "killed before it finished" in row
 
 
+@pytest.mark.slow
 def test_a_run_stopped_with_ctrl_c_marks_what_its_workers_were_running(tmp_path):
     done = run_pytest(tmp_path, "-n", "2", "--lora-results=results", plant=PLANT_CTRL_C)
     assert done.returncode == 2, done.stdout[-3000:]  # interrupted
@@ -223,6 +225,7 @@ def test_on_the_gpu(n, lora_gpu, lora_bench):
 """
 
 
+@pytest.mark.slow
 def test_the_run_describes_the_workers_gpu_not_the_controllers(pytester):
     """The controller never touches a GPU: the run's machine is the one its workers measured on."""
     from pathlib import Path

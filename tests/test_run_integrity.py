@@ -147,6 +147,7 @@ def test_every_selected_test_leaves_one_record_whatever_happens_in_setup(pyteste
     assert document["run"]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_single_quantization_family_records_every_merge_test(pytester):
     """``-m lora_merge`` of the built-in suites on full-precision bases only: the quantized-only
     tests have an empty parameter set; each is skipped with pytest's reason and recorded, none crashes."""

@@ -33,6 +33,7 @@ def measured(records: list[dict]) -> dict:
     return {config_key(r): (r["status"], {k: v for k, v in r["metrics"].items() if k not in TIMINGS}) for r in records}
 
 
+@pytest.mark.slow
 def test_three_shards_merged_hold_the_records_of_the_unsharded_run(pytester):
     whole = run(pytester, "whole")
     shards = [run(pytester, f"shard{k}", f"--lora-shard={k}/3") for k in (1, 2, 3)]

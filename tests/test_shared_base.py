@@ -151,6 +151,7 @@ def pytest_runtest_setup(item):
 """
 
 
+@pytest.mark.slow
 def test_a_failed_tests_frames_are_gone_before_the_next_setup(pytester, suite):
     """pytest keeps the last exception until the next test's call; the plugin drops it before setup.
     (A subprocess: pytester's in-process runs record every hook call, the failed call included.)"""

@@ -159,6 +159,7 @@ def test_tokens_per_second_and_mfu_from_the_median():
     assert timing.timing_metrics(stats, 4096, 2 * 10**14, None)["mfu"][0] is None  # no peak on the CPU: empty, not zero
 
 
+@pytest.mark.slow
 def test_a_compiled_training_step_runs_on_a_4bit_base(monkeypatch):
     """torch.compile over bitsandbytes' 4-bit layers: graph breaks are allowed, a crash is not, and
     the compiled step trains the adapter and leaves the shared base as it was (passes on torch 2.11

@@ -17,6 +17,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("pyproject.toml", "README.md", "pytest_lora", "suites")
 
@@ -52,6 +54,7 @@ def fresh_environment(directory: Path) -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_the_wheel_runs_the_bench_in_an_empty_directory(tmp_path):
     wheel = build_wheel(tmp_path / "build")
     names = set(run(sys.executable, "-m", "zipfile", "-l", wheel).stdout.split())

@@ -141,6 +141,7 @@ def test_with_the_cpu_device_workers_are_not_pinned(pytester, monkeypatch):
     assert seen == {"gw0": {"GPU-8f2c1e4a,GPU-1b3d5f7e"}, "gw1": {"GPU-8f2c1e4a,GPU-1b3d5f7e"}}
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_records_of_a_serial_run_and_build_each_base_once(pytester, small_serial_run):
     import json
 
