@@ -40,12 +40,6 @@ def test_count(lora_model, lora_bench):
 """
 
 
-# One torch thread in each process of the test run: the xdist workers, the pytest runs they start
-# and the shared runs in the background share the cores, and torch's OpenMP threads spin while
-# they wait for each other, so that more threads than cores burn the CPU time the tests need
-# (seen here: the same run took 420 and 680 CPU seconds). A value the developer set is kept.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 # The xdist worker this process is, if any (its variables are hidden from the tests, below).
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
@@ -74,19 +68,6 @@ def import_the_heavy_stack() -> None:
 
     matplotlib.use("Agg")  # the report's plots: imported once here too, not again in every inner run
     import matplotlib.pyplot  # noqa: F401
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tests run first (xdist hands the tests out in this order, a free worker taking the
-    next): the longest jobs first, so that neither worker is left alone with one at the end. Of
-    them, those that read a shared run go after the rest, by when the run has finished."""
-
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("slow") is None:
-            return 2
-        return 1 if any(name in item.fixturenames for name in SHARED_RUNS) else 0
-
-    items.sort(key=rank)  # stable: within a rank, the collection's order
 
 
 @pytest.fixture(autouse=True)
