@@ -15,7 +15,7 @@ from pytest_lora import journal
 from pytest_lora.report import markdown
 from pytest_lora.report.store import load
 
-from conftest import untimed
+from conftest import clean_environment, untimed
 
 
 def record(test: str, status: str = "ok", **metrics) -> dict:
@@ -135,7 +135,7 @@ EXPECTED = {f"suites/test_recording.py::test_record[{n}]": ("ok", {"square": n *
 
 
 def run_pytest(directory, *args: str, plant: str | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
+    environment = clean_environment()
     (directory / "suites").mkdir()
     (directory / "suites" / "test_recording.py").write_text(RECORDING_SUITE)
     plugin = []

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from conftest import clean_environment
 from pytest_lora.report import runlog
 from pytest_lora.report.store import ResultsStore, load, remove_stale_temporaries, unfinished_runs
 from pytest_lora.session import run_status
@@ -91,7 +92,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(pytester, suite):
     ``interrupted`` with its finished time and counts, its tables are written, and nothing
     temporary is left."""
     suite(SLEEPS)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_LORA_")}
+    environment = clean_environment()
     process = subprocess.Popen([sys.executable, "-m", "pytest", "--lora-bench", "suites", "-k", "test_first or test_waits",
                                 "-p", "no:cacheprovider", "-q"], cwd=pytester.path, env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -196,7 +196,21 @@ def test_the_heap_seen(lora_bench):
 """
 
 
-def test_what_lives_before_the_first_test_is_collected_once_and_frozen_until_the_last(pytester, suite):
+@pytest.fixture
+def thawed():
+    """This test process's own freeze (conftest's ``pytest_runtestloop``) lifted for the test, and
+    made again after it."""
+    import gc
+
+    frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    yield
+    if frozen:
+        gc.collect()
+        gc.freeze()
+
+
+def test_what_lives_before_the_first_test_is_collected_once_and_frozen_until_the_last(pytester, suite, thawed):
     """The bench's collections walk only what its tests made (``models.heap``): the garbage of
     before the run is collected first (frozen garbage would never be freed), what is alive is
     frozen while the tests run, and thawed when they are done."""
@@ -221,3 +235,20 @@ def test_what_lives_before_the_first_test_is_collected_once_and_frozen_until_the
     [record] = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     assert record["metrics"]["frozen_objects"] > 100_000  # torch's, transformers' and pytest's objects at least
     assert gc.get_freeze_count() == 0
+
+
+def test_a_freeze_made_before_the_run_is_left_to_whoever_made_it(pytester, suite, thawed):
+    """A conftest (here: this test) froze its objects before the run: the run's tests see that
+    freeze, and the run ends without thawing it."""
+    import gc
+
+    suite(FREEZE_SEEN)
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    result = pytester.runpytest("--lora-bench", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    [record] = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    # no new freeze (a frozen object freed by its reference count leaves the frozen generation) ...
+    assert 100_000 < record["metrics"]["frozen_objects"] <= frozen
+    assert gc.get_freeze_count() > 100_000  # ... and no thaw

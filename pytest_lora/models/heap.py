@@ -7,6 +7,9 @@ torch, transformers and peft imported that is over half a million objects, 0.3 s
 collected items, the session) lives to the end of the run, so it is collected once and then
 frozen (``gc.freeze``: moved to a generation the collector never walks) until the tests are done.
 No model is frozen: none is built before the first test, and nothing frozen is garbage.
+
+A freeze made before the run (a conftest's, or the run that started this one in its own process)
+is left to whoever made it: thawing it at the end of the run would thaw their objects too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def long_lived_frozen() -> Iterator[None]:
     """For the block: everything alive at its start is out of the cycle collector's sight."""
+    if gc.get_freeze_count():
+        yield  # frozen already, by someone who will thaw it
+        return
     gc.collect()
     gc.freeze()
     try:
