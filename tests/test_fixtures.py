@@ -169,15 +169,3 @@ def test_a_plain_pytest_run_does_not_pay_for_torch(pytester):
     pytester.makepyfile(test_plain="import sys\n\ndef test_plain():\n    assert 'torch' not in sys.modules\n")
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
-
-@pytest.mark.slow
-def test_xdist_workers_send_their_records_to_the_controller(pytester, suite):
-    pytest.importorskip("xdist")
-    suite()
-    args = ("--lora-models=llama-3.2-1b-tiny,opt-125m-tiny", "--lora-quant=none", "--lora-ranks=4", "--lora-targets=q_proj")
-    result = pytester.runpytest_subprocess("suites", "-n", "2", "--lora-bench", "--lora-device=cpu", *args)
-    result.assert_outcomes(passed=2)
-    latest = json.loads((pytester.path / "results" / "latest.json").read_text())
-    assert sorted(r["model"] for r in latest["records"]) == ["llama-3.2-1b-tiny", "opt-125m-tiny"]
-    assert all(r["status"] == "ok" and r["metrics"]["trainable_params"] > 0 for r in latest["records"])
-    assert latest["run"]["status"] == "passed"

@@ -143,12 +143,14 @@ def test_with_the_cpu_device_workers_are_not_pinned(pytester, monkeypatch):
 
 @pytest.mark.slow
 def test_two_workers_write_the_records_of_a_serial_run_and_build_each_base_once(pytester, small_serial_run):
+    """The controller writes what its workers sent: the serial run's records, and the run's status."""
     import json
 
     parallel = pytester.runpytest_subprocess("-n", "2", "--lora-bench", *SMALL, "--lora-results=parallel")
     assert parallel.ret == 0, parallel.stdout.str()[-3000:]
     one, two = small_serial_run, json.loads((pytester.path / "parallel" / "latest.json").read_text())
     assert len(one["records"]) > 30 and untimed(one) == untimed(two)  # same test ids, statuses and numbers
+    assert one["run"]["status"] == two["run"]["status"] == "passed"
     assert not any("@" in record["test"] for record in two["records"])  # loadgroup's suffix stays out of the records
     builds = [r["metrics"]["builds"] for r in two["records"] if "test_base_build_time" in r["test"]]
     assert builds == [1, 1, 1, 1]  # each base built once by the worker that timed it ...
