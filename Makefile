@@ -20,7 +20,7 @@ HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50
 # plugin is imported through its entry point before pytest-cov would start, and its module-level
 # lines would count as never run.
 
-.PHONY: bench publish test test-gpu-host-stack fuzz store-bench gpu-check gpu-wheels install clean
+.PHONY: bench publish test test-gpu-host-stack test-gpu-host-stack-install fuzz store-bench gpu-check gpu-wheels install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SYSTEM_TORCH) $(VENV)
@@ -67,6 +67,9 @@ ifeq ($(strip $(ARGS)),)
 else
 	$(PY) -m pytest $(XDIST) $(ARGS)
 endif
+
+# The GPU host's stack installed only: .ci/run installs it while `make test` runs.
+test-gpu-host-stack-install: $(HOST_VENV)/.installed
 
 test-gpu-host-stack: $(HOST_VENV)/.installed
 	$(HOST_VENV)/bin/python -m pytest $(XDIST) --durations=$(SLOWEST) $(ARGS)
