@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..quiet import library_warnings_silenced
 from ..models import build, formats, registry
-from ..models.validate import all_linear_names, is_adaptable, name_matches
+from ..models.layers import all_linear_names, is_adaptable, name_matches
 
 
 @dataclass(frozen=True)

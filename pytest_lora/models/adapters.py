@@ -162,7 +162,7 @@ def lora_config_for(lora: Any, config_dict: dict[str, Any], quant: Any = None) -
     on every format: peft would otherwise refuse the config, or adapt fewer layers.
     """
     from . import build
-    from .validate import all_linear_names
+    from .layers import all_linear_names
 
     kwargs = lora.peft_kwargs()
     if kwargs["target_modules"] == "all-linear" and quant is not None and not formats.of(quant).all_linear:

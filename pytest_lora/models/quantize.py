@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..specs import QuantSpec
 from . import formats
-from .validate import is_linear
+from .layers import is_linear
 
 
 def quantize_model(model: nn.Module, quant: QuantSpec) -> nn.Module:
