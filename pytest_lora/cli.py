@@ -94,7 +94,7 @@ def _run_file(path: str, where: str) -> dict[str, Any]:
 
 
 def compare_command(arguments: argparse.Namespace) -> int:
-    from .report import table
+    from .report import table, terminal
 
     if (whole_number(arguments.history) or 0) < 1:
         raise UsageError(f"--history: {arguments.history!r} is not a number of runs; allowed: an integer >= 1")
@@ -108,7 +108,7 @@ def compare_command(arguments: argparse.Namespace) -> int:
         print(f"pytest-lora: {text}")
     if comparison.regressions:
         checks = [check_record(check) for check in comparison.regressions]
-        print(table.render_regressions_terminal("regressions", checks, 1000, sys.stdout.isatty()), end="")
+        print(terminal.render_regressions_terminal("regressions", checks, 1000, sys.stdout.isatty()), end="")
     return 1 if comparison.regressions else 0
 
 

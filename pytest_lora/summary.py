@@ -31,7 +31,7 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
     store = lora.store
     if store is None or not store.records:
         return
-    from .report import table
+    from .report import terminal as tables
     from .report.headline import without_headline
     from .report.markdown import status_counts
 
@@ -42,8 +42,8 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
     # every table with --lora-report=full; else the headline, and the tables of tests it doesn't read (a user's own)
     tabled = store.records if full else without_headline(store.records)
     if tabled:
-        _lines(writer, table.render_full_terminal(tabled, width, terminal.hasmarkup))
-    _lines(writer, table.render_headline_terminal(store.records, width, terminal.hasmarkup))
+        _lines(writer, tables.render_full_terminal(tabled, width, terminal.hasmarkup))
+    _lines(writer, tables.render_headline_terminal(store.records, width, terminal.hasmarkup))
     _warning_lines(writer, store.records, full)
     _budget_lines(writer, store.records)
     comparison = store.comparison
@@ -102,7 +102,7 @@ def _warning_lines(writer: Any, records: list[dict[str, Any]], full: bool) -> No
 
 
 def _gate(writer: Any, comparison: Any, width: int, color: bool) -> None:
-    from .report import table
+    from .report import table, terminal
     from .report.compare import check_record
 
     writer.write_sep("=", "pytest-lora gate")
@@ -110,7 +110,7 @@ def _gate(writer: Any, comparison: Any, width: int, color: bool) -> None:
         writer.write_line(f"pytest-lora: {text}", **{colour: True})
     if comparison.regressions:
         checks = [check_record(check) for check in comparison.regressions]
-        _lines(writer, table.render_regressions_terminal("regressions", checks, width, color))
+        _lines(writer, terminal.render_regressions_terminal("regressions", checks, width, color))
 
 
 def _budget_lines(writer: Any, records: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from markdown_it import MarkdownIt
 
 from conftest import BENCH_MATRIX, TINY
 from pytest_lora import cli, matrix
-from pytest_lora.report import headline, markdown, plots, spreadsheet
+from pytest_lora.report import headline, markdown, plots, spreadsheet, terminal
 from pytest_lora.models import formats
 from pytest_lora.specs import QUANTIZATIONS
 
@@ -423,7 +423,7 @@ def test_wide_tables_are_cut_into_column_groups_that_fit(bench_run):
     from pytest_lora.report import table
 
     merged = [r for r in bench_run.document["records"] if "test_merge_quantized" in r["test"]]
-    text = table.render_full_terminal(merged, 120, False)
+    text = terminal.render_full_terminal(merged, 120, False)
     assert max(len(line) for line in text.splitlines()) <= 120
     groups = re.findall(r"pytest-lora merge: test_merge_quantized \((\d)/(\d)\)", text)
     assert len(groups) >= 2 and all(total == str(len(groups)) for _, total in groups)
