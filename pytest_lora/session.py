@@ -399,7 +399,7 @@ class LoraSession:
             if self.shard is not None:
                 run["shard"] = f"{self.shard[0]}/{self.shard[1]}"
             directory = self.path_setting("results") if self.records_wanted else None
-            self.store = ResultsStore(directory, run, self.machine_section())
+            self.store = ResultsStore(directory, run, self.machine_section(), publish=publish_report)
         self.machine_section()
         self.store.run["builds"] = self.builds_summary()
         self._keep(self.store.put, *records)
@@ -494,3 +494,11 @@ def _positive_float(value: Any) -> bool:
         return math.isfinite(float(value)) and float(value) > 0
     except (TypeError, ValueError):
         return False
+
+
+def publish_report(document: dict[str, Any], directory: Path, names: tuple[str, ...]) -> list[Path]:
+    """``report.publish.write_report``, imported when a run ends (markdown and plots cost a plain
+    pytest run's start 75 ms)."""
+    from .report.publish import write_report
+
+    return write_report(document, directory, names)

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import clean_environment
 from pytest_lora.report import runlog
+from pytest_lora.report.publish import write_report
 from pytest_lora.report.store import ResultsStore, load, remove_stale_temporaries, unfinished_runs
 from pytest_lora.session import run_status
 
@@ -214,7 +215,7 @@ RUN = {"started": "2026-01-01T00:00:00Z", "finished": None, "status": "running",
 
 
 def test_the_store_appends_during_the_run_and_writes_the_document_at_its_end(tmp_path):
-    store = ResultsStore(tmp_path, {"id": "r2", **RUN}, {"device": "cpu"})
+    store = ResultsStore(tmp_path, {"id": "r2", **RUN}, {"device": "cpu"}, publish=write_report)
     store.put(a_record("a"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r2.jsonl"]
     store.finish("passed", "t1")

@@ -30,10 +30,13 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..specs import shortened
 from . import runlog
+
+# Writes a run's report, CSV and plots: (document, directory, file names) -> the paths written.
+Publisher = Callable[[dict[str, Any], Path, tuple[str, ...]], list[Path]]
 
 SCHEMA_VERSION = 1
 
@@ -41,8 +44,9 @@ SCHEMA_VERSION = 1
 class ResultsStore:
     """Records of one run and the files they are written to."""
 
-    def __init__(self, directory: Path | None, run: dict[str, Any], machine: dict[str, Any]):
+    def __init__(self, directory: Path | None, run: dict[str, Any], machine: dict[str, Any], publish: Publisher | None = None):
         self.directory = None if directory is None else Path(directory)
+        self.publish = publish  # what writes the report, CSV and plots beside the JSON (``report.publish``)
         self.run = run
         self.machine = machine
         self.records: list[dict[str, Any]] = []
@@ -91,7 +95,7 @@ class ResultsStore:
         return self.directory is not None
 
     def finish(self, status: str, finished: str) -> None:
-        """Write the run's document, then its report, CSV and plots (``report.publish``). After a
+        """Write the run's document, then its report, CSV and plots (``publish``). After a
         failed write only the recovery file is brought up to date, and nothing raises: the failure
         was reported when it happened."""
         self.run["status"] = status
@@ -102,12 +106,10 @@ class ResultsStore:
             self.write()
         except ResultsNotWritten:
             return
-        if self.failure is not None:
+        if self.failure is not None or self.publish is None:
             return
-        from .publish import write_report
-
         try:
-            write_report(self.document(), self.directory, (self.run["id"], "latest"))
+            self.publish(self.document(), self.directory, (self.run["id"], "latest"))
         except OSError as error:
             self.failure = f"the report beside {self.run_path} could not be written ({reason(error)}); the JSON holds every record"
 
