@@ -23,7 +23,7 @@ from .markers import suite_of
 from .matrix import Matrix
 from .report.recorder import Recorder
 from .session import LoraSession
-from .workers import without_group
+from .specs import without_group
 
 SESSION_KEY = pytest.StashKey[LoraSession]()
 RECORDER_KEY = pytest.StashKey[Recorder]()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, budget, confirm, hooks, journal, markers, options, quiet, shard, summary, workers
+from . import bench, budget, confirm, hooks, journal, markers, options, quiet, shard, specs, summary, workers
 from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
@@ -202,9 +202,7 @@ def _architecture(lora: LoraSession, validate: Any, model: Any, cache: Any) -> A
     except validate.ConfigProblem as error:
         raise pytest.UsageError(f"{lora.where_of('models')}: {model.path}: {error}") from None
     except Exception as error:  # transformers' own checks (ValueError) and huggingface_hub's field types (StrictDataclassError)
-        from .specs import shortened
-
-        reason = shortened(" ".join(str(error).split()) or type(error).__name__, limit=300)
+        reason = specs.shortened(" ".join(str(error).split()) or type(error).__name__, limit=300)
         raise pytest.UsageError(f"{lora.where_of('models')}: {model.path}: transformers refuses this config.json ({reason})") from None
 
 
@@ -223,7 +221,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     lora = item.config.stash[SESSION_KEY]
     lora.tests_started += 1
-    lora.current_test = workers.without_group(item.nodeid).rsplit("/", 1)[-1]
+    lora.current_test = specs.without_group(item.nodeid).rsplit("/", 1)[-1]
     if LORA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
         _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):

@@ -8,12 +8,11 @@ imports torch, so pytest can load the plugin without the heavy libraries.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from .models import registry
 
 
 class MatrixError(ValueError):
@@ -37,6 +36,15 @@ def shortened(text: str, limit: int = 80) -> str:
 def shown(value: Any) -> str:
     """A value quoted for a message, shortened when long."""
     return shortened(repr(value))
+
+
+GROUP_SEPARATOR = "@"  # xdist's loadgroup appends "@<group>" to the ids of the tests it groups
+
+
+def without_group(nodeid: str) -> str:
+    """A test id as a serial run has it: xdist's ``loadgroup`` appends ``@<group>`` in workers, and
+    the records, seeds and progress line must name (and seed) a test the same with and without -n."""
+    return nodeid.split(GROUP_SEPARATOR, 1)[0]
 
 
 def whole_number(value: Any) -> int | None:
@@ -119,11 +127,13 @@ GROUP_SIZES = {"bitsandbytes": (64,), "torchao": (32, 64, 128, 256), "hqq": (8, 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to build: ``kind`` is ``registry``, ``config`` (a config.json) or ``checkpoint``."""
+    """A model to build: ``kind`` is ``registry``, ``config`` (a config.json) or ``checkpoint``;
+    ``config`` is its architecture as read when the name was resolved (``models.resolve``)."""
 
     name: str
     kind: str
     path: str
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -132,8 +142,8 @@ class ModelSpec:
         return Path(self.path).parent.name if self.kind == "config" else Path(self.path).name
 
     def config_dict(self) -> dict[str, Any]:
-        """The architecture as a plain dict (no transformers import)."""
-        return registry.load_config_dict(self.name if self.kind == "registry" else self.path)
+        """The architecture as a plain dict (no transformers import), the caller's to change."""
+        return copy.deepcopy(self.config)
 
 
 # --------------------------------------------------------------------------- LoRA

@@ -29,13 +29,6 @@ from typing import Any, Callable, Mapping
 from .report import provenance
 
 WORKER_DEVICE = "lora_cuda_visible_device"  # the workerinput key of a worker's GPUs
-GROUP_SEPARATOR = "@"  # xdist's loadgroup appends "@<group>" to the ids of the tests it groups
-
-
-def without_group(nodeid: str) -> str:
-    """A test id as a serial run has it: xdist's ``loadgroup`` appends ``@<group>`` in workers, and
-    the records, seeds and progress line must name (and seed) a test the same with and without -n."""
-    return nodeid.split(GROUP_SEPARATOR, 1)[0]
 
 
 def visible_devices(environ: Mapping[str, str], device_count: Callable[[], int]) -> list[str]:

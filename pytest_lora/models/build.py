@@ -18,7 +18,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..specs import ModelSpec, QuantSpec, full_precision
+from ..specs import ModelSpec, QuantSpec, full_precision, without_group
 from . import formats, placement, quantize
 
 # peft task types by the head a published config names; others get peft's generic PeftModel.
@@ -115,8 +115,6 @@ def untie_published_output(model: nn.Module, config_dict: dict[str, Any]) -> Non
 def seed_for(*parts: str) -> int:
     """A stable seed from names (``zlib.crc32``; Python's ``hash`` changes between runs); a test id
     seeds the same under xdist's loadgroup, which appends ``@<group>`` to it."""
-    from ..workers import without_group
-
     return zlib.crc32("::".join(without_group(part) for part in parts).encode())
 
 

@@ -23,7 +23,7 @@ def resolve_model(text: str, where: str, base_dir: Path | None = None) -> ModelS
 def _resolve(text: str, where: str, base_dir: Path | None) -> ModelSpec:
     name = text.strip()
     if registry.is_known(name):
-        return ModelSpec(name, "registry", registry.config_path(name).as_posix())
+        return ModelSpec(name, "registry", registry.config_path(name).as_posix(), registry.load_config_dict(name))
     path = Path(name).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -35,9 +35,12 @@ def _resolve(text: str, where: str, base_dir: Path | None) -> ModelSpec:
             raise MatrixError(where, name, "is a directory without a config.json", allowed)
         kind = "checkpoint" if registry.has_weights(path) else "config"
         config_file = path if kind == "checkpoint" else path / "config.json"
-        return ModelSpec(name, kind, config_file.resolve().as_posix())
+        return ModelSpec(name, kind, config_file.resolve().as_posix(), _config(path / "config.json", where, name))
+    return ModelSpec(name, "config", path.resolve().as_posix(), _config(path, where, name))
+
+
+def _config(path: Path, where: str, name: str) -> dict:
     try:
-        registry.load_config_dict(path)
+        return registry.load_config_dict(path)
     except ValueError as error:
         raise MatrixError(where, name, f"is not a usable config.json ({error})") from None
-    return ModelSpec(name, "config", path.resolve().as_posix())
