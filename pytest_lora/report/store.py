@@ -3,8 +3,8 @@
 While the run goes, each record is appended to the run's log, ``<dir>/<run-id>.jsonl`` (``runlog``:
 one line per record, fsynced, the same cost at record 10,000 as at record 10). When the run ends,
 or is interrupted, ``<dir>/<run-id>.json`` and ``<dir>/latest.json`` get the whole document
-(schema in DESIGN.md): run provenance, the machine, and one record per measured test; then the
-log goes, and the tables go next to them: the report as markdown (``<run-id>.md``,
+(its schema: the README's "Results"): run provenance, the machine, and one record per measured
+test; then the log goes, and the tables go next to them: the report as markdown (``<run-id>.md``,
 ``latest.md``), every record as CSV (``<run-id>.csv``, ``latest.csv``) and the plots
 (``<run-id>-<plot>.png``). Each of those writes goes to a temporary file in the same directory,
 is flushed to disk, then renamed over the target (and the directory fsynced), so a reader only
