@@ -15,8 +15,6 @@ regression makes the exit status 1 and the run's status ``failed``.
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,15 +28,16 @@ RERUN_KINDS = ("timing",)
 
 
 class Gate:
-    """The session's baseline and rules, and the comparison once the run is judged."""
+    """The session's baseline and rules, and its judgement of the run's records."""
 
-    def __init__(self, settings: dict[str, Any], matrix_file: Path | None):
+    def __init__(self, settings: dict[str, Any], file_table: dict[str, Any] | None = None, file_where: str = ""):
+        """``file_table``: the ``[gate]`` table of the matrix file (``matrix.MatrixFile.gate``),
+        named ``file_where`` in errors."""
         self.settings = settings
         self.confirm = bool(settings["confirm"].value)
         self.cross_hardware = bool(settings["cross_hardware"].value)
-        self.rules = rules_module.merged([self._file_rules(matrix_file), self._option_rules()])
+        self.rules = rules_module.merged([self._file_rules(file_table or {}, file_where), self._option_rules()])
         self.baseline = self._load_baseline()
-        self.comparison: Comparison | None = None
         self._history: dict | None = None  # the baseline's records by config, indexed once
 
     @property
@@ -51,14 +50,7 @@ class Gate:
         setting = self.settings["fail"]
         return [self._parse(text, setting.describe()) for text in setting.value or ()]
 
-    def _file_rules(self, path: Path | None) -> list[rules_module.Rule]:
-        if path is None:
-            return []
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8")).get("gate", {})
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            return []  # the matrix reads the same file and says what is wrong with it
-        where = f"{self.settings['matrix'].describe()} ({path.name}) [gate]"
+    def _file_rules(self, table: dict[str, Any], where: str) -> list[rules_module.Rule]:
         unknown = sorted(set(table) - {"fail"})
         if unknown:
             raise pytest.UsageError(f"{where}: {unknown[0]!r} is not a gate key; allowed: fail = [\"METRIC[:STAT]:THRESHOLD\", ...]")
@@ -100,7 +92,4 @@ class Gate:
 
     def decide(self, records: list[dict[str, Any]], machine: dict[str, Any]) -> Comparison | None:
         """Judge the run; ``None`` when nothing is gated."""
-        if not self.active:
-            return None
-        self.comparison = self.judge(records, machine)
-        return self.comparison
+        return self.judge(records, machine) if self.active else None

@@ -71,28 +71,45 @@ class RawValue:
     base_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class MatrixFile:
+    """A ``--lora-matrix`` file, read once: its matrix keys, and its ``[gate]`` table (the gate's
+    rules, ``gate.Gate``); ``where`` names the option that gave it."""
+
+    path: Path
+    where: str
+    keys: dict[str, Any]
+    gate: dict[str, Any]
+
+    @property
+    def layer(self) -> dict[str, RawValue]:
+        """Its keys as a layer of the matrix; its relative paths are relative to the file."""
+        return mapping_layer(self.keys, f"{self.where} ({self.path.name})", base_dir=self.path.parent)
+
+
+def read_file(path: Path, where: str) -> MatrixFile:
+    """A matrix TOML file; a missing file or malformed TOML is a ``MatrixError``."""
+    data = load_toml(path, where)
+    gate = data.pop("gate", {})
+    if not isinstance(gate, dict):
+        raise MatrixError(f"{where} ({path.name})", gate, "is not a [gate] table", '[gate] fail = ["METRIC[:STAT]:THRESHOLD", ...]')
+    return MatrixFile(path, where, data.get("matrix", data), gate)
+
+
 def load_toml(path: Path, where: str) -> dict[str, Any]:
-    """Read a matrix TOML file's matrix keys (its ``[gate]`` table is the gate's); malformed TOML
-    is a ``MatrixError``."""
+    """A TOML file as a dict; a missing file or malformed TOML is a ``MatrixError``."""
     if not path.is_file():
         raise MatrixError(where, str(path), "does not exist", "a path to a TOML file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise MatrixError(where, str(path), f"is not valid TOML ({error})") from None
-    data.pop("gate", None)  # the regression gate's rules (pytest_lora.gate reads them)
-    return data.get("matrix", data)
 
 
 def default_layer(device_kind: str) -> dict[str, RawValue]:
     """The embedded default matrix for ``cpu`` or ``cuda``."""
     data = tomllib.loads(DEFAULT_MATRIX_FILE.read_text(encoding="utf-8"))[device_kind]
     return {key: RawValue(_as_tuple(value), f"default matrix [{device_kind}] {key}") for key, value in data.items()}
-
-
-def file_layer(path: Path, where: str) -> dict[str, RawValue]:
-    """A matrix file's keys; its relative paths are relative to the file."""
-    return mapping_layer(load_toml(path, where), f"{where} ({path.name})", base_dir=path.parent)
 
 
 def mapping_layer(data: dict[str, Any], where: str, base_dir: Path | None = None) -> dict[str, RawValue]:

@@ -25,9 +25,6 @@ import pytest
 
 from .specs import OPTIMIZERS, QUANTIZATIONS, shortened, shown
 
-SOURCES = ("cli", "env", "ini", "default")
-
-
 @dataclass(frozen=True)
 class Option:
     """One pytest-lora option and its help text."""

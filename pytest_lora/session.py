@@ -70,8 +70,10 @@ class LoraSession:
         summary.check_report_option(self.settings["report"])
         self.shard = shard.parse(self.settings["shard"])  # (K, N) or None
         self.gpus_per_worker = workers.gpus_per_worker(self.settings["gpus_per_worker"])
-        matrix_file = self.path_setting("matrix") if self.settings["matrix"].value else None
-        self.gate = Gate(self.settings, matrix_file)
+        self.matrix_file = self._read_matrix_file()
+        gate_table = None if self.matrix_file is None else self.matrix_file.gate
+        gate_where = "" if self.matrix_file is None else f"{self.matrix_file.where} ({self.matrix_file.path.name}) [gate]"
+        self.gate = Gate(self.settings, gate_table, gate_where)
         self.memory_limit = budget.option_limit(self.settings["limit_memory"])
         self._check_results_directory()
 
@@ -271,9 +273,8 @@ class LoraSession:
         """Default matrix for the device, then the --lora-matrix file, then single options."""
         if self._layers is None:
             layers = [matrix_module.default_layer(self.device_kind)]
-            file_setting = self.settings["matrix"]
-            if file_setting.value:
-                layers.append(matrix_module.file_layer(self.path_setting("matrix"), file_setting.describe()))
+            if self.matrix_file is not None:
+                layers.append(self.matrix_file.layer)
             singles = {
                 name: (str(self.settings[name].value), self.settings[name].describe(), self.settings[name].base_dir)
                 for name in MATRIX_OPTIONS
@@ -282,6 +283,16 @@ class LoraSession:
             layers.append(matrix_module.option_layer(singles))
             self._layers = layers
         return self._layers
+
+    def _read_matrix_file(self) -> matrix_module.MatrixFile | None:
+        """The ``--lora-matrix`` file, read once: the matrix's keys and the gate's rules."""
+        setting = self.settings["matrix"]
+        if not setting.value:
+            return None
+        try:
+            return matrix_module.read_file(self.path_setting("matrix"), setting.describe())
+        except MatrixError as error:
+            raise pytest.UsageError(str(error)) from None
 
     def where_of(self, key: str) -> str:
         """Where the value of a matrix key came from (the last layer that set it)."""

@@ -314,6 +314,29 @@ def test_rules_from_the_ini_the_environment_and_a_matrix_files_gate_table(pytest
     result.stderr.fnmatch_lines(["*--lora-matrix (bad.toml) [[]gate[]]: 'rules' is not a gate key; allowed: fail = *"])
 
 
+def test_the_matrix_file_is_read_once_for_the_matrix_and_the_gate(pytester, monkeypatch):
+    from pytest_lora import matrix
+
+    reads = []
+    load_toml = matrix.load_toml
+    monkeypatch.setattr(matrix, "load_toml", lambda path, where: reads.append(path.name) or load_toml(path, where))
+    (pytester.path / "both.toml").write_text('ranks = [4]\ntargets = ["q_proj"]\n[gate]\nfail = ["trainable_params:<=1"]\n')
+    result = pytester.runpytest("--lora-bench", "--lora-matrix=both.toml", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=none",
+                                "-k", "test_trainable_parameters", "-p", "no:cacheprovider")
+    assert result.ret == 1  # the file's bound, judged by the gate
+    data = document(pytester)
+    assert {r["lora"]["r"] for r in data["records"]} == {4}  # the file's rank, in the matrix
+    assert {metric for _, metric in regressions(data)} == {"trainable_params"}
+    assert reads == ["both.toml"]
+
+
+def test_a_gate_that_is_not_a_table_is_a_usage_error(pytester):
+    (pytester.path / "bad.toml").write_text('gate = "trainable_params:=="\n')
+    result = bench(pytester, "--lora-matrix=bad.toml")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--lora-matrix (bad.toml): 'trainable_params:==' is not a [[]gate[]] table; allowed: [[]gate[]] fail = *"])
+
+
 def test_a_history_directory_leaves_out_failed_runs_and_compares_with_the_passed_ones(pytester, baseline, tmp_path):
     """A failed run is not a baseline; latest.json is a copy and is not read."""
     history = tmp_path / "history"
