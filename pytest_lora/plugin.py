@@ -1,7 +1,7 @@
 """pytest-lora's hooks, and nothing else: options, markers, parametrization from the matrix,
-collection, recording, the terminal summary and xdist. The work lives in ``options``, ``bench``
-(what ``--lora-bench`` runs), ``markers``, ``session``, ``fixtures``, ``matrix``, ``models``,
-``measure`` and ``report``.
+collection, recording and the terminal summary (an xdist controller's hooks are ``controller``'s).
+The work lives in ``options``, ``bench`` (what ``--lora-bench`` runs), ``markers``, ``session``,
+``fixtures``, ``matrix``, ``models``, ``measure`` and ``report``.
 
 Importing this module (pytest does it in every project where pytest-lora is installed) imports
 neither torch nor transformers; they load when a test first needs a model.
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, budget, confirm, hooks, journal, markers, options, quiet, shard, specs, summary, workers
+from . import bench, budget, confirm, controller, hooks, journal, markers, options, quiet, shard, specs, summary, workers
 from .fixtures import RECORD_KEY
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
     RECORDER_KEY,
@@ -52,6 +52,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hooks)
+    if not pluginmanager.is_registered(controller):
+        pluginmanager.register(controller, "pytest_lora.controller")  # the xdist controller's hooks
 
 
 @pytest.hookimpl(trylast=True)
@@ -352,56 +354,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     elif not hasattr(session.config, "workerinput"):
         with lora.interrupts.writing():  # a second Ctrl-C or SIGTERM must not cut the results
             session.exitstatus = lora.finish(int(session.exitstatus))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto`` under ``--lora-bench`` with GPUs: one worker per GPU (``workers``)."""
-    return workers.auto_workers(options.resolve(config))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """xdist controller: hand each worker its journal and the GPUs it owns (``workers``)."""
-    lora = node.config.stash[SESSION_KEY]
-    node.workerinput[journal.WORKER_JOURNAL] = str(lora.collector().expect(node.gateway.id))
-    if lora.bench and str(lora.settings["device"].value).lower() != "cpu":
-        device = workers.worker_device(node.gateway.id, lora.visible_devices(), lora.gpus_per_worker)
-        if device is not None:
-            node.workerinput[workers.WORKER_DEVICE] = device
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist controller: under the bench, ``--dist loadgroup`` keeps each base's tests on one worker."""
-    lora = config.stash[SESSION_KEY]
-    if lora.bench and config.getvalue("dist") == "loadgroup":
-        from .scheduling import BaseScheduling
-
-        return BaseScheduling(config, log, lora.test_groups)
-    return None
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """xdist controller: a worker's records join the run as it reports its tests (``journal``)."""
-    node = getattr(report, "node", None)
-    if node is not None and report.when == "teardown":
-        node.config.stash[SESSION_KEY].collect(node.gateway.id)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist controller: a worker went down; the rest of its journal joins the run."""
-    lora = node.config.stash[SESSION_KEY]
-    if error is not None:
-        lora.worker_errors[node.gateway.id] = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-    lora.collect(node.gateway.id)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: Any) -> None:
-    """xdist controller: the test a worker died in becomes an ``error`` record that says so."""
-    report.node.config.stash[SESSION_KEY].worker_crashed(report.node.gateway.id, crashitem)
 
 
 @pytest.hookimpl(wrapper=True)
