@@ -1,6 +1,6 @@
 """What one record costs the results store, at the start of a run and 10,000 records in.
 
-Each ``ResultsStore.put`` appends the record to the run's log and fsyncs it (``report.runlog``),
+Each ``ResultsStore.put`` appends the record to the run's log and fsyncs it (``results.runlog``),
 so its cost should not grow with the run. This times every put of a 10,000-record run into a
 real directory (the disk's fsync included) and prints the median and the quartiles of records
 1-100 and 9,901-10,000, and their ratio; ``--json PATH`` writes them too. It asserts nothing:
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_lora.report.store import ResultsStore
+from pytest_lora.results.store import ResultsStore
 
 RECORDS = 10_000
 WINDOW = 100

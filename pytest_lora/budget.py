@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .report.rules import RuleError, size_in_bytes
+from .gate.rules import RuleError, size_in_bytes
 
 MARKER = "lora_limit_memory"
 MARKER_LINE = f"{MARKER}(size): fail the config if its peak reserved GPU memory (analytic step on the CPU) exceeds size, e.g. '24 GiB'"

@@ -2,14 +2,14 @@
 
 ``pytest-lora compare BASE NEW [--fail RULE ...]`` judges a results file against a baseline file
 or a history directory with the same rules, defaults and verdicts as ``pytest --lora-compare``
-(``report.compare``), and exits as the in-run gate does: 0 nothing regressed, 1 a regression
+(``gate.compare``), and exits as the in-run gate does: 0 nothing regressed, 1 a regression
 (with its table), 4 a bad argument, a missing or corrupt file, a malformed rule.
 
 ``pytest-lora report RUN [RUN2 ...] [-o DIR]`` writes a run's report again from its JSON (the same
 markdown, CSV and plots the run wrote), or several runs side by side (two GPUs, a library upgrade).
 
 ``pytest-lora merge SHARD ... -o RUN.json [--allow-mixed]`` joins the results of ``--lora-shard=K/N``
-runs into one run (``report.shards``), refusing what would make it a lie, and writes its report.
+runs into one run (``results.shards``), refusing what would make it a lie, and writes its report.
 
 ``pytest-lora export --format gab RUN -o DIR`` writes github-action-benchmark's two custom formats
 (``customSmallerIsBetter.json``, ``customBiggerIsBetter.json``): every gated metric of every config,
@@ -25,11 +25,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .report import baseline as baseline_module
-from .report import rules as rules_module
-from .report.compare import check_record, compare, config_name
-from .report.shards import MergeError
-from .report.store import atomic_write_json
+from .results import baseline as baseline_module
+from .gate import rules as rules_module
+from .gate.compare import check_record, compare
+from .results.identity import config_name
+from .results.shards import MergeError
+from .results.store import atomic_write_json
 from .specs import whole_number
 
 USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
@@ -94,7 +95,8 @@ def _run_file(path: str, where: str) -> dict[str, Any]:
 
 
 def compare_command(arguments: argparse.Namespace) -> int:
-    from .report import table, terminal
+    from .gate.verdict import gate_lines
+    from .report import terminal
 
     if (whole_number(arguments.history) or 0) < 1:
         raise UsageError(f"--history: {arguments.history!r} is not a number of runs; allowed: an integer >= 1")
@@ -104,7 +106,7 @@ def compare_command(arguments: argparse.Namespace) -> int:
         base.runs = [run for run in base.runs if run["run"].get("id") != new["run"].get("id")]
     rules = rules_module.merged([[rules_module.parse(text, "--fail") for text in arguments.fail]])
     comparison = compare(new["records"], new["machine"], base, rules, arguments.cross_hardware)
-    for text, _ in table.gate_lines(comparison):
+    for text, _ in gate_lines(comparison):
         print(f"pytest-lora: {text}")
     if comparison.regressions:
         checks = [check_record(check) for check in comparison.regressions]
@@ -117,7 +119,7 @@ def report_command(arguments: argparse.Namespace) -> int:
     markdown, ``runs-<first id>-<last id>.md``, and its tokens/s plot (``-speed.png``)."""
     from .report import markdown, plots
     from .report.publish import write_report
-    from .report.store import atomic_write_text
+    from .results.store import atomic_write_text
 
     documents = [_run_file(path, "RUN") for path in arguments.runs]
     for path, document in zip(arguments.runs, documents):
@@ -139,7 +141,7 @@ def report_command(arguments: argparse.Namespace) -> int:
 
 def _recover(document: dict[str, Any], path: Path) -> None:
     """A run that never finished: its xdist workers' journals may hold records its JSON lacks."""
-    from .journal import recover
+    from .dist.journal import recover
 
     gained = recover(document, path if path.is_dir() else path.parent)
     if gained:
@@ -147,9 +149,9 @@ def _recover(document: dict[str, Any], path: Path) -> None:
 
 
 def merge_command(arguments: argparse.Namespace) -> int:
-    """The shards joined (``report.shards``) into RUN.json, with its report, CSV and plots beside it."""
+    """The shards joined (``results.shards``) into RUN.json, with its report, CSV and plots beside it."""
     from .report.publish import write_report
-    from .report.shards import merge
+    from .results.shards import merge
 
     documents = [_run_file(path, "SHARD") for path in arguments.shards]
     output = Path(arguments.output)

@@ -20,14 +20,12 @@ import pytest
 
 from . import bench
 from .markers import suite_of
+from .keys import RECORDER_KEY, SESSION_KEY
 from .matrix import Matrix
-from .report.recorder import Recorder
+from .results.recorder import Recorder
 from .session import LoraSession
 from .specs import without_group
 
-SESSION_KEY = pytest.StashKey[LoraSession]()
-RECORDER_KEY = pytest.StashKey[Recorder]()
-RECORD_KEY = pytest.StashKey[dict]()  # the record a test delivered (the gate's confirming rerun reads it)
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import references
+from .report import catalog
 from .report.table import case_cell, format_value, function_name
 
 MiB = 2**20
@@ -182,10 +183,10 @@ def _phase_problem(metrics: dict[str, Any]) -> str | None:
 
 
 _CHECKS = {
-    "test_base_build_time": _build,
-    "test_harness_overhead": _overhead,
-    "test_step_time": _clocks,
-    "test_step_peak_memory": _memory,
+    catalog.BASE_BUILD_TIME: _build,
+    catalog.HARNESS_OVERHEAD: _overhead,
+    catalog.STEP_TIME: _clocks,
+    catalog.STEP_PEAK_MEMORY: _memory,
 }
 
 
@@ -200,9 +201,9 @@ def _reference_lines(records: list[dict[str, Any]], figures: Iterable[references
                 continue
             metrics, subject = record["metrics"], _subject(record)
             test = function_name(record)
-            if test == "test_step_time" and metrics.get("step_time_median_s"):
+            if test == catalog.STEP_TIME and metrics.get("step_time_median_s"):
                 lines.append(Check("reference: step time", subject, _fmt(metrics["step_time_median_s"] * 1000, "ms"), f"H200 {figure.step_ms:g} ms", None))
-            if test == "test_step_peak_memory" and metrics.get("peak_allocated_bytes"):
+            if test == catalog.STEP_PEAK_MEMORY and metrics.get("peak_allocated_bytes"):
                 lines.append(Check("reference: peak allocated", subject, _fmt_bytes(metrics["peak_allocated_bytes"]), f"H200 {figure.peak_allocated_gib:g} GiB", None))
     return lines
 

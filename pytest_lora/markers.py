@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-SUITE_MARKERS = {
-    "lora_params": "trainable and total parameters",
-    "lora_memory": "memory of a training step",
-    "lora_step_time": "training step time",
-    "lora_merge": "correctness of weight merging",
-    "lora_forgetting": "forgetting and learning",
-    "lora_serving": "latency and files of a trained adapter, merged and unmerged",
-}
+from .report.catalog import SUITES
+
+SUITE_MARKERS = {suite.marker: suite.about for suite in SUITES}
 MATRIX_MARKER = (
     "lora_matrix(**keys)",
     "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8]); "

@@ -1,5 +1,5 @@
 """pytest-lora's hooks, and nothing else: options, markers, parametrization from the matrix,
-collection, recording and the terminal summary (an xdist controller's hooks are ``controller``'s).
+collection, recording and the terminal summary (an xdist controller's hooks are ``dist.controller``'s).
 The work lives in ``options``, ``bench`` (what ``--lora-bench`` runs), ``markers``, ``session``,
 ``fixtures``, ``matrix``, ``models``, ``measure`` and ``report``.
 
@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from . import bench, budget, confirm, controller, hooks, journal, markers, options, quiet, shard, specs, summary, workers
-from .fixtures import RECORD_KEY
+from . import bench, hooks, markers, options, quiet, specs, summary
+from . import budget
+from .gate import confirm
+from .dist import controller, journal, shard, workers
 from .fixtures import (  # noqa: F401  (fixtures are found by pytest through this module)
-    RECORDER_KEY,
-    SESSION_KEY,
     base_build,
     base_copy,
     base_model,
@@ -34,6 +34,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
     quant_format,
     new_recorder,
 )
+from .keys import RECORD_KEY, RECORDER_KEY, SESSION_KEY
 from .markers import suite_of
 from .models import heap
 from .session import LoraSession
@@ -53,7 +54,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hooks)
     if not pluginmanager.is_registered(controller):
-        pluginmanager.register(controller, "pytest_lora.controller")  # the xdist controller's hooks
+        pluginmanager.register(controller, "pytest_lora.dist.controller")  # the xdist controller's hooks
 
 
 @pytest.hookimpl(trylast=True)

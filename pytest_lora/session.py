@@ -15,14 +15,16 @@ from typing import Any
 
 import pytest
 
-from . import budget, shard, summary, workers
-from .interrupts import Interrupts
+from . import budget
+from .dist import shard, workers
+from . import summary
+from .dist.interrupts import Interrupts
 from . import matrix as matrix_module
 from . import options
 from .matrix import Matrix, MatrixError, RawValue
-from .gate import Gate
-from .report import provenance
-from .report.store import ResultsStore, UnusableDirectory, check_directory
+from .gate.judge import Gate
+from .results import provenance
+from .results.store import ResultsStore, UnusableDirectory, check_directory
 from .specs import whole_number
 
 MATRIX_OPTIONS = ("models", "quant", "ranks", "targets", "optimizers")
@@ -111,7 +113,7 @@ class LoraSession:
             return
         directory = self.path_setting("results")
         if directory.is_dir():
-            from .report.store import remove_stale_temporaries, unfinished_runs
+            from .results.store import remove_stale_temporaries, unfinished_runs
 
             remove_stale_temporaries(directory)
             self.unfinished = unfinished_runs(directory)
@@ -367,7 +369,7 @@ class LoraSession:
         if self._collector is None:
             import tempfile
 
-            from . import journal
+            from .dist import journal
 
             if self.records_wanted:
                 self._collector = journal.Collector(journal.directory_of(self.path_setting("results"), self.run_id))
@@ -418,7 +420,7 @@ class LoraSession:
     def _keep(self, write: Any, *records: dict[str, Any]) -> None:
         """Write records; when the results directory fails, stop the run after this test (the
         store has kept the records elsewhere and says where)."""
-        from .report.store import ResultsNotWritten
+        from .results.store import ResultsNotWritten
 
         try:
             write(*records)

@@ -102,11 +102,12 @@ def _warning_lines(writer: Any, records: list[dict[str, Any]], full: bool) -> No
 
 
 def _gate(writer: Any, comparison: Any, width: int, color: bool) -> None:
+    from .gate.compare import check_record
+    from .gate.verdict import gate_lines
     from .report import table, terminal
-    from .report.compare import check_record
 
     writer.write_sep("=", "pytest-lora gate")
-    for text, colour in table.gate_lines(comparison):
+    for text, colour in gate_lines(comparison):
         writer.write_line(f"pytest-lora: {text}", **{colour: True})
     if comparison.regressions:
         checks = [check_record(check) for check in comparison.regressions]

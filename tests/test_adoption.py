@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pytest_lora import bench
-from pytest_lora.report.recorder import Recorder
+from pytest_lora.results.recorder import Recorder
 
 USERS_MEMORY_TEST = """
 import pytest

@@ -168,7 +168,7 @@ def test_record(lora_bench, n):
 
 DISK_FULL = """
 import errno, os
-from pytest_lora.report import runlog
+from pytest_lora.results import runlog
 
 real = runlog.RunLog.append
 FULL_AT = int(os.environ["PLANTED_FULL_AT"])  # the record whose append finds the disk full
@@ -189,7 +189,7 @@ runlog.RunLog.append = full
 def plant_full_disk(monkeypatch, full_at: int, temp_full: bool) -> None:
     """The results directory's disk is full from record ``full_at`` on; with ``temp_full``, the
     temporary directory's too (a fake filesystem error at the store, undone after the test)."""
-    from pytest_lora.report import runlog, store
+    from pytest_lora.results import runlog, store
 
     real_append, real_write = runlog.RunLog.append, store.atomic_write_text
     appended = []
@@ -221,7 +221,7 @@ def test_a_disk_full_after_the_fifth_record_keeps_all_and_says_where(pytester, s
     """The sixth record's append fails: the run stops there (exit 2, interrupted), the run's log
     holds the five written before, and the recovery file in the temporary directory holds all
     six, with the run's status; the error names both."""
-    from pytest_lora.report.store import load
+    from pytest_lora.results.store import load
 
     result = run_with_full_disk(pytester, suite, monkeypatch)
     assert result.ret == pytest.ExitCode.INTERRUPTED
@@ -261,7 +261,7 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     """The controller writes the run's file: a write failing there stops the workers (xdist's
     own stop, as for ``-x``); the records are in the recovery file, and nothing is lost that
     the controller had received."""
-    from pytest_lora.report.store import load
+    from pytest_lora.results.store import load
 
     suite(EIGHT_RECORDS.replace("range(8)", "range(40)"))
     pytester.makepyfile(planted_full_disk=DISK_FULL)
@@ -282,7 +282,7 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
 
 JOURNAL_FULL = """
 import errno, os
-from pytest_lora import journal
+from pytest_lora.dist import journal
 
 real = journal.Journal._write
 written = []
@@ -306,7 +306,7 @@ def test_a_worker_whose_journal_fails_carries_on_in_a_recovery_journal_and_stops
     which the controller reads too, so the run's file holds every record measured, each ``ok``;
     the run stops (exit 2) with the worker's reason, and the recovery journal is removed once the
     run's file holds it."""
-    from pytest_lora.report.store import load
+    from pytest_lora.results.store import load
 
     suite(EIGHT_RECORDS.replace("range(8)", "range(40)"))
     pytester.makepyfile(planted_full_journal=JOURNAL_FULL)
@@ -330,7 +330,7 @@ def test_a_worker_whose_journal_fails_carries_on_in_a_recovery_journal_and_stops
 
 def test_a_journal_fails_over_once_then_gives_up_saying_so(tmp_path, monkeypatch):
     """Unit: the journal's failure paths, each told to the session once as it happens."""
-    from pytest_lora import journal
+    from pytest_lora.dist import journal
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -355,7 +355,7 @@ def test_a_journal_fails_over_once_then_gives_up_saying_so(tmp_path, monkeypatch
 
 
 def test_a_journal_whose_recovery_fails_at_once_says_both(tmp_path, monkeypatch):
-    from pytest_lora import journal
+    from pytest_lora.dist import journal
 
     (tmp_path / "tmp").write_text("")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -368,7 +368,7 @@ def test_a_journal_whose_recovery_fails_at_once_says_both(tmp_path, monkeypatch)
 def test_a_results_directory_removed_mid_run_is_made_again_with_every_record(pytester, suite):
     """Each write holds the whole run, so a directory removed between records (a cleanup job)
     comes back with all of them."""
-    from pytest_lora.report.store import load
+    from pytest_lora.results.store import load
 
     suite(EIGHT_RECORDS.replace('lora_bench.record("n", n, "things")',
                                 'lora_bench.record("n", n, "things")\n    if n == 3:\n        import shutil\n        shutil.rmtree("results")'))
@@ -378,7 +378,7 @@ def test_a_results_directory_removed_mid_run_is_made_again_with_every_record(pyt
 
 
 def test_a_report_that_cannot_be_written_fails_the_run_and_keeps_the_json(pytester, suite, monkeypatch):
-    from pytest_lora.report.store import load
+    from pytest_lora.results.store import load
 
     import importlib
 

@@ -15,7 +15,7 @@ from peft.tuners.lora import bnb as lora_bnb
 from peft.tuners.lora import layer as lora_layer
 
 from pytest_lora import count_parameters
-from pytest_lora.fixtures import SESSION_KEY
+from pytest_lora.keys import SESSION_KEY
 from pytest_lora.models.resolve import resolve_model
 from pytest_lora.specs import QUANTIZATIONS
 from pytest_lora.models import adapters, build, registry

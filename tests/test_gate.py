@@ -23,7 +23,7 @@ import pytest
 from conftest import SHARED_RUNS, bench_subprocess
 from pytest_lora import cli
 from pytest_lora.measure import cpu, train
-from pytest_lora.report import rules
+from pytest_lora.gate import rules
 
 # One config of BENCH_MATRIX: the in-process runs pair with the baseline's records.
 ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=bf16", "--lora-ranks=16", "--lora-targets=default", "--lora-optimizers=adamw")

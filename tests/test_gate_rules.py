@@ -1,5 +1,5 @@
 """The gate's pieces without pytest runs: the Mann-Whitney test, rule parsing, default rules, and
-the verdicts of ``report.compare`` on hand-written records."""
+the verdicts of ``gate.compare`` on hand-written records."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_lora.report import baseline as baseline_module
-from pytest_lora.report import rules, stats
-from pytest_lora.report.compare import compare
+from pytest_lora.results import baseline as baseline_module
+from pytest_lora.gate import rules, stats
+from pytest_lora.gate.compare import compare
 
 # ------------------------------------------------------------------ Mann-Whitney
 

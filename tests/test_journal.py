@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from pytest_lora import journal
+from pytest_lora.dist import journal
 from pytest_lora.report import markdown
-from pytest_lora.report.store import load
+from pytest_lora.results.store import load
 
 from conftest import clean_environment, untimed
 

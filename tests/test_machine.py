@@ -32,7 +32,7 @@ def test_other_cores_are_the_machines_busy_time_less_our_own():
         pass
     assert load.other_cores == pytest.approx(1.5) and load.pressure is None
     assert load.busy(cpu_count=2, threads=1) and not load.busy(cpu_count=4, threads=1)
-    assert load.describe(2, 1) == "machine busy while timing: other processes used 1.50 of 2 CPUs beside 1 timing thread; its times are not comparable"
+    assert load.describe(2, 1) == "other processes used 1.50 of 2 CPUs beside 1 timing thread; its times are not comparable"
     quiet = cpu.MachineLoad(lambda: 5.0, lambda: 1.0, iter([0.0, 1.0]).__next__, stall=lambda: None)
     with quiet:
         pass
@@ -50,7 +50,7 @@ def test_pressure_decides_where_the_kernel_reports_it():
     with cpu.MachineLoad(lambda: 0.0, lambda: 0.0, lambda: next(clock), stall=lambda: next(stall)) as load:
         pass
     assert load.pressure == pytest.approx(0.3) and load.other_cores == 0.0 and load.busy(cpu_count=64, threads=1)
-    assert load.describe(64, 2).startswith("machine busy while timing: a task waited for a CPU 30% of the time; other processes used 0.00 of 64 CPUs beside 2 timing threads")
+    assert load.describe(64, 2).startswith("a task waited for a CPU 30% of the time; other processes used 0.00 of 64 CPUs beside 2 timing threads")
     stall, clock = iter([50.0, 50.02]), iter([0.0, 2.0])
     with cpu.MachineLoad(lambda: 9.0, lambda: 0.0, lambda: next(clock), stall=lambda: next(stall)) as calm:
         pass
@@ -181,9 +181,9 @@ def test_a_process_spinning_beside_the_timing_is_seen_as_another_core():
 
 
 def test_recorded_conditions_record_the_load_and_warn_when_the_timing_competed(monkeypatch):
-    """A timed block records how busy the machine was, and a busy one carries the warning the gate
-    reads (``BUSY_WARNING``); a quiet one none."""
-    from pytest_lora.report.recorder import BUSY_WARNING, Recorder, timed_while_busy
+    """A timed block records how busy the machine was, and a busy one is marked ``busy`` (the field the
+    gate reads) and says how busy in a warning; a quiet one neither."""
+    from pytest_lora.results.recorder import BUSY_WARNING, Recorder, timed_while_busy
 
     for busy in (True, False):
         monkeypatch.setattr(cpu.MachineLoad, "busy", lambda self, cpu_count, threads, busy=busy: busy)
@@ -191,5 +191,16 @@ def test_recorded_conditions_record_the_load_and_warn_when_the_timing_competed(m
         with cpu.recorded_conditions(1, recorder):
             pass
         assert {"cpu_pressure", "other_cpu_load"} <= set(recorder.metrics)
-        assert timed_while_busy(recorder.to_record()) == busy
-        assert all(w.startswith(BUSY_WARNING) for w in recorder.warnings)
+        record = recorder.to_record()
+        assert record.get("busy", False) is busy and timed_while_busy(record) == busy
+        assert all(w.startswith(BUSY_WARNING) for w in recorder.warnings) and len(recorder.warnings) == busy
+
+
+def test_a_record_written_before_the_busy_field_is_read_by_its_warning():
+    """Baselines written before records carried ``busy`` say it only in the warning's words; the
+    field, where present, decides (a warning that merely quotes the words does not)."""
+    from pytest_lora.results.recorder import timed_while_busy
+
+    old = {"warnings": ["machine busy while timing: other processes used 1.50 of 2 CPUs beside 1 timing thread"]}
+    assert timed_while_busy(old) and not timed_while_busy({"warnings": []}) and not timed_while_busy({})
+    assert timed_while_busy({"busy": True, "warnings": []}) and not timed_while_busy({**old, "busy": False})

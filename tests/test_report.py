@@ -25,7 +25,7 @@ from markdown_it import MarkdownIt
 
 from conftest import BENCH_MATRIX, TINY
 from pytest_lora import cli, matrix
-from pytest_lora.report import headline, markdown, plots, spreadsheet, terminal
+from pytest_lora.report import catalog, headline, markdown, plots, spreadsheet, terminal
 from pytest_lora.models import formats
 from pytest_lora.specs import QUANTIZATIONS
 
@@ -443,11 +443,29 @@ def test_results_files_are_created_with_the_users_permissions(pytester, suite):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
 
 
-def test_every_builtin_test_is_headlined_or_left_to_the_report():
-    suites = Path(__file__).parent.parent / "suites"
-    functions = {node.name for path in suites.glob("test_*.py") for node in ast.parse(path.read_text()).body
-                 if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
-    assert functions == headline.HEADLINED | headline.REPORT_ONLY
+def suite_tests() -> dict[str, str]:
+    """Each test function of suites/ -> the marker of its module (``pytestmark``)."""
+    found = {}
+    for path in (Path(__file__).parent.parent / "suites").glob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        marker = next(node.value.attr for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id == "pytestmark")
+        found.update({node.name: marker for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")})
+    return found
+
+
+def test_the_catalog_lists_every_suite_test_under_its_marker():
+    assert {test: suite.marker for suite in catalog.SUITES for test in suite.tests} == suite_tests()
+
+
+def test_no_suite_test_is_named_outside_the_suites_and_the_catalog():
+    """The report's parts name a suite's test through ``catalog`` only: a string literal elsewhere
+    would be a second place to change when a suite changes."""
+    names = set(suite_tests())
+    package = Path(catalog.__file__).parents[1]
+    found = [f"{path.relative_to(package)}:{node.lineno} {node.value}" for path in package.rglob("*.py") if path.name != "catalog.py"
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and any(name in node.value for name in names)]
+    assert found == []
 
 
 def test_a_cell_is_escaped_for_github():

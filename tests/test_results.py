@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import TINY
-from pytest_lora.report.store import SCHEMA_VERSION, atomic_write_json, load
+from pytest_lora.results.store import SCHEMA_VERSION, atomic_write_json, load
 
 RUN_KEYS = {"id", "started", "finished", "argv", "git", "status", "builds", "tests"}
 MACHINE_KEYS = {"device", "gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes", "python", "cpu",

@@ -4,7 +4,7 @@
   and none failed, ``interrupted`` with the counts otherwise; a second Ctrl-C while the first is
   handled changes nothing of that;
 - SIGTERM ends a run as Ctrl-C does: status, finished time, tables, no temporary files;
-- the records go to an append-only log while the run goes (``report.runlog``); a killed run's
+- the records go to an append-only log while the run goes (``results.runlog``); a killed run's
   log is read by every reader, and the next run says it never finished and leaves it alone;
 - temporary files of a killed write are removed at the next run's start, only ours.
 """
@@ -21,9 +21,9 @@ import time
 import pytest
 
 from conftest import clean_environment
-from pytest_lora.report import runlog
+from pytest_lora.results import runlog
 from pytest_lora.report.publish import write_report
-from pytest_lora.report.store import ResultsStore, load, remove_stale_temporaries, unfinished_runs
+from pytest_lora.results.store import ResultsStore, load, remove_stale_temporaries, unfinished_runs
 from pytest_lora.session import run_status
 
 THREE = """
@@ -273,7 +273,7 @@ def test_a_record_costs_the_same_bytes_at_the_end_of_a_run_as_at_its_start(tmp_p
 def test_the_gate_history_and_compare_read_a_killed_runs_log(tmp_path):
     """A directory of runs with a killed one: the history leaves the log out and says why; the
     log itself reads as a baseline file."""
-    from pytest_lora.report import baseline
+    from pytest_lora.results import baseline
 
     passed = ResultsStore(tmp_path, {"id": "20260101-000000-aaaaaa", **RUN}, {"device": "cpu"})
     passed.put(a_record("t[a]"))

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from pytest_lora.measure import serving
 from pytest_lora.models import build
 from pytest_lora.models.resolve import resolve_model
-from pytest_lora.report import headline, rules
+from pytest_lora.report import headline
+from pytest_lora.gate import rules
 from pytest_lora.specs import QUANTIZATIONS
 
 SUITES = Path(__file__).parents[1] / "suites"

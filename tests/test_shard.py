@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_lora import cli, shard
+from pytest_lora import cli
+from pytest_lora.dist import shard
 from pytest_lora.models import registry
-from pytest_lora.report.compare import config_key
+from pytest_lora.results.identity import config_key
 
 SMALL = ("--lora-models=llama-3.2-1b-tiny,gpt2-medium-tiny", "--lora-quant=none,nf4", "--lora-ranks=8", "--lora-targets=default",
          "-m", "lora_params or lora_memory", "-p", "no:cacheprovider")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import SMALL, untimed
-from pytest_lora import workers
+from pytest_lora.dist import workers
 
 
 @pytest.mark.parametrize("environ, expected", [

@@ -25,7 +25,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..report.recorder import BUSY_WARNING
 
 PROC_STAT = Path("/proc/stat")
 PROC_PRESSURE = Path("/proc/pressure/cpu")
@@ -102,14 +101,14 @@ class MachineLoad:
         waited = f"a task waited for a CPU {100 * self.pressure:.0f}% of the time; " if self.pressure is not None else ""
         used = f"other processes used {self.other_cores:.2f} of {cpu_count} CPUs" if self.other_cores is not None else ""
         plural = "s" if threads != 1 else ""
-        return f"{BUSY_WARNING}: {waited}{used} beside {threads} timing thread{plural}; its times are not comparable"
+        return f"{waited}{used} beside {threads} timing thread{plural}; its times are not comparable"
 
 
 @contextlib.contextmanager
 def recorded_conditions(thread_count: int | None, recorder) -> Iterator[None]:
     """Time the block with torch's thread count fixed, and record into ``recorder`` how busy the
     machine was meanwhile (``cpu_pressure``, ``other_cpu_load``), warning when it competed for a CPU."""
-    from ..report import provenance
+    from ..results import provenance
 
     with threads(thread_count) as used, MachineLoad() as load:
         yield
@@ -117,4 +116,4 @@ def recorded_conditions(thread_count: int | None, recorder) -> Iterator[None]:
     recorder.record("other_cpu_load", load.other_cores, "cores")
     cpus = provenance.cpu_count()
     if load.busy(cpus, used):
-        recorder.warn(load.describe(cpus, used))
+        recorder.timed_while_busy(load.describe(cpus, used))

@@ -1,1 +1,1 @@
-"""Reporting: the results store (JSON), the recorder behind ``lora_bench``, provenance and tables."""
+"""The report: records rendered as tables (terminal, markdown), the headline, plots and CSV, and what a run publishes beside its JSON."""

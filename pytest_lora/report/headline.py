@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..specs import QUANTIZATIONS
-from .stats import median
+from ..gate.stats import median
+from . import catalog
 from .table import case_cell, format_change, format_value, function_name
 
 QUANT_ORDER = tuple(QUANTIZATIONS)  # the format table's order: unquantized, then each backend's
@@ -186,14 +187,14 @@ def step_memory(records: list[dict[str, Any]]) -> tuple[str, Configs, Callable[[
     gradient checkpointing: ``-``). The analytic model covers these for every architecture but
     activations only for Llama-style decoders, so the measured sum is the figure every model has.
     """
-    peaks = of_test(records, "test_step_peak_memory")
+    peaks = of_test(records, catalog.STEP_PEAK_MEMORY)
     if any("peak_allocated_bytes" in r["metrics"] for r in peaks if r["status"] == "ok"):
         return ("peak allocated bytes in one training step (torch's allocator, GPU)", Configs(peaks),
                 lambda record: record["metrics"].get("peak_allocated_bytes"))
-    steps = [r for r in of_test(records, "test_step_memory") if r["status"] != "ok" or "adapter_bytes" in r["metrics"]]
+    steps = [r for r in of_test(records, catalog.STEP_MEMORY) if r["status"] != "ok" or "adapter_bytes" in r["metrics"]]
     if not steps:
         return None
-    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in ok_records(records, "test_weight_storage")}
+    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in ok_records(records, catalog.WEIGHT_STORAGE)}
 
     def measured(record: dict[str, Any]) -> int | None:
         parts = [weights.get((record["model"], record["quant"])), *(record["metrics"].get(name) for name in STEP_PARTS)]
@@ -228,7 +229,7 @@ def memory_section(records: list[dict[str, Any]], compact: bool = False) -> Sect
 
 
 def speed_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
-    timed = of_test(records, "test_step_time")
+    timed = of_test(records, catalog.STEP_TIME)
     if not any(r["status"] == "ok" for r in timed):
         return None
     configs = Configs(timed)
@@ -272,12 +273,12 @@ def drop_empty_columns(header: list[str], rows: list[list[str]], text_columns: i
 def merge_source(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str] | None:
     """The trained model's merges when the run made them (its logits mean something), else the
     random-weight configs' medians."""
-    trained = ok_records(records, "test_merge_on_a_trained_model")
+    trained = ok_records(records, catalog.MERGE_TRAINED)
     if trained:
-        return trained, f"{trained[0]['model']}, LoRA-fine-tuned on a second task (test_merge_on_a_trained_model)"
-    matrix = ok_records(records, "test_merge_quantized") + ok_records(records, "test_merge_full_precision")
+        return trained, f"{trained[0]['model']}, LoRA-fine-tuned on a second task ({catalog.MERGE_TRAINED})"
+    matrix = ok_records(records, catalog.MERGE_QUANTIZED) + ok_records(records, catalog.MERGE_FULL_PRECISION)
     if matrix:
-        return matrix, "median over the matrix's random-weight configs (test_merge_quantized, test_merge_full_precision)"
+        return matrix, f"median over the matrix's random-weight configs ({catalog.MERGE_QUANTIZED}, {catalog.MERGE_FULL_PRECISION})"
     return None
 
 
@@ -339,7 +340,7 @@ def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
 
 def forgetting_methods(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The LoRA and full fine-tuning records of the forgetting suite that measured forgetting."""
-    methods = ok_records(records, "test_forgetting_lora") + ok_records(records, "test_forgetting_full_finetuning")
+    methods = ok_records(records, catalog.FORGETTING_LORA) + ok_records(records, catalog.FORGETTING_FULL)
     return [r for r in methods if "forgetting_delta_loss" in r["metrics"]]
 
 
@@ -352,7 +353,7 @@ def forgetting_section(records: list[dict[str, Any]], compact: bool = False) -> 
             for r in methods]
     notes = ["learning: held-out loss on the new task, before minus after; forgetting: held-out loss on the task the base "
              "learnt, after minus before; mean ± standard deviation over seeds."]
-    base = ok_records(records, "test_the_base_has_learnt_task_a")
+    base = ok_records(records, catalog.BASE_LEARNT_TASK_A)
     if base and not compact:
         metrics = base[0]["metrics"]
         notes.append(f"The base: loss {metrics.get('loss_a_before', math.nan):.3g} nats on its task, "
@@ -376,7 +377,7 @@ def spread(record: dict[str, Any], metric: str) -> str:
 
 
 def parameter_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
-    counted = ok_records(records, "test_trainable_parameters")
+    counted = ok_records(records, catalog.TRAINABLE_PARAMETERS)
     if not counted:
         return None
     if compact:
@@ -409,7 +410,7 @@ def _count(record: dict[str, Any] | None) -> str:
 
 
 def published_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
-    published = of_test(records, "test_published_counts")
+    published = of_test(records, catalog.PUBLISHED_COUNTS)
     if not published:
         return None
     header = ["model", "lora", "trainable", "published", "total", "published total", "reproduced"]
@@ -445,7 +446,7 @@ def format_ms(seconds: float | None) -> str:
 
 def serving_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
     """Latency of a prompt and of each decoded token: the base, the unmerged adapter, the merged model."""
-    timed = of_test(records, "test_serving_latency")
+    timed = of_test(records, catalog.SERVING_LATENCY)
     if not any(r["status"] == "ok" for r in timed):
         return None
     configs = Configs(timed)
@@ -473,24 +474,9 @@ def serving_section(records: list[dict[str, Any]], compact: bool = False) -> Sec
 
 # ----------------------------------------------------------------- all
 
-# The built-in suites' tests: those the headline reads, and those it leaves to the report's full
-# tables (tests/test_report.py checks that together they are every test of suites/). A record of
-# any other test (a user's own suite) has no headline: the terminal shows its table instead.
-HEADLINED = frozenset({
-    "test_step_peak_memory", "test_step_memory", "test_weight_storage", "test_step_time", "test_merge_on_a_trained_model",
-    "test_merge_quantized", "test_merge_full_precision", "test_forgetting_lora", "test_forgetting_full_finetuning",
-    "test_the_base_has_learnt_task_a", "test_trainable_parameters", "test_published_counts", "test_serving_latency",
-})
-REPORT_ONLY = frozenset({
-    "test_save_and_reload", "test_weighted_adapters", "test_base_build_time", "test_harness_overhead",
-    "test_analytic_step_of_published_shapes", "test_mixed_adapter_batch", "test_adapter_file", "test_paged_optimizer_under_pressure",
-})
-
-
 def without_headline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records of tests that are not the built-in suites': a user's own measurements."""
-    return [r for r in records if function_name(r) not in HEADLINED | REPORT_ONLY]
-
+    """Records of tests that are not the built-in suites' (``catalog``): a user's own measurements."""
+    return [r for r in records if function_name(r) not in catalog.BUILT_IN_TESTS]
 
 
 BUILDERS = (memory_section, speed_section, serving_section, merge_section, forgetting_section, parameter_section, published_section)

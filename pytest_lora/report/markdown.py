@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from . import headline, plots
+from . import catalog, headline, plots
 from .table import REGRESSION_HEADER, by_suite, config_label, format_change, format_value, regression_row, rows
 
 STATUS_ORDER = ("ok", "oom", "error", "skipped")
@@ -196,14 +196,14 @@ def step_memory_of(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 SIDE_BY_SIDE = (  # (what, each config's value in one run's records)
     ("step memory in bytes (GPU: peak allocated; CPU: weights + training state + activations, measured)", step_memory_of),
-    ("tokens/s", metric_of("test_step_time", "tokens_per_s")),
-    ("median step time (s)", metric_of("test_step_time", "step_time_median_s")),
-    ("MFU", metric_of("test_step_time", "mfu")),
-    ("merge KL (nats), trained model, peft's merge", metric_of("test_merge_on_a_trained_model", "merge_kl")),
-    ("merge KL (nats), trained model, peft's merge into a quantized base", metric_of("test_merge_on_a_trained_model", "merge_kl_requantize")),
-    ("forgetting (nats), LoRA", metric_of("test_forgetting_lora", "forgetting_delta_loss")),
-    ("forgetting (nats), full fine-tuning", metric_of("test_forgetting_full_finetuning", "forgetting_delta_loss")),
-    ("trainable parameters", metric_of("test_trainable_parameters", "trainable_params")),
+    ("tokens/s", metric_of(catalog.STEP_TIME, "tokens_per_s")),
+    ("median step time (s)", metric_of(catalog.STEP_TIME, "step_time_median_s")),
+    ("MFU", metric_of(catalog.STEP_TIME, "mfu")),
+    ("merge KL (nats), trained model, peft's merge", metric_of(catalog.MERGE_TRAINED, "merge_kl")),
+    ("merge KL (nats), trained model, peft's merge into a quantized base", metric_of(catalog.MERGE_TRAINED, "merge_kl_requantize")),
+    ("forgetting (nats), LoRA", metric_of(catalog.FORGETTING_LORA, "forgetting_delta_loss")),
+    ("forgetting (nats), full fine-tuning", metric_of(catalog.FORGETTING_FULL, "forgetting_delta_loss")),
+    ("trainable parameters", metric_of(catalog.TRAINABLE_PARAMETERS, "trainable_params")),
 )
 
 

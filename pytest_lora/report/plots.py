@@ -24,12 +24,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import headline
+from . import catalog, headline
 
 COMPONENTS = (  # (label, metrics summed, the test that records them)
-    ("weights", ("weight_bytes",), "test_weight_storage"),
-    ("adapter, gradients, AdamW state", ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes"), "test_step_memory"),
-    ("activations", ("activation_bytes",), "test_step_memory"),
+    ("weights", ("weight_bytes",), catalog.WEIGHT_STORAGE),
+    ("adapter, gradients, AdamW state", ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes"), catalog.STEP_MEMORY),
+    ("activations", ("activation_bytes",), catalog.STEP_MEMORY),
 )
 TOTAL_LABELS = {True: "peak allocated in the step (GPU)", False: "analytic step model"}
 MAX_BARS = 6  # LoRA specs per quantization in one panel; the report's tables have them all
@@ -40,10 +40,10 @@ def memory_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
     """model -> spec -> quant -> component -> bytes (only components that were measured), with
     ``total``: the step's GPU peak when the run measured it, else the analytic step where the
     analytic model covers the architecture."""
-    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in headline.ok_records(records, "test_weight_storage")}
-    steps = headline.ok_records(records, "test_step_memory")
+    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in headline.ok_records(records, catalog.WEIGHT_STORAGE)}
+    steps = headline.ok_records(records, catalog.STEP_MEMORY)
     configs = headline.Configs(steps)
-    peaks = {configs.key(r): r["metrics"].get("peak_allocated_bytes") for r in headline.ok_records(records, "test_step_peak_memory")}
+    peaks = {configs.key(r): r["metrics"].get("peak_allocated_bytes") for r in headline.ok_records(records, catalog.STEP_PEAK_MEMORY)}
     bars: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for record in steps:
         metrics = record["metrics"]
@@ -65,7 +65,7 @@ def _sum(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
 
 def speed_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, tuple[float, float, float]]]]:
     """model -> spec -> quant -> (tokens/s median, lower and upper quartile of the steps' tokens/s)."""
-    timed = headline.ok_records(records, "test_step_time")
+    timed = headline.ok_records(records, catalog.STEP_TIME)
     configs = headline.Configs(timed)
     bars: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
     for record in timed:
@@ -186,7 +186,7 @@ def draw_memory(plt: Any, bars: dict[str, dict[str, dict[str, dict[str, float]]]
 
     figure, axes = _panels(plt, len(bars))
     colours = {"weights": "#4c72b0", "adapter, gradients, AdamW state": "#dd8452", "activations": "#55a868"}
-    peak = any("peak_allocated_bytes" in r["metrics"] for r in headline.ok_records(records, "test_step_peak_memory"))
+    peak = any("peak_allocated_bytes" in r["metrics"] for r in headline.ok_records(records, catalog.STEP_PEAK_MEMORY))
     totals = False
     for axis, (model, by_spec) in zip(axes, bars.items()):
         quants, specs = _quant_order(by_spec), list(by_spec)[:MAX_BARS]
@@ -276,7 +276,7 @@ def runs_speed(documents: list[dict[str, Any]]) -> dict[str, list[float | None]]
     """config -> each run's tokens/s, for the configs every run timed (two GPUs, a library upgrade)."""
     from .table import config_label
 
-    by_run = [{config_label(r): r["metrics"].get("tokens_per_s") for r in headline.ok_records(d["records"], "test_step_time")} for d in documents]
+    by_run = [{config_label(r): r["metrics"].get("tokens_per_s") for r in headline.ok_records(d["records"], catalog.STEP_TIME)} for d in documents]
     common = [name for name in by_run[0] if all(by.get(name) is not None for by in by_run)]
     return {name: [by[name] for by in by_run] for name in common}
 

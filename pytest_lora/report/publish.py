@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import markdown, plots, spreadsheet
-from .store import atomic_write_text
+from ..results.store import atomic_write_text
 
 
 def write_report(document: dict[str, Any], directory: Path, names: tuple[str, ...]) -> list[Path]:

@@ -51,7 +51,7 @@ class ResultsStore:
         self.machine = machine
         self.records: list[dict[str, Any]] = []
         self._index: dict[str, int] = {}  # each record's test id: its place in ``records`` (kept, not rebuilt per record)
-        self.comparison: Any = None  # the gate's report.compare.Comparison, once the run is judged
+        self.comparison: Any = None  # the gate's gate.compare.Comparison, once the run is judged
         self.log = None if directory is None else runlog.RunLog(self.directory / f"{run['id']}{runlog.SUFFIX}")
         self.saved = 0  # how many records are on disk (in the log, then in the run's JSON)
         self.failure: str | None = None  # why the results directory stopped taking the run's writes

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from . import journal, options, workers
-from .fixtures import SESSION_KEY
+from . import journal, workers
+from .. import options
+from ..keys import SESSION_KEY
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -28,23 +28,22 @@ regresses too.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import rules as rules_module
 from . import stats
-from .baseline import Baseline
-from .recorder import timed_while_busy
+from ..results.baseline import Baseline
+from ..results.recorder import timed_while_busy
+from ..results.identity import HARDWARE_FIELDS, config_key, config_name
 from .rules import Rule
-from .table import gate_lines
+from .verdict import gate_lines
 
 ALPHA = 0.01  # one-sided; 5 against 5 steps can reach 1/252, asv's 0.002 could never fail there
 Z_SEEDS = 2.0  # standard errors of a mean-over-seeds difference that a change must pass
 MACHINE_FIELDS = ("device", "gpu_name", "driver", "cuda", "torch", "transformers", "peft", "bitsandbytes", "python",
                   "cpu", "cpu_count", "cpu_threads")
-HARDWARE_FIELDS = ("device", "gpu_name", "cpu", "cpu_count")
 
 
 @dataclass
@@ -151,20 +150,6 @@ class Comparison:
 def check_record(check: Check) -> dict[str, Any]:
     return {"config": check.config, "metric": check.metric, "rule": check.rule.describe(), "rule_from": check.rule.where, "baseline": check.baseline,
             "now": check.now, "change": check.relative, "p_value": check.p_value, "rerun": check.rerun, "note": check.note}
-
-
-def config_key(record: dict[str, Any]) -> tuple:
-    """What pairs a record with its baseline: suite, test, model, quant, LoRA spec and workload."""
-    def canonical(value: Any) -> str:
-        return json.dumps(value, sort_keys=True)
-
-    return (record.get("suite"), record.get("test"), record.get("model"), record.get("quant"),
-            canonical(record.get("lora")), canonical(record.get("workload")))
-
-
-def config_name(record: dict[str, Any]) -> str:
-    """The config as a reader finds it: the test function and its parameters."""
-    return str(record.get("test", "")).rsplit("::", 1)[-1]
 
 
 def machine_differences(now: dict[str, Any], before: dict[str, Any]) -> list[str]:

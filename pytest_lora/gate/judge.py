@@ -2,14 +2,14 @@
 
 The baseline and the rules are read when pytest configures, so a missing or corrupt baseline and
 a malformed rule are usage errors (exit code 4) before anything runs. Rules come in layers: the
-defaults per kind of metric (``report.rules``), then a matrix file's ``[gate]`` table
+defaults per kind of metric (``gate.rules``), then a matrix file's ``[gate]`` table
 (``fail = [...]``), then ``--lora-fail`` / ``PYTEST_LORA_FAIL`` / ``lora_fail``; a layer's rules for
 a metric replace the earlier ones for that metric.
 
 With ``--lora-confirm``, a config whose timing regressed is run again at once, before the next
 test (its base model is still built), and the regression counts only if the rerun regresses too.
 Counts, memory and correctness repeat exactly: a rerun could only repeat them, so they are not
-rerun. At the end of the session the gate judges every record (``report.compare``); a
+rerun. At the end of the session the gate judges every record (``gate.compare``); a
 regression makes the exit status 1 and the run's status ``failed``.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from .report import baseline as baseline_module
-from .report import rules as rules_module
-from .specs import whole_number
-from .report.compare import Comparison, compare, history_by_config
+from ..results import baseline as baseline_module
+from . import rules as rules_module
+from ..specs import whole_number
+from .compare import Comparison, compare, history_by_config
 
 RERUN_KINDS = ("timing",)
 

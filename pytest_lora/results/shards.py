@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import provenance
-from .compare import HARDWARE_FIELDS, config_key, config_name
+from .identity import HARDWARE_FIELDS, config_key, config_name
 from .store import SCHEMA_VERSION
 
 VERSION_FIELDS = ("torch", "transformers", "peft", "bitsandbytes", "python")

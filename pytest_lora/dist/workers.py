@@ -26,7 +26,7 @@ import re
 import sys
 from typing import Any, Callable, Mapping
 
-from .report import provenance
+from ..results import provenance
 
 WORKER_DEVICE = "lora_cuda_visible_device"  # the workerinput key of a worker's GPUs
 
@@ -64,7 +64,7 @@ def worker_device(worker_id: str, devices: list[str], per_worker: int = 1) -> st
 
 def gpus_per_worker(setting: Any) -> int:
     """``--lora-gpus-per-worker``: a whole number >= 1 (default 1)."""
-    from .specs import whole_number
+    from ..specs import whole_number
 
     value = whole_number(setting.value if setting.value is not None else 1)
     if value is None or value < 1:

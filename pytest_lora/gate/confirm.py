@@ -22,7 +22,7 @@ FIRST_RUN_KEY = pytest.StashKey[dict]()
 
 def rerun_regressed(items: list[pytest.Item], lora: Any) -> list[pytest.Item]:
     """Rerun, in order, every item whose record has a timing regression; the items rerun."""
-    from .fixtures import RECORD_KEY
+    from ..keys import RECORD_KEY
 
     regressed = [item for item in items if RECORD_KEY in item.stash and lora.gate.needs_rerun(item.stash[RECORD_KEY], lora.machine)]
     for index, item in enumerate(regressed):

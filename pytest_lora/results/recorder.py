@@ -13,12 +13,16 @@ from numbers import Integral, Real
 from typing import Any
 
 STATUSES = ("ok", "oom", "skipped", "error")
-# How a record's warning starts when its timings competed for a CPU (measure.cpu.MachineLoad):
-# the regression gate does not count a timing measured so.
+# How the warning of a busy timing starts. Records written before the record's ``busy`` field
+# existed say it only so: an old baseline is read by this prefix.
 BUSY_WARNING = "machine busy while timing"
 
 
 def timed_while_busy(record: dict[str, Any]) -> bool:
+    """Whether the record's timings competed for a CPU (``measure.cpu.MachineLoad``): the gate does
+    not count a timing measured so, nor take it as a baseline."""
+    if "busy" in record:
+        return bool(record["busy"])
     return any(str(warning).startswith(BUSY_WARNING) for warning in record.get("warnings") or ())
 
 
@@ -34,6 +38,7 @@ class Recorder:
         self.status = "ok"
         self.error: str | None = None
         self.warnings: list[str] = []
+        self.busy = False  # its timings competed for a CPU (``timed_while_busy``)
         self.raw: dict[str, list[float]] = {}
         self.budget: dict[str, Any] | None = None  # a memory budget's check (pytest_lora.budget)
         self.failed_checks: list[str] = []  # what ``check`` found wrong; the test fails once its call ends
@@ -64,8 +69,13 @@ class Recorder:
         return bool(ok)
 
     def warn(self, text: str) -> None:
-        """Say what makes this record's numbers doubtful (a busy machine); shown after the table."""
+        """Say what makes this record's numbers doubtful; shown after the table."""
         self.warnings.append(str(text))
+
+    def timed_while_busy(self, why: str) -> None:
+        """Mark the record's timings as measured on a busy machine, saying how busy (``why``)."""
+        self.busy = True
+        self.warn(f"{BUSY_WARNING}: {why}")
 
     def describe(self, *, model: str | None = None, quant: str | None = None, lora: Any = None, workload: Any = None) -> None:
         """Name the case for a test that is not parametrized by the matrix."""
@@ -91,6 +101,7 @@ class Recorder:
             "warnings": list(self.warnings),
             "samples": {metric: list(values) for metric, values in self.raw.items()},
             **({"budget": dict(self.budget)} if self.budget else {}),
+            **({"busy": True} if self.busy else {}),
         }
 
 

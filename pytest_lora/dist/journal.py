@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .report.runlog import append_whole, open_for_appending
+from ..results.runlog import append_whole, open_for_appending
 
 WORKER_JOURNAL = "lora_journal"  # the workerinput key of a worker's journal path
 SUFFIX = ".workers"
@@ -110,7 +110,7 @@ class Journal:
 
     def _fail_over(self, error: OSError, line: bytes) -> None:
         """Carry on in the recovery journal; say what happened (once per change)."""
-        from .report.store import reason
+        from ..results.store import reason
 
         self.close()
         if self._target == self.path:

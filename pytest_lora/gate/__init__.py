@@ -1,0 +1,1 @@
+"""The regression gate: rules, the comparison with a baseline, its statistics, its verdict, the confirming rerun."""
