@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from . import catalog, headline, plots
+from . import catalog, grid, headline, plots
 from .table import REGRESSION_HEADER, by_suite, config_label, format_change, format_value, regression_row, rows
 
 STATUS_ORDER = ("ok", "oom", "error", "skipped")
@@ -181,7 +181,7 @@ def full_tables(records: list[dict[str, Any]]) -> list[str]:
 def metric_of(test: str, metric: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Each config's ``metric`` of ``test`` (its status when it did not end ok)."""
     def values(records: list[dict[str, Any]]) -> dict[str, Any]:
-        return {config_label(r): r["metrics"].get(metric) if r["status"] == "ok" else r["status"] for r in headline.of_test(records, test)}
+        return {config_label(r): r["metrics"].get(metric) if r["status"] == "ok" else r["status"] for r in grid.of_test(records, test)}
     return values
 
 

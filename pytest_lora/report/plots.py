@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import catalog, headline
+from . import catalog, grid, headline
 
 COMPONENTS = (  # (label, metrics summed, the test that records them)
     ("weights", ("weight_bytes",), catalog.WEIGHT_STORAGE),
@@ -40,10 +40,10 @@ def memory_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
     """model -> spec -> quant -> component -> bytes (only components that were measured), with
     ``total``: the step's GPU peak when the run measured it, else the analytic step where the
     analytic model covers the architecture."""
-    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in headline.ok_records(records, catalog.WEIGHT_STORAGE)}
-    steps = headline.ok_records(records, catalog.STEP_MEMORY)
-    configs = headline.Configs(steps)
-    peaks = {configs.key(r): r["metrics"].get("peak_allocated_bytes") for r in headline.ok_records(records, catalog.STEP_PEAK_MEMORY)}
+    weights = {(r["model"], r["quant"]): r["metrics"].get("weight_bytes") for r in grid.ok_records(records, catalog.WEIGHT_STORAGE)}
+    steps = grid.ok_records(records, catalog.STEP_MEMORY)
+    configs = grid.Configs(steps)
+    peaks = {configs.key(r): r["metrics"].get("peak_allocated_bytes") for r in grid.ok_records(records, catalog.STEP_PEAK_MEMORY)}
     bars: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for record in steps:
         metrics = record["metrics"]
@@ -65,8 +65,8 @@ def _sum(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
 
 def speed_bars(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, tuple[float, float, float]]]]:
     """model -> spec -> quant -> (tokens/s median, lower and upper quartile of the steps' tokens/s)."""
-    timed = headline.ok_records(records, catalog.STEP_TIME)
-    configs = headline.Configs(timed)
+    timed = grid.ok_records(records, catalog.STEP_TIME)
+    configs = grid.Configs(timed)
     bars: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
     for record in timed:
         value = record["metrics"].get("tokens_per_s")
@@ -175,7 +175,7 @@ def _panels(plt: Any, count: int, width: float = 5.5) -> tuple[Any, list[Any]]:
 
 
 def _quant_order(by_spec: dict[str, dict[str, Any]]) -> list[str]:
-    return sorted({quant for by_quant in by_spec.values() for quant in by_quant}, key=headline.quant_order)
+    return sorted({quant for by_quant in by_spec.values() for quant in by_quant}, key=grid.quant_order)
 
 
 HATCHES = ("", "//", "..", "xx", "\\\\", "++")  # one per LoRA spec, so specs read apart in any colour
@@ -186,7 +186,7 @@ def draw_memory(plt: Any, bars: dict[str, dict[str, dict[str, dict[str, float]]]
 
     figure, axes = _panels(plt, len(bars))
     colours = {"weights": "#4c72b0", "adapter, gradients, AdamW state": "#dd8452", "activations": "#55a868"}
-    peak = any("peak_allocated_bytes" in r["metrics"] for r in headline.ok_records(records, catalog.STEP_PEAK_MEMORY))
+    peak = any("peak_allocated_bytes" in r["metrics"] for r in grid.ok_records(records, catalog.STEP_PEAK_MEMORY))
     totals = False
     for axis, (model, by_spec) in zip(axes, bars.items()):
         quants, specs = _quant_order(by_spec), list(by_spec)[:MAX_BARS]
@@ -238,7 +238,7 @@ def draw_speed(plt: Any, bars: dict[str, dict[str, dict[str, tuple[float, float,
 
 def draw_merge(plt: Any, errors: dict[str, dict[str, tuple[float, float]]], records: list[dict[str, Any]]) -> Any:
     figure, (axis,) = _panels(plt, 1, width=8)
-    quants = sorted(errors, key=headline.quant_order)
+    quants = sorted(errors, key=grid.quant_order)
     strategies = [s for s in headline.STRATEGIES if any(s in by for by in errors.values())]
     width = 0.8 / len(strategies)
     for index, strategy in enumerate(strategies):  # a KL of exactly 0 has no bar on a log scale
@@ -276,7 +276,7 @@ def runs_speed(documents: list[dict[str, Any]]) -> dict[str, list[float | None]]
     """config -> each run's tokens/s, for the configs every run timed (two GPUs, a library upgrade)."""
     from .table import config_label
 
-    by_run = [{config_label(r): r["metrics"].get("tokens_per_s") for r in headline.ok_records(d["records"], catalog.STEP_TIME)} for d in documents]
+    by_run = [{config_label(r): r["metrics"].get("tokens_per_s") for r in grid.ok_records(d["records"], catalog.STEP_TIME)} for d in documents]
     common = [name for name in by_run[0] if all(by.get(name) is not None for by in by_run)]
     return {name: [by[name] for by in by_run] for name in common}
 
