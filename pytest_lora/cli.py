@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 from .results import baseline as baseline_module
 from .gate import rules as rules_module
-from .gate.compare import check_record, compare
+from .gate.compare import check_record
+from .gate.judge import Gate
 from .results.identity import config_name
 from .results.shards import MergeError
 from .results.store import atomic_write_json
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     comparing.add_argument("base", metavar="BASE", help="baseline: a results JSON, or a directory of runs (the history)")
     comparing.add_argument("new", metavar="NEW", help="the run to judge: a results JSON, or a results directory (its latest.json)")
     comparing.add_argument("--fail", action="append", default=[], metavar="RULE", help="METRIC[:STAT]:THRESHOLD, as --lora-fail")
-    comparing.add_argument("--history", default="5", metavar="N", help="passed runs of a BASE directory to compare with (default 5)")
+    comparing.add_argument("--history", default="5", type=_runs, metavar="N", help="passed runs of a BASE directory to compare with (default 5)")
     comparing.add_argument("--cross-hardware", action="store_true", help="compare timings measured on other hardware")
     reporting = commands.add_parser("report", help="write the report (markdown, CSV, plots) of one run, or several runs side by side")
     reporting.add_argument("runs", metavar="RUN", nargs="+", help="a results JSON, or a results directory (its latest.json)")
@@ -68,6 +69,14 @@ def parser() -> argparse.ArgumentParser:
     exporting.add_argument("--format", required=True, choices=["gab"], help="gab: github-action-benchmark's custom JSON")
     exporting.add_argument("-o", "--output", default=".", metavar="DIR", help="where the two files go (default: here)")
     return main
+
+
+def _runs(text: str) -> int:
+    """A number of runs of a history: an integer >= 1."""
+    number = whole_number(text)
+    if number is None or number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs; allowed: an integer >= 1")
+    return number
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,14 +107,12 @@ def compare_command(arguments: argparse.Namespace) -> int:
     from .gate.verdict import gate_lines
     from .report import terminal
 
-    if (whole_number(arguments.history) or 0) < 1:
-        raise UsageError(f"--history: {arguments.history!r} is not a number of runs; allowed: an integer >= 1")
     new = _run_file(arguments.new, "NEW")
-    base = baseline_module.load(Path(arguments.base), "BASE", int(arguments.history))
+    base = baseline_module.load(Path(arguments.base), "BASE", arguments.history)
     if base.is_history:  # a results directory holds the new run too: it is never its own baseline
         base.runs = [run for run in base.runs if run["run"].get("id") != new["run"].get("id")]
     rules = rules_module.merged([[rules_module.parse(text, "--fail") for text in arguments.fail]])
-    comparison = compare(new["records"], new["machine"], base, rules, arguments.cross_hardware)
+    comparison = Gate(rules, base, arguments.cross_hardware).judge(new["records"], new["machine"])
     for text, _ in gate_lines(comparison):
         print(f"pytest-lora: {text}")
     if comparison.regressions:

@@ -88,7 +88,7 @@ def base_model(model_spec, quant_spec, quant_format, lora_device: str, lora_sess
         model = build.build_base(model_spec, quant_spec, lora_device, lora_session.capacities())
     if gpu is not None:
         gpu.synchronize()
-    lora_session.note_build((model_spec.id, quant_spec.id, lora_device), clock() - started)
+    lora_session.run.note_build((model_spec.id, quant_spec.id, lora_device), clock() - started)
     yield model
     del model
     build.free_memory(gpu)
@@ -120,7 +120,7 @@ def base_build(base_model, model_spec, quant_spec, lora_device: str, lora_sessio
     """What the session noted when it built this test's base (``BaseBuild``)."""
     key = (model_spec.id, quant_spec.id, lora_device)
     before = lora_session.allocated_before_build
-    return BaseBuild(lora_session.build_seconds[key], lora_session.builds[key],
+    return BaseBuild(lora_session.run.build_seconds[key], lora_session.run.builds[key],
                      before[-1] if before else None, before[0] if before else None)
 
 

@@ -11,19 +11,26 @@ given. A relative path is relative to where its value was written: the invocatio
 for the command line and the environment, the ini file's directory for ini values, and the
 rootdir for defaults (``Setting.base_dir``); a matrix file's paths are relative to that file.
 
-This module holds strings only: parsing values into a matrix is ``matrix.py``'s job.
+Each option says what values it allows (``Option.check``): a value it refuses is a usage error
+(exit code 4) when the options are resolved, before anything runs, naming where the value came
+from. This module holds strings only: parsing values into a matrix is ``matrix.py``'s job.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
-from .specs import OPTIMIZERS, QUANTIZATIONS, shortened, shown
+from .specs import OPTIMIZERS, QUANTIZATIONS, shortened, shown, whole_number
+
+DEVICES = ("auto", "cpu", "cuda")
+REPORTS = ("summary", "full")
+PEAK_CHOICES = ("auto", "measure")
 
 @dataclass(frozen=True)
 class Option:
@@ -35,6 +42,7 @@ class Option:
     flag: bool = False
     default: str | None = None
     repeat: bool = False  # given several times (--lora-fail A --lora-fail B), a list in the ini, ';' in the environment
+    check: Callable[["Setting"], str | None] | None = field(default=None, compare=False)  # what is wrong with a value, if anything
 
     @property
     def cli(self) -> str:
@@ -51,6 +59,44 @@ class Option:
     @property
     def dest(self) -> str:
         return "lora_" + self.name
+
+
+def count_of(what: str, smallest: int) -> Callable[["Setting"], str | None]:
+    """A value that must be a whole number of ``what`` of at least ``smallest`` (unset: the default)."""
+    def check(setting: Setting) -> str | None:
+        number = whole_number(setting.value)
+        if setting.value is None or number is not None and number >= smallest:
+            return None
+        return f"{setting.shown} is not {what}; allowed: an integer >= {smallest}"
+    return check
+
+
+def one_of(what: str, choices: tuple[str, ...]) -> Callable[["Setting"], str | None]:
+    def check(setting: Setting) -> str | None:
+        if str(setting.value).lower() in choices:
+            return None
+        return f"{setting.shown} is not {what}; allowed: {', '.join(choices)}"
+    return check
+
+
+def positive_float(value: Any) -> bool:
+    """A finite number above 0 (``inf`` and ``1e400`` would make every MFU read 0.0)."""
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _peak(setting: Setting) -> str | None:
+    if str(setting.value).lower() in PEAK_CHOICES or positive_float(setting.value):
+        return None
+    return f"{setting.shown} is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number"
+
+
+def _text_file(setting: Setting) -> str | None:
+    if not setting.value or setting.path().is_file():
+        return None
+    return f"{setting.shown} does not exist; allowed: a text or JSONL file"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -72,7 +118,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("optimizers", "comma-separated optimizers of the training step: " + ", ".join(OPTIMIZERS) + ".", metavar="OPT,..."),
     Option("matrix", "a TOML file with a whole matrix (models, quant, ranks, targets, alpha, ...).", metavar="FILE.toml"),
-    Option("device", "where models are built: auto (cuda when available), cpu or cuda.", metavar="auto|cpu|cuda", default="auto"),
+    Option("device", "where models are built: auto (cuda when available), cpu or cuda.", metavar="auto|cpu|cuda", default="auto",
+           check=one_of("a device", DEVICES)),
     Option(
         "results",
         "directory for the results JSON (<run-id>.json and latest.json). Results are written under --lora-bench, or "
@@ -85,17 +132,22 @@ OPTIONS: tuple[Option, ...] = (
         "comma-separated directories of your own suites, run with the built-in ones when --lora-bench is given no path.",
         metavar="DIR,...",
     ),
-    Option("rounds", "timed training steps per config (default 10 on a GPU, 5 on the CPU).", metavar="N"),
-    Option("warmup", "untimed training steps before the timed ones (default 3 on a GPU, 1 on the CPU).", metavar="N"),
+    Option("rounds", "timed training steps per config (default 10 on a GPU, 5 on the CPU).", metavar="N",
+           check=count_of("a step count", 1)),
+    Option("warmup", "untimed training steps before the timed ones (default 3 on a GPU, 1 on the CPU).", metavar="N",
+           check=count_of("a step count", 0)),
     Option(
         "threads",
         "torch CPU threads while timing training steps (default 1 on the CPU, where more threads make "
         "medians bimodal on a shared machine; torch's own count on a GPU). Recorded in the machine record.",
         metavar="N",
+        check=count_of("a thread count", 1),
     ),
-    Option("seeds", "seeds of the forgetting experiment (default 3).", metavar="N", default="3"),
-    Option("forget_data", "text or JSONL whose held-out loss measures forgetting (with a checkpoint in --lora-models).", metavar="PATH"),
-    Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH"),
+    Option("seeds", "seeds of the forgetting experiment (default 3).", metavar="N", default="3", check=count_of("a seed count", 1)),
+    Option("forget_data", "text or JSONL whose held-out loss measures forgetting (with a checkpoint in --lora-models).", metavar="PATH",
+           check=_text_file),
+    Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH",
+           check=_text_file),
     Option(
         "compare",
         "a results JSON, or a directory of earlier runs (the history), to compare this run with and gate on.",
@@ -109,7 +161,8 @@ OPTIONS: tuple[Option, ...] = (
         repeat=True,
     ),
     Option("confirm", "rerun a config whose timing regressed, at once on the same base, and fail only if it regresses again.", flag=True),
-    Option("history", "runs of a --lora-compare directory to compare with: the newest N that passed (default 5).", metavar="N", default="5"),
+    Option("history", "runs of a --lora-compare directory to compare with: the newest N that passed (default 5).", metavar="N", default="5",
+           check=count_of("a number of runs", 1)),
     Option("cross_hardware", "compare timings with a baseline measured on other hardware (another GPU, CPU or device).", flag=True),
     Option(
         "limit_memory",
@@ -134,6 +187,7 @@ OPTIONS: tuple[Option, ...] = (
         "the terminal summary: summary (the headline tables, one screen) or full (every table too; -v does the same).",
         metavar="summary|full",
         default="summary",
+        check=one_of("a report", REPORTS),
     ),
     Option(
         "peak",
@@ -141,6 +195,7 @@ OPTIONS: tuple[Option, ...] = (
         "(a large bf16 matrix product, once per session) or a number in TFLOP/s.",
         metavar="auto|measure|TFLOPS",
         default="auto",
+        check=_peak,
     ),
 )
 
@@ -229,7 +284,24 @@ def resolve(config: pytest.Config, namespace: Any = None) -> dict[str, Setting]:
     ``pytest_load_initial_conftests`` hook); by default it is ``config.option``.
     """
     namespace = config.option if namespace is None else namespace
-    return {option.name: _resolve_one(config, namespace, option) for option in OPTIONS}
+    settings = {option.name: _checked(_resolve_one(config, namespace, option)) for option in OPTIONS}
+    _check_together(settings)
+    return settings
+
+
+def _checked(setting: Setting) -> Setting:
+    problem = setting.option.check(setting) if setting.option.check is not None else None
+    if problem is not None:
+        raise pytest.UsageError(f"{setting.describe()}: {problem}")
+    return setting
+
+
+def _check_together(settings: dict[str, Setting]) -> None:
+    """Options that only mean something together: the forgetting experiment's two data files."""
+    forget, learn = settings["forget_data"], settings["learn_data"]
+    if bool(forget.value) != bool(learn.value):
+        given, missing = (forget, learn) if forget.value else (learn, forget)
+        raise pytest.UsageError(f"{given.describe()}: {given.shown} needs {missing.option.cli} too; allowed: both or neither")
 
 
 def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setting:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from . import bench, hooks, markers, options, quiet, specs, summary
+from . import bench, data, hooks, markers, options, quiet, specs, summary
 from . import budget
 from .gate import confirm
 from .dist import controller, journal, shard, workers
@@ -93,25 +93,25 @@ def pytest_configure(config: pytest.Config) -> None:
     lora = LoraSession(config)
     config.stash[SESSION_KEY] = lora
     if journal.WORKER_JOURNAL in getattr(config, "workerinput", {}):
-        lora.journal = journal.Journal(config.workerinput[journal.WORKER_JOURNAL], on_failure=lora.stop_run)
+        lora.run.journal = journal.Journal(config.workerinput[journal.WORKER_JOURNAL], on_failure=lora.run.stop_run)
     if lora.shard is not None:
         config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
-        lora.check_data()
+        data.check(lora.settings, lora.matrix)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     lora = session.config.stash[SESSION_KEY]
-    lora.session = session
-    lora.interrupts.install()
-    lora.tidy_results_directory()
+    lora.run.session = session
+    lora.run.interrupts.install()
+    lora.run.tidy_results_directory()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     lora = config.stash.get(SESSION_KEY, None)
     if lora is not None:
-        lora.interrupts.restore()
+        lora.run.interrupts.restore()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -213,11 +213,11 @@ def _architecture(lora: LoraSession, validate: Any, model: Any, cache: Any) -> A
 def pytest_collection_finish(session: pytest.Session) -> None:
     lora = session.config.stash[SESSION_KEY]
     lora.tests_total = len(session.items)
-    lora.recording = {item.nodeid for item in session.items if "lora_bench" in getattr(item, "fixturenames", ())}
-    if lora.journal is not None:
-        lora.journal.selected(sorted(lora.recording))
-    if lora.journal is not None and lora.bench:
-        lora.journal.groups({item.nodeid: shard.group_of(item) for item in session.items})
+    lora.run.recording = {item.nodeid for item in session.items if "lora_bench" in getattr(item, "fixturenames", ())}
+    if lora.run.journal is not None:
+        lora.run.journal.selected(sorted(lora.run.recording))
+    if lora.run.journal is not None and lora.bench:
+        lora.run.journal.groups({item.nodeid: shard.group_of(item) for item in session.items})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -229,8 +229,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _forget_last_failure()
     if "lora_bench" in getattr(item, "fixturenames", ()):
         item.stash[RECORDER_KEY] = new_recorder(item)
-        if lora.journal is not None:  # the controller's record of this config if the worker dies in it
-            lora.journal.started(item.nodeid, item.stash[RECORDER_KEY].to_record())
+        if lora.run.journal is not None:  # the controller's record of this config if the worker dies in it
+            lora.run.journal.started(item.nodeid, item.stash[RECORDER_KEY].to_record())
 
 
 @pytest.hookimpl(wrapper=True)
@@ -334,27 +334,27 @@ def _deliver(item: pytest.Item, recorder: Any) -> None:
     config = item.config
     lora = config.stash[SESSION_KEY]
     if recorder.status == "skipped" and not lora.bench:
-        lora.dropped.add(item.nodeid)
-        if lora.journal is not None:
-            lora.journal.dropped(item.nodeid)
+        lora.run.dropped.add(item.nodeid)
+        if lora.run.journal is not None:
+            lora.run.journal.dropped(item.nodeid)
         return
     record = recorder.to_record()
     first = confirm.first_run(item)
     if first is not None:  # the first run's record is already with the store or the controller
         first["confirmation"] = confirm.confirmation_of(record)
-        lora.deliver(first)
+        lora.run.deliver(first)
         return
     item.stash[RECORD_KEY] = record
-    lora.deliver(record)
+    lora.run.deliver(record)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     lora = session.config.stash[SESSION_KEY]
-    if lora.journal is not None:
-        lora.journal.close()
+    if lora.run.journal is not None:
+        lora.run.journal.close()
     elif not hasattr(session.config, "workerinput"):
-        with lora.interrupts.writing():  # a second Ctrl-C or SIGTERM must not cut the results
-            session.exitstatus = lora.finish(int(session.exitstatus))
+        with lora.run.interrupts.writing():  # a second Ctrl-C or SIGTERM must not cut the results
+            session.exitstatus = lora.run.finish(int(session.exitstatus))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -371,7 +371,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     except Exception as error:
         if type(error).__name__ != "PerformanceRegression":
             raise
-        lora.fail_run("pytest-benchmark --benchmark-compare-fail: performance has regressed")
+        lora.run.fail_run("pytest-benchmark --benchmark-compare-fail: performance has regressed")
         terminalreporter.write_line("pytest-benchmark: performance has regressed (--benchmark-compare-fail); the run failed", red=True)
         result = None
     summary.write(terminalreporter, config, lora)

@@ -15,20 +15,14 @@ from typing import Any
 import pytest
 
 LOG_WIDTH = 120  # the width of a summary written to a file or a CI log
-REPORTS = ("summary", "full")
-
-
-def check_report_option(setting: Any) -> None:
-    if str(setting.value).lower() not in REPORTS:
-        raise pytest.UsageError(f"{setting.describe()}: {setting.shown} is not a report; allowed: {', '.join(REPORTS)}")
 
 
 def write(writer: Any, config: pytest.Config, lora: Any) -> None:
-    for log in lora.unfinished:  # found at the start: an earlier run killed before its end
+    for log in lora.run.unfinished:  # found at the start: an earlier run killed before its end
         shown = shown_path(log, config.invocation_params.dir)
         writer.write_line(f"pytest-lora: run {log.stem} never finished (killed?): its records are in {shown}; "
                           f"`pytest-lora report {shown}` makes its report", yellow=True)
-    store = lora.store
+    store = lora.run.store
     if store is None or not store.records:
         return
     from .report import terminal as tables
@@ -49,8 +43,8 @@ def write(writer: Any, config: pytest.Config, lora: Any) -> None:
     comparison = store.comparison
     if comparison is not None:
         _gate(writer, comparison, width if terminal.hasmarkup else 1000, terminal.hasmarkup)  # a log keeps each regression on one line
-        if lora.reruns:
-            writer.write_line(f"pytest-lora: {lora.reruns} config(s) rerun to confirm a timing regression (--lora-confirm)")
+        if lora.run.reruns:
+            writer.write_line(f"pytest-lora: {lora.run.reruns} config(s) rerun to confirm a timing regression (--lora-confirm)")
     counts = f"{len(store.records)} records ({status_counts(store.records)})"
     tests = store.run.get("tests")
     if store.run.get("status") == "interrupted" and tests:
@@ -104,7 +98,7 @@ def _warning_lines(writer: Any, records: list[dict[str, Any]], full: bool) -> No
 def _gate(writer: Any, comparison: Any, width: int, color: bool) -> None:
     from .gate.compare import check_record
     from .gate.verdict import gate_lines
-    from .report import table, terminal
+    from .report import terminal
 
     writer.write_sep("=", "pytest-lora gate")
     for text, colour in gate_lines(comparison):

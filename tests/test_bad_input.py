@@ -36,7 +36,7 @@ def test_a_superscript_digit_is_a_usage_error_from_every_source(pytester, suite,
         pytester.makeini("[pytest]\nlora_rounds = ²\n")
         where = "lora_rounds (ini)"
     result = pytester.runpytest(*args)
-    assert_usage_error(pytester, result, f"{where}: '*' is not a step count; allowed: an integer >= *")
+    assert_usage_error(pytester, result, f"{where}: '*' is not a * count; allowed: an integer >= *")
 
 
 def test_a_superscript_gpu_count_and_history(pytester, suite):

@@ -126,7 +126,7 @@ def test_each_base_is_built_once_for_every_lora_spec_and_test(pytester, suite):
     )
     run.assertoutcome(passed=2 * 2 * 2 * 2 * 2)
     session = run.getcalls("pytest_sessionfinish")[0].session
-    builds = session.config.stash[SESSION_KEY].builds
+    builds = session.config.stash[SESSION_KEY].run.builds
     assert builds == {(m, q, "cpu"): 1 for m in ("llama-3.2-1b-tiny", "opt-125m-tiny") for q in ("none", "nf4")}
 
 

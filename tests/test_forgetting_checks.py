@@ -159,7 +159,7 @@ def test_the_suite_fails_when_the_adapter_cannot_be_switched_off(pytester, forge
         (["--lora-forget-data=old.txt"], "--lora-forget-data: 'old.txt' needs --lora-learn-data too; allowed: both or neither"),
         (["--lora-forget-data=old.txt", "--lora-learn-data=none.txt"], "--lora-learn-data: 'none.txt' does not exist; allowed: a text or JSONL file"),
         (["--lora-forget-data=old.txt", "--lora-learn-data=old.txt"], "--lora-forget-data: the data need one local checkpoint in --lora-models*found 0*"),
-        (["--lora-seeds=0"], "--lora-seeds: '0' is not a step count; allowed: an integer >= 1"),
+        (["--lora-seeds=0"], "--lora-seeds: '0' is not a seed count; allowed: an integer >= 1"),
     ],
 )
 def test_bad_data_options(pytester, args, message):

@@ -81,6 +81,7 @@ BAD_VALUES = [
     (["--lora-models=llama-9b"], "--lora-models: 'llama-9b' is neither a registry model nor an existing path; allowed: a registry name (flan-t5-xxl*"),
     (["--lora-models=missing/config.json"], "--lora-models: 'missing/config.json' is neither a registry model nor an existing path*"),
     (["--lora-device=tpu"], "--lora-device: 'tpu' is not a device; allowed: auto, cpu, cuda"),
+    (["--lora-history=0"], "--lora-history: '0' is not a number of runs; allowed: an integer >= 1"),  # without --lora-compare too
     (["--lora-targets=q_proj,v_prj"], "--lora-targets: target 'v_prj' matches no Linear, Conv1D or Embedding of llama-3.2-1b-tiny; its modules end in: *"),
     (["--lora-models=gpt2-medium-tiny", "--lora-targets=q_proj"], "--lora-targets: target 'q_proj' matches no Linear, Conv1D or Embedding of gpt2-medium-tiny; its modules end in: c_attn, c_fc, c_proj, lm_head, wpe, wte"),
 ]
@@ -206,3 +207,28 @@ def test_lora_matrix_marker_overrides_keys_for_one_test(pytester):
     result = pytester.runpytest("--collect-only", *TINY)
     for line in ("*test_marked[[]nf4-r2-a4-q_proj+v_proj-d0.05[]]*", "*test_marked[[]int8-r2-*", "*test_plain[[]none-r8-*"):
         result.stdout.fnmatch_lines([line])  # pytest 8 and 9 order the session-scoped parameters differently
+
+
+
+CHECKED = {  # option -> (a value it refuses, values it takes)
+    "device": ("tpu", ["auto", "CPU", "cuda"]),
+    "rounds": ("0", ["1", "12", None]),
+    "warmup": ("-1", ["0", "3"]),
+    "threads": ("²", ["1", "4"]),
+    "seeds": ("0", ["1", "3"]),
+    "history": ("five", ["1", "5"]),
+    "report": ("everything", ["summary", "FULL"]),
+    "peak": ("inf", ["auto", "measure", "989.5"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKED))
+def test_an_option_checks_its_values_where_it_is_declared(name):
+    """Each option's own ``check`` says what is wrong with a value and what is allowed; the values
+    it takes pass. ``options.resolve`` raises its message as a usage error (the runs above)."""
+    from pytest_lora.options import BY_NAME, Setting
+
+    option = BY_NAME[name]
+    bad, good = CHECKED[name]
+    assert "; allowed: " in option.check(Setting(option, bad, "cli"))
+    assert all(option.check(Setting(option, value, "cli")) is None for value in good)

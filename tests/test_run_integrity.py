@@ -24,7 +24,7 @@ from conftest import clean_environment
 from pytest_lora.results import runlog
 from pytest_lora.report.publish import write_report
 from pytest_lora.results.store import ResultsStore, load, remove_stale_temporaries, unfinished_runs
-from pytest_lora.session import run_status
+from pytest_lora.run import run_status
 
 THREE = """
 import os, signal

@@ -24,7 +24,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: hand each worker its journal and the GPUs it owns (``workers``)."""
     lora = node.config.stash[SESSION_KEY]
-    node.workerinput[journal.WORKER_JOURNAL] = str(lora.collector().expect(node.gateway.id))
+    node.workerinput[journal.WORKER_JOURNAL] = str(lora.run.collector().expect(node.gateway.id))
     if lora.bench and str(lora.settings["device"].value).lower() != "cpu":
         device = workers.worker_device(node.gateway.id, lora.visible_devices(), lora.gpus_per_worker)
         if device is not None:
@@ -38,7 +38,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if lora.bench and config.getvalue("dist") == "loadgroup":
         from .scheduling import BaseScheduling
 
-        return BaseScheduling(config, log, lora.test_groups)
+        return BaseScheduling(config, log, lora.run.test_groups)
     return None
 
 
@@ -46,7 +46,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """xdist controller: a worker's records join the run as it reports its tests (``journal``)."""
     node = getattr(report, "node", None)
     if node is not None and report.when == "teardown":
-        node.config.stash[SESSION_KEY].collect(node.gateway.id)
+        node.config.stash[SESSION_KEY].run.collect(node.gateway.id)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -54,11 +54,11 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     """xdist controller: a worker went down; the rest of its journal joins the run."""
     lora = node.config.stash[SESSION_KEY]
     if error is not None:
-        lora.worker_errors[node.gateway.id] = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-    lora.collect(node.gateway.id)
+        lora.run.worker_errors[node.gateway.id] = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    lora.run.collect(node.gateway.id)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: Any) -> None:
     """xdist controller: the test a worker died in becomes an ``error`` record that says so."""
-    report.node.config.stash[SESSION_KEY].worker_crashed(report.node.gateway.id, crashitem)
+    report.node.config.stash[SESSION_KEY].run.worker_crashed(report.node.gateway.id, crashitem)

@@ -27,7 +27,7 @@ def rerun_regressed(items: list[pytest.Item], lora: Any) -> list[pytest.Item]:
     regressed = [item for item in items if RECORD_KEY in item.stash and lora.gate.needs_rerun(item.stash[RECORD_KEY], lora.machine)]
     for index, item in enumerate(regressed):
         rerun(item, regressed[index + 1] if index + 1 < len(regressed) else None, item.stash[RECORD_KEY])
-    lora.reruns = len(regressed)
+    lora.run.reruns = len(regressed)
     return regressed
 
 

@@ -28,17 +28,21 @@ RERUN_KINDS = ("timing",)
 
 
 class Gate:
-    """The session's baseline and rules, and its judgement of the run's records."""
+    """A baseline and rules, and their judgement of a run's records: the session's
+    (``Gate.of_settings``) and ``pytest-lora compare``'s alike."""
 
-    def __init__(self, settings: dict[str, Any], file_table: dict[str, Any] | None = None, file_where: str = ""):
-        """``file_table``: the ``[gate]`` table of the matrix file (``matrix.MatrixFile.gate``),
-        named ``file_where`` in errors."""
-        self.settings = settings
-        self.confirm = bool(settings["confirm"].value)
-        self.cross_hardware = bool(settings["cross_hardware"].value)
-        self.rules = rules_module.merged([self._file_rules(file_table or {}, file_where), self._option_rules()])
-        self.baseline = self._load_baseline()
+    def __init__(self, rules: dict[str, list[rules_module.Rule]], baseline: baseline_module.Baseline | None,
+                 cross_hardware: bool = False, confirm: bool = False):
+        """``rules``: ``rules.merged`` layers; ``baseline``: ``None`` when nothing is compared."""
+        self.rules, self.baseline, self.cross_hardware, self.confirm = rules, baseline, cross_hardware, confirm
         self._history: dict | None = None  # the baseline's records by config, indexed once
+
+    @classmethod
+    def of_settings(cls, settings: dict[str, Any], file_table: dict[str, Any] | None = None, file_where: str = "") -> Gate:
+        """The session's gate, from its options and the matrix file's ``[gate]`` table
+        (``file_table``, named ``file_where`` in errors); a bad rule or baseline is a usage error."""
+        rules = rules_module.merged([cls._file_rules(file_table or {}, file_where), cls._option_rules(settings["fail"])])
+        return cls(rules, cls._load_baseline(settings), bool(settings["cross_hardware"].value), bool(settings["confirm"].value))
 
     @property
     def active(self) -> bool:
@@ -46,18 +50,19 @@ class Gate:
         has_bound = any(rule.bound is not None for named in self.rules.values() for rule in named)
         return self.baseline is not None or has_bound
 
-    def _option_rules(self) -> list[rules_module.Rule]:
-        setting = self.settings["fail"]
-        return [self._parse(text, setting.describe()) for text in setting.value or ()]
+    @classmethod
+    def _option_rules(cls, setting: Any) -> list[rules_module.Rule]:
+        return [cls._parse(text, setting.describe()) for text in setting.value or ()]
 
-    def _file_rules(self, table: dict[str, Any], where: str) -> list[rules_module.Rule]:
+    @classmethod
+    def _file_rules(cls, table: dict[str, Any], where: str) -> list[rules_module.Rule]:
         unknown = sorted(set(table) - {"fail"})
         if unknown:
             raise pytest.UsageError(f"{where}: {unknown[0]!r} is not a gate key; allowed: fail = [\"METRIC[:STAT]:THRESHOLD\", ...]")
         rules = table.get("fail", [])
         if isinstance(rules, str):
             rules = [rules]
-        return [self._parse(text, f"{where} fail") for text in rules]
+        return [cls._parse(text, f"{where} fail") for text in rules]
 
     @staticmethod
     def _parse(text: Any, where: str) -> rules_module.Rule:
@@ -66,15 +71,13 @@ class Gate:
         except rules_module.RuleError as error:
             raise pytest.UsageError(str(error)) from None
 
-    def _load_baseline(self) -> baseline_module.Baseline | None:
-        setting = self.settings["compare"]
+    @staticmethod
+    def _load_baseline(settings: dict[str, Any]) -> baseline_module.Baseline | None:
+        setting = settings["compare"]
         if not setting.value:
             return None
-        history = self.settings["history"]
-        if (whole_number(history.value) or 0) < 1:
-            raise pytest.UsageError(f"{history.describe()}: {history.shown} is not a number of runs; allowed: an integer >= 1")
-        try:
-            return baseline_module.load(setting.path(), setting.describe(), whole_number(history.value))
+        try:  # the history's count was checked where the option is declared (options.py)
+            return baseline_module.load(setting.path(), setting.describe(), whole_number(settings["history"].value))
         except baseline_module.BaselineError as error:
             raise pytest.UsageError(str(error)) from None
 

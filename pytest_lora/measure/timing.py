@@ -119,6 +119,19 @@ def per_step_samples(times: list[float], tokens: int, flops: int, peak: float | 
     return samples
 
 
+def resolve_peak(gpu: "Gpu", choice: str, described: str) -> tuple[float, str]:
+    """The GPU's dense bf16 FLOP/s for MFU and where it came from: ``choice`` in TFLOP/s (the
+    ``--lora-peak`` option, ``described``), the data sheet of a known GPU (``auto``), or a
+    measured bf16 matrix product (``measure``, or ``auto`` on a GPU the table lacks)."""
+    choice = choice.lower()
+    if choice not in ("auto", "measure"):  # a positive number: the option's own check
+        return float(choice) * 1e12, described
+    known = table_peak(gpu.name) if choice == "auto" else None
+    if known:
+        return known, f"data sheet, dense bf16: {gpu_model(gpu.name)}"
+    return measured_peak(gpu), "measured: bf16 8192^3 matrix product"
+
+
 def table_peak(device_name: str) -> float | None:
     """The data-sheet dense bf16 peak of a known GPU, else ``None``.
 

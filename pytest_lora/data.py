@@ -1,0 +1,41 @@
+"""The forgetting experiment's own data (``--lora-forget-data``, ``--lora-learn-data``), checked
+before any test runs: the files go with one local checkpoint of the matrix, whose tokenizer reads
+them, and they must hold enough text for the experiment's blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .matrix import Matrix
+
+
+def checkpoint(settings: dict[str, Any], matrix: Matrix) -> str | None:
+    """The checkpoint the user's forget / learn data go with (``None`` for the synthetic tasks)."""
+    if not settings["forget_data"].value:
+        return None
+    checkpoints = [m for m in matrix.models if m.kind == "checkpoint"]
+    if len(checkpoints) != 1:
+        setting = settings["forget_data"]
+        raise pytest.UsageError(f"{setting.describe()}: the data need one local checkpoint in --lora-models (its tokenizer "
+                                f"reads them); found {len(checkpoints)}; allowed: exactly one checkpoint directory")
+    return checkpoints[0].path
+
+
+def check(settings: dict[str, Any], matrix: Matrix) -> None:
+    """The forget and learn files, read and tokenised as the experiment will: an empty, binary
+    or too short file, or JSONL without ``text``, is a usage error before any test runs."""
+    found = checkpoint(settings, matrix)
+    if found is None:
+        return
+    from .measure import forgetting
+
+    forget, learn = settings["forget_data"], settings["learn_data"]
+    try:
+        forgetting.data_blocks(found, forget.path(), learn.path())
+    except forgetting.DataProblem as problem:
+        setting, need = (forget, "one block") if problem.path == forget.path() else \
+            (learn, f"{forgetting.LEARN_BLOCKS} blocks (one held out, one to train on)")
+        raise pytest.UsageError(f"{setting.describe()}: {setting.shown} {problem}; allowed: UTF-8 text or JSONL with a "
+                                f"\"text\" field, at least {need} of {forgetting.DATA_SEQ_LEN} tokens") from None
