@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .results import baseline as baseline_module
+from .gate import kinds
 from .gate import rules as rules_module
 from .gate.compare import check_record
 from .gate.judge import Gate
@@ -36,7 +37,6 @@ from .specs import whole_number
 
 USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
 GAB_FILES = {+1: "customSmallerIsBetter.json", -1: "customBiggerIsBetter.json"}
-GAB_KINDS = ("timing", "memory", "correctness")
 
 
 class UsageError(Exception):
@@ -196,7 +196,7 @@ def gab_entries(document: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
         for metric, value in record["metrics"].items():
             unit = record.get("units", {}).get(metric)
             rule = rules_module.default_rule(metric, unit)
-            if value is None or rule is None or rules_module.kind_of(metric, unit) not in GAB_KINDS:
+            if value is None or rule is None or not kinds.kind_of(metric, unit).export:
                 continue
             entry = {"name": f"{config_name(record)} {metric}", "unit": unit or "", "value": value,
                      "extra": f"run {run.get('id')} on {hardware}, commit {(run.get('git') or {}).get('commit')}"}

@@ -311,3 +311,27 @@ def test_a_baseline_timed_on_a_busy_machine_is_not_a_baseline_for_timings():
     comparison = judged([{**timing(0.1), "warnings": BUSY}], [timing(0.3)])
     [check] = comparison.checks
     assert check.regressed is None and check.note == "not judged: the baseline was timed on a busy machine"
+
+
+def test_a_new_kind_of_metric_is_one_object_in_the_kinds(monkeypatch):
+    """ARCHITECTURE.md's recipe: a perplexity kind, added as one ``MetricKind``, gives its metrics
+    its default rule, is judged by its evidence, and is exported; the other kinds are untouched."""
+    from pytest_lora.gate import kinds
+
+    perplexity = kinds.MetricKind("perplexity", lambda metric, unit: unit == "ppl", lambda metric, device: "+2%", export=True)
+    monkeypatch.setattr(kinds, "KINDS", (perplexity, *kinds.KINDS))
+    assert rules.kind_of("heldout_ppl", "ppl") == "perplexity" and rules.default_rule("heldout_ppl", "ppl").text == "+2%"
+    assert rules.kind_of("trainable_params", "params") == "exact"
+
+    def run(ppl: float) -> dict:
+        return {"run": {"id": "r"}, "machine": {"device": "cpu"}, "records": [{
+            "suite": "quality", "test": "t::test_ppl[x]", "model": "m", "quant": "nf4", "lora": None, "workload": None,
+            "status": "ok", "metrics": {"heldout_ppl": ppl}, "units": {"heldout_ppl": "ppl"}, "warnings": [], "samples": {}}]}
+
+    baseline = baseline_module.Baseline(None, [run(10.0)])
+    judged = {ppl: compare(run(ppl)["records"], {"device": "cpu"}, baseline, {}) for ppl in (10.1, 10.3)}
+    assert [c.kind for c in judged[10.3].checks] == ["perplexity"]
+    assert not judged[10.1].regressions and [c.metric for c in judged[10.3].regressions] == ["heldout_ppl"]
+    from pytest_lora.cli import gab_entries
+
+    assert [entry["name"].split()[-1] for entry in gab_entries({**run(10.3), "run": {"id": "r", "git": {}}})[+1]] == ["heldout_ppl"]

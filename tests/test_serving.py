@@ -16,7 +16,7 @@ from pytest_lora.measure import serving
 from pytest_lora.models import build
 from pytest_lora.models.resolve import resolve_model
 from pytest_lora.report import headline
-from pytest_lora.gate import rules
+from pytest_lora.gate import kinds, rules
 from pytest_lora.specs import QUANTIZATIONS
 
 SUITES = Path(__file__).parents[1] / "suites"
@@ -216,7 +216,7 @@ def test_the_gate_knows_the_serving_metrics():
     assert rules.default_rule("unmerged_prefill_iqr_s", "s") is None  # a spread: shown, not gated
     assert rules.known_direction("unmerged_over_merged_decode_token_pct") == +1
     assert rules.default_rule("adapter_file_bytes", "bytes").exact
-    assert rules.default_rule("optimizer_state_bytes", "bytes").text == rules.MEMORY_DEFAULT
+    assert rules.default_rule("optimizer_state_bytes", "bytes").text == kinds.MEMORY_DEFAULT
 
 
 def test_the_headline_has_a_serving_table():

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from . import kinds
 from . import rules as rules_module
 from . import stats
 from ..results.baseline import Baseline
@@ -259,10 +260,11 @@ def _verdict(name: str, rule: Rule, kind: str, unit: str | None, record: dict[st
     if rule.exact:
         return Check(name, rule.metric, rule, kind, unit, values[-1], now, regressed=now != values[-1])
     check = Check(name, rule.metric, rule, kind, unit, stats.median(values), now)
-    if kind == "timing":  # its baseline is the median of the comparable, quiet runs only
+    evidence = kinds.named(kind).evidence
+    if evidence == "samples":  # its baseline is the median of the comparable, quiet runs only
         return _timing(check, rule, record, past, timings_refused)
     past_enough = _past_threshold(rule, check.baseline, now)
-    if kind == "correctness" and _has_seed_spread(record, rule.metric) and past and _has_seed_spread(past[-1][0], rule.metric):
+    if evidence == "seeds" and _has_seed_spread(record, rule.metric) and past and _has_seed_spread(past[-1][0], rule.metric):
         z = _seed_z(record, past[-1][0], rule.metric)
         check.note = f"{z:.1f} standard errors of the seeds"
         check.regressed = past_enough and z > Z_SEEDS

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from ..results import baseline as baseline_module
+from . import kinds
 from . import rules as rules_module
 from ..specs import whole_number
 from .compare import Comparison, compare, history_by_config
 
-RERUN_KINDS = ("timing",)
 
 
 class Gate:
@@ -91,7 +91,7 @@ class Gate:
         """Whether ``--lora-confirm`` reruns this record's config: one of its timings regressed."""
         if not self.confirm or self.baseline is None or "confirmation" in record:
             return False
-        return any(check.regressed and check.kind in RERUN_KINDS for check in self.judge([record], machine).checks)
+        return any(check.regressed and getattr(kinds.named(check.kind), "rerun", False) for check in self.judge([record], machine).checks)
 
     def decide(self, records: list[dict[str, Any]], machine: dict[str, Any]) -> Comparison | None:
         """Judge the run; ``None`` when nothing is gated."""

@@ -16,7 +16,7 @@ A rule is written ``METRIC[:STAT]:THRESHOLD`` (``--lora-fail``, the ``lora_fail`
 times), ``median``, ``mean``, ``min`` or ``max`` of them. Short names: ``step_time`` is
 ``step_time_median_s``, ``peak_memory`` is ``peak_reserved_bytes``.
 
-Defaults, per kind of metric, when no rule names the metric (``default_rule``): counts and
+Defaults, per kind of metric (``gate.kinds``), when no rule names the metric (``default_rule``): counts and
 weight bytes and the adapter's file exact; memory and optimizer state ``+1%&+1KiB`` (they repeat to
 the byte); the timings with per-step samples (step times, the serving suite's latencies) ``10%`` on
 a GPU and ``100%`` on the CPU in their bad direction, which ``compare`` also
@@ -30,38 +30,18 @@ import re
 from dataclasses import dataclass, replace
 
 from ..specs import shown
+from . import kinds
 
 STATS = ("value", "median", "mean", "min", "max")
 ALIASES = {"step_time": "step_time_median_s", "peak_memory": "peak_reserved_bytes"}
 SIZES = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 ALLOWED = ("'==', '+5%', '-5%', '5%', '+256MiB', '+0.1', '+5%&+256MiB', '<=1e-3', '>=0.3' or 'off'")
 
-# Kinds of metric, by name first, then by unit.
-EXACT = frozenset({"trainable_params", "total_params", "weight_bytes", "flops_per_step", "builds", "adapter_file_bytes",
-                   "adapter_file_tensors"})
 HIGHER_IS_BETTER = frozenset({"tokens_per_s", "mfu", "learning_delta_loss", "learning_minus_full"})
 HIGHER_IS_BETTER_PATTERN = re.compile(r"^merge_top1|accuracy_after$")
-# Timings with per-step samples. A build or a count is one sample per run: nothing tells its noise
-# from a change unless a history does, so it is shown, and gated only by a rule of the user's.
-TIMING_DEFAULTS = {"step_time_median_s": "10%", "tokens_per_s": "10%", "mfu": "10%", "host_step_time_median_s": "10%"}
-# On the CPU the suites time tiny models (a few ms a step) on shared cores: between identical runs
-# on a 2-core runner, 90% of step-time medians moved within -18%..+14%, the extremes by +-60%.
-# A CPU gate catches a step that got twice as slow (a sync per step, a requantization, a copy).
-CPU_TIMING_DEFAULTS = {"step_time_median_s": "100%", "tokens_per_s": "50%"}
-# The serving suite's latencies (each with its samples): prefill and per-token decode of every
-# variant, a mixed batch, loading an adapter and switching to it (peft walks every module: 0.2 to
-# 0.5 ms on the tiny models). Lower is better, gated as step times are.
-SERVING_TIMING = re.compile(r"_(prefill|decode_token)_median_s$|^adapter_(load|swap)_median_s$")
 # Overheads in % of a reference (unmerged over base, over merged; a mixed batch over one adapter):
 # lower is better; derived from two medians, so shown, not gated by default.
 OVERHEAD = re.compile(r"_over_\w+_pct$|_overhead_pct$")
-CORRECTNESS_DEFAULTS = (
-    (re.compile(r"^(merge_max_abs_err|reload_max_abs_err)"), "+100%&+1e-6"),
-    (re.compile(r"^merge_kl"), "+100%&+1e-9"),
-    (re.compile(r"^(forgetting_delta_loss|forgetting_minus_full)$"), "+0.05"),
-    (re.compile(r"^(learning_delta_loss|learning_minus_full)$"), "-0.05"),
-)
-MEMORY_DEFAULT = "+1%&+1KiB"
 
 
 class RuleError(ValueError):
@@ -93,17 +73,9 @@ class Rule:
 
 
 def kind_of(metric: str, unit: str | None) -> str:
-    """``exact``, ``memory``, ``timing``, ``correctness`` or ``other``: which default applies and
-    which evidence (samples, history, seed spread) a change must bring."""
-    if metric in EXACT or unit == "params":
-        return "exact"
-    if metric in TIMING_DEFAULTS or unit in ("s", "tokens/s", "steps/s"):
-        return "timing"
-    if unit == "bytes":
-        return "memory"
-    if unit in ("nats", "logit") or metric.startswith(("merge_", "forgetting", "learning")):
-        return "correctness"
-    return "other"
+    """The name of the metric's kind (``gate.kinds``): ``exact``, ``timing``, ``memory``,
+    ``correctness`` or ``other``."""
+    return kinds.kind_of(metric, unit).name
 
 
 def bad_direction(metric: str) -> int:
@@ -118,19 +90,10 @@ def known_direction(metric: str) -> int:
 
 
 def default_rule(metric: str, unit: str | None, device: str | None = "cuda") -> Rule | None:
-    """The rule a metric gets when none names it; ``None``: shown beside the baseline, not gated.
-    Timings measured on the CPU (``device``) get wider thresholds than on a GPU."""
-    kind = kind_of(metric, unit)
-    text = None
-    if kind == "exact":
-        text = "=="
-    elif kind == "memory":
-        text = MEMORY_DEFAULT
-    elif kind == "timing":
-        defaults = CPU_TIMING_DEFAULTS if device == "cpu" else TIMING_DEFAULTS
-        text = defaults.get(metric) or (defaults["step_time_median_s"] if SERVING_TIMING.search(metric) else None)
-    elif kind == "correctness":
-        text = next((threshold for pattern, threshold in CORRECTNESS_DEFAULTS if pattern.search(metric)), None)
+    """The rule a metric gets when none names it: its kind's default (``gate.kinds``); ``None``:
+    shown beside the baseline, not gated. Timings measured on the CPU (``device``) get wider
+    thresholds than on a GPU."""
+    text = kinds.kind_of(metric, unit).default(metric, device)
     return None if text is None else parse_threshold(metric, "value", text, "default")
 
 
