@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-from .report.catalog import SUITES
+from .report import catalog
 
-SUITE_MARKERS = {suite.marker: suite.about for suite in SUITES}
+
+def suite_markers() -> dict[str, str]:
+    """Each suite's marker and what it measures, from the catalog (read when asked, so that a
+    suite added to ``catalog.SUITES`` is known everywhere at once)."""
+    return {suite.marker: suite.about for suite in catalog.SUITES}
 MATRIX_MARKER = (
     "lora_matrix(**keys)",
     "replace keys of the matrix for one test, e.g. lora_matrix(quant=['nf4'], ranks=[8]); "
@@ -27,7 +31,7 @@ def short(marker: str) -> str:
 
 def suite_of(item: pytest.Item) -> str | None:
     """The benchmark suite an item belongs to (``memory`` for ``lora_memory``), if any."""
-    return next((short(name) for name in SUITE_MARKERS if item.get_closest_marker(name)), None)
+    return next((short(name) for name in suite_markers() if item.get_closest_marker(name)), None)
 
 
 class SuiteMarkers:
@@ -35,8 +39,8 @@ class SuiteMarkers:
 
     def __init__(self, config: pytest.Config):
         registered = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
-        self.aliases = {short(marker): marker for marker in SUITE_MARKERS if short(marker) not in registered}
-        for marker, text in SUITE_MARKERS.items():
+        self.aliases = {short(marker): marker for marker in suite_markers() if short(marker) not in registered}
+        for marker, text in suite_markers().items():
             config.addinivalue_line("markers", f"{marker}: benchmark suite: {text} (runs with --lora-bench)")
         config.addinivalue_line("markers", ": ".join(MATRIX_MARKER))
         for alias, marker in self.aliases.items():
@@ -58,6 +62,6 @@ class SuiteMarkers:
         words = expression.replace("(", " ").replace(")", " ").split()
         return [
             f"lora: -m {short(marker)} selects this project's own marker; pytest-lora's suite is -m {marker}"
-            for marker in SUITE_MARKERS
+            for marker in suite_markers()
             if short(marker) not in self.aliases and short(marker) in words
         ]

@@ -4,6 +4,7 @@ pyproject.toml hold, a planted back-arrow breaks them, and no module imports its
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -97,3 +98,15 @@ def test_a_planted_circle_is_found(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert ["pytest_lora.report.table", "pytest_lora.report.headline", "pytest_lora.report.table"] in json.loads(done.stdout)
+
+
+def test_each_recipe_of_architecture_md_names_the_test_that_follows_it():
+    """The four recipes (format, suite, kind of metric, headline table) each name a test of
+    tests/ that exists: the recipe as written is the recipe that is checked."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    recipes = text.split("## Recipes", 1)[1]
+    named = re.findall(r"^\*\*(.+?)\*\* \(`(tests/\w+\.py)::(\w+)`\)", recipes, re.M)
+    assert [what for what, _, _ in named] == ["A storage format", "A suite", "A kind of metric for the gate", "A headline table"]
+    for _, path, test in named:
+        tree = ast.parse((ROOT / path).read_text())
+        assert test in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, f"{path}::{test}"

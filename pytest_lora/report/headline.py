@@ -341,7 +341,7 @@ def serving_section(records: list[dict[str, Any]], compact: bool = False) -> Sec
 
 def without_headline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records of tests that are not the built-in suites' (``catalog``): a user's own measurements."""
-    return [r for r in records if function_name(r) not in catalog.BUILT_IN_TESTS]
+    return [r for r in records if function_name(r) not in catalog.built_in_tests()]
 
 
 BUILDERS = (memory_section, speed_section, serving_section, merge_section, forgetting_section, parameter_section, published_section)
