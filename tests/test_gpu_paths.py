@@ -137,6 +137,22 @@ def test_measured_peak_on_a_small_product():
     assert peak == pytest.approx(2 * 16**3 / 1e-3)  # one matrix product, one kernel of 1 ms
 
 
+@pytest.mark.parametrize("choice, measured, source", [
+    ("500", False, "--lora-peak"), ("auto", False, "data sheet, dense bf16: H200"),
+    ("measure", True, "measured: bf16 8192^3 matrix product"), ("AUTO", True, "measured: bf16 8192^3 matrix product"),
+])
+def test_the_peak_is_the_options_number_the_data_sheet_or_measured(monkeypatch, choice, measured, source):
+    """``--lora-peak``: a number in TFLOP/s; ``auto``: a known GPU's data sheet, else measured (a
+    GPU the table lacks: the last case's); ``measure``: measured even where the table knows it."""
+    asked = []
+    monkeypatch.setattr(timing, "measured_peak", lambda gpu: asked.append(gpu.name) or 123e12)
+    name = "NVIDIA H200" if choice != "AUTO" else "NVIDIA Future GPU"
+    gpu = type("Gpu", (), {"name": name})()
+    peak, where = timing.resolve_peak(gpu, choice, "--lora-peak")
+    expected = 123e12 if measured else 500e12 if choice == "500" else timing.table_peak(name)
+    assert (peak, where, asked) == (expected, source, [name] if measured else [])
+
+
 @pytest.mark.parametrize(
     "name, model, peak",
     [
