@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from ..results.recorder import timed_while_busy
+
 FIRST_RUN_KEY = pytest.StashKey[dict]()
 
 
@@ -52,5 +54,6 @@ def first_run(item: pytest.Item) -> dict[str, Any] | None:
 
 
 def confirmation_of(record: dict[str, Any]) -> dict[str, Any]:
-    """What the gate reads of a rerun: its status, metrics and samples."""
-    return {key: record.get(key) for key in ("status", "metrics", "samples", "error", "warnings")}
+    """What the gate reads of a rerun: its status, metrics and samples, and whether it was timed
+    on a busy machine (said always: the gate reads the rerun over the first run's record)."""
+    return {**{key: record.get(key) for key in ("status", "metrics", "samples", "error", "warnings")}, "busy": timed_while_busy(record)}
