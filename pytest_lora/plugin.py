@@ -142,10 +142,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's: it reads the dist mode there
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Under ``-n`` the bench distributes by base (``--dist loadgroup``) unless the user chose a mode."""
+    """Under ``-n`` the bench distributes by base (``--dist loadgroup``) unless the user chose a
+    mode. Without workers a ``--dist`` (from a project's addopts) distributes nothing, but
+    pytest-benchmark would read it as xdist and disable its timings: the bench drops it."""
+    if not options.resolve(config)["bench"].value:
+        return
     chosen = any(arg == "--dist" or arg.startswith("--dist=") or arg == "-d" for arg in config.invocation_params.args)
-    if getattr(config.option, "numprocesses", None) and not chosen and options.resolve(config)["bench"].value:
+    workers = getattr(config.option, "numprocesses", None) or getattr(config.option, "tx", None)
+    if workers and not chosen:
         config.option.dist = "loadgroup"
+    elif not workers and getattr(config.option, "dist", "no") != "no":
+        config.option.dist = "no"
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

@@ -3,7 +3,8 @@
 Each entry names the message, who emits it and why it is noise here; every other warning stays
 visible. The plugin adds the warning filters to pytest's own ``filterwarnings`` (a ``-W`` on the
 command line still overrides them), ``count_parameters`` applies them around its work, and the
-log filter drops one line that bitsandbytes logs when it is imported on some CPUs.
+log filters (installed when the package is imported) drop the lines that bitsandbytes and
+torchao log when they are imported. A logger's other messages still reach the user.
 """
 
 from __future__ import annotations
@@ -39,12 +40,33 @@ WARNINGS = (
 # the same, as lines of pytest's ``filterwarnings``
 WARNING_FILTERS = tuple(f"ignore:{message}:{category.__name__}" for message, category, _ in WARNINGS)
 
-# logger name -> start of a message it logs that says nothing here
-LOG_MESSAGES = {
-    # bitsandbytes tries to fetch a faster 4-bit CPU kernel from the hub at import and falls back
-    # to its own; nothing here may download, and the fallback is what the numbers are measured on.
-    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
-}
+# (logger, start of a message it logs, why it says nothing here)
+LOG_MESSAGES = (
+    (
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+        "bitsandbytes tries to fetch a faster 4-bit CPU kernel from the hub at import and falls back to its own; nothing "
+        "here may download, and the fallback is what the numbers are measured on",
+    ),
+    (
+        "torchao",
+        "Failed to load ",
+        "torchao's wheel carries CUDA extensions for GPUs and ABIs it may not run on (_C_mxfp8, _C_cutlass_90a) and logs "
+        "each it cannot load at import; the formats measured here do not use them, and a format that needs a kernel "
+        "says so when it is asked (formats.unavailable)",
+    ),
+    (
+        "torchao.kernel.intmm",
+        "Warning: Detected no triton",
+        "torchao logs at import that Triton is missing (there is none for the CPU); its int8 matrix products fall back to torch",
+    ),
+    (
+        "torch.utils._pytree",
+        "%s is an Enum subclass and is now natively supported by torch.compile",
+        "torchao registers its enums with register_constant() at import, which torch 2.13 deprecates, once per enum in "
+        "280-column lines; nothing a user can change",
+    ),
+)
 
 
 class _DropMessage(logging.Filter):
@@ -58,7 +80,7 @@ class _DropMessage(logging.Filter):
 
 def silence_library_logs() -> None:
     """Install the log filters (once); cheap, and imports nothing."""
-    for name, start in LOG_MESSAGES.items():
+    for name, start, _ in LOG_MESSAGES:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
             logger.addFilter(_DropMessage(start))

@@ -97,8 +97,12 @@ def step_time_suite(suite):
 
 
 def test_benchmark_json_loads_in_pytest_benchmark_compare(pytester, step_time_suite, tmp_path):
+    """With ``--dist loadgroup`` and no workers, as a project's addopts may give it (ours does):
+    pytest-benchmark would take that for xdist and disable its timings, with a warning per test."""
     output = tmp_path / "bench.json"
-    pytester.runpytest(*TINY_STEP, "-k", "not harness and not build", f"--benchmark-json={output}").assert_outcomes(passed=1, deselected=2)
+    result = pytester.runpytest(*TINY_STEP, "-k", "not harness and not build", f"--benchmark-json={output}", "--dist", "loadgroup")
+    result.assert_outcomes(passed=1, deselected=2)
+    assert "Benchmarks are automatically disabled" not in result.stdout.str() + result.stderr.str()
     document = json.loads(output.read_text())
     (bench,) = document["benchmarks"]
     assert bench["stats"]["rounds"] == 3
