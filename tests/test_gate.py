@@ -154,6 +154,16 @@ def slow_steps(monkeypatch):
     return plant
 
 
+def planted_sleep(baseline: Path) -> float:
+    """A sleep per step sized to the baseline, not to this machine: five times its slowest step,
+    and 0.2 s at least (one CI run's baseline had a 115 ms step, above a 50 ms plant: the U test
+    on 5 + 5 samples then saw no shift). Every planted step is then slower than every baseline
+    step, and the median more than +400%, past the CPU rule (+100%) and CONFIRM_RULES' (+300%)."""
+    records = json.loads(baseline.read_text())["records"]
+    [steps] = [r["samples"]["step_time_median_s"] for r in records if r["test"].endswith(STEP_CONFIG)]
+    return max(0.2, 5 * max(steps))
+
+
 @pytest.fixture
 def step_baseline(pytester, monkeypatch) -> Path:
     """The training step of ONE's config timed in this process: the baseline of the timing tests.
@@ -168,10 +178,8 @@ def step_baseline(pytester, monkeypatch) -> Path:
 
 def test_a_step_slowed_by_a_planted_sleep_fails(pytester, step_baseline, slow_steps):
     baseline = step_baseline
-    # A tiny step takes 10-20 ms; 0.2 s a step stays above the baseline's slowest step on a busy
-    # runner too (one CI run's baseline had a 115 ms step, above a 50 ms plant: the U test on
-    # 5 + 5 samples then saw no shift)
-    slow_steps(0.2)
+    sleep = planted_sleep(baseline)  # a tiny step takes 10-20 ms here: 0.2 s
+    slow_steps(sleep)
     result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}")
     assert result.ret == 1
     data = document(pytester)
@@ -180,11 +188,11 @@ def test_a_step_slowed_by_a_planted_sleep_fails(pytester, step_baseline, slow_st
     # median is the recorded median and whose tokens/s are the step's 2 x 64 tokens over each time
     [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]
     times = record["samples"]["step_time_median_s"]
-    assert len(times) == 5 and min(times) >= 0.2
+    assert len(times) == 5 and min(times) >= sleep
     assert statistics.median(times) == pytest.approx(record["metrics"]["step_time_median_s"])
     assert record["samples"]["tokens_per_s"] == pytest.approx([128 / t for t in times])
     [check] = [r for r in data["run"]["gate"]["regressions"] if r["metric"] == "step_time_median_s"]
-    assert check["p_value"] < 0.01 and check["change"] > 1.0
+    assert check["p_value"] < 0.01 and check["change"] > 4.0  # each step >= 5x the slowest baseline step
     result.stdout.fnmatch_lines(["*step_time_median_s*test_step_time*bf16*step_time_median_s:100%*"])
     # pytest-lora compare, on the same two files, gives the same verdicts
     verdict = subprocess.run([sys.executable, "-m", "pytest_lora.cli", "compare", str(baseline), str(pytester.path / "results")],
@@ -208,8 +216,8 @@ def test_a_timing_change_inside_the_noise_does_not_fail(pytester, step_baseline,
 
 
 # The confirming rerun runs on a rebuilt base, and a rebuilt tiny base's step has taken up to
-# +125% longer than the run before on this CPU: the confirmation tests plant 0.2 s per step (about
-# +4000%) and gate the step at +300%, so that what they test is the rerun, not the noise.
+# +125% longer than the run before on this CPU: the confirmation tests plant planted_sleep() per
+# step (+400% at least) and gate the step at +300%, so that what they test is the rerun, not the noise.
 CONFIRM_RULES = ("--lora-fail=step_time_median_s:300%", "--lora-fail=tokens_per_s:off")
 
 
@@ -218,7 +226,7 @@ CONFIRM_RULES = ("--lora-fail=step_time_median_s:300%", "--lora-fail=tokens_per_
 def test_confirm_clears_a_one_off_slowdown_and_keeps_a_persistent_one(pytester, step_baseline, slow_steps, persistent):
     baseline = step_baseline
     rounds = 1 + 5  # warm-up and timed steps of the first run
-    slow_steps(0.2, steps=None if persistent else rounds)
+    slow_steps(planted_sleep(baseline), steps=None if persistent else rounds)
     result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}", "--lora-confirm", *CONFIRM_RULES)
     data = document(pytester)
     [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]
@@ -250,10 +258,10 @@ from pytest_lora.measure import train
 original, done = train.TrainStep.run, []
 
 
-def run(self, batch):  # the first 6 steps of this process (one run's warm-up and timed steps) sleep 0.2 s
+def run(self, batch):  # the first 6 steps of this process (one run's warm-up and timed steps) sleep PLANT_SLEEP s
     done.append(1)
     if len(done) <= 6 and os.environ.get("PLANT_SLEEP"):
-        time.sleep(0.2)
+        time.sleep(float(os.environ["PLANT_SLEEP"]))
     original(self, batch)
 
 
@@ -269,7 +277,7 @@ def test_confirm_reruns_in_the_xdist_worker_and_the_controller_judges_the_rerun(
     pytester.makepyfile(plant=PLANT)  # python -m pytest puts the directory on sys.path: -p plant loads it
     run = ("-p", "plant", "--lora-bench", "--lora-device=cpu", *ONE, "-k", STEP)
     assert step_baseline == pytester.path / "base" / "latest.json"
-    monkeypatch.setenv("PLANT_SLEEP", "1")
+    monkeypatch.setenv("PLANT_SLEEP", str(planted_sleep(step_baseline)))
     result = pytester.runpytest_subprocess("-n", "1", *run, "--lora-compare=base/latest.json", "--lora-confirm", *CONFIRM_RULES)
     assert result.ret == 0, result.stdout.str()[-3000:]
     data = document(pytester)
