@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 from test_options import assert_usage_error
@@ -119,10 +120,23 @@ def test_an_unwritable_results_directory(pytester, suite, monkeypatch, code):
     assert not (pytester.path / "out").exists()  # the directory made for the check is gone again
 
 
-def test_a_usable_results_directory_is_left_as_it_was(pytester, suite):
+def test_a_usable_results_directory_is_left_as_it_was(pytester, suite, monkeypatch):
+    """The check made ``deep/out`` and wrote its probe there (it ran, on that path), and took
+    both away again: a run that writes nothing leaves no directory behind."""
+    from pytest_lora.results import store
+
+    probes, real = [], store.tempfile.mkstemp
+
+    def probe(*args, prefix=None, dir=None, **kwargs):
+        if prefix == ".pytest-lora-probe.":
+            probes.append((Path(dir), Path(dir).is_dir()))
+        return real(*args, prefix=prefix, dir=dir, **kwargs)
+
+    monkeypatch.setattr(store.tempfile, "mkstemp", probe)
     suite()
     result = pytester.runpytest(*ONE, "--lora-results=deep/out", "--co")
-    assert result.ret == 0 and not (pytester.path / "deep").exists()
+    assert result.ret == 0 and probes == [(pytester.path / "deep" / "out", True)]
+    assert not (pytester.path / "deep").exists()
 
 
 # --------------------------------------------------------------------------- a model's config.json
@@ -180,6 +194,8 @@ def full(self, header, records):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     real(self, header, records)
     appended.extend(records)
+    with open(os.environ["PLANTED_APPENDED"], "w") as count:  # what the log holds, for the test to check
+        count.write(str(len(appended)))
 
 
 runlog.RunLog.append = full
@@ -267,6 +283,7 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     pytester.makepyfile(planted_full_disk=DISK_FULL)
     monkeypatch.setenv("PYTHONPATH", f"{pytester.path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("PLANTED_FULL_AT", "6")
+    monkeypatch.setenv("PLANTED_APPENDED", str(pytester.path / "appended"))
     monkeypatch.setenv("TMPDIR", str(pytester.path / "tmp"))
     (pytester.path / "tmp").mkdir()
     result = pytester.runpytest_subprocess("--lora-bench", "suites", "--lora-results=results", "-p", "planted_full_disk",
@@ -277,7 +294,12 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     recovered = load(recovery)
     assert recovered["run"]["status"] == "interrupted"
     (log,) = (pytester.path / "results").glob("*.jsonl")
-    assert len(load(log)["records"]) < 6  # records arrive from the workers in batches
+    logged = load(log)["records"]
+    # records arrive from the workers in batches: the log holds those appended before the batch
+    # that found the disk full, which went, with them, to the recovery file
+    appended = pytester.path / "appended"  # written after each append that went through
+    assert len(logged) == (int(appended.read_text()) if appended.exists() else 0) < 6
+    assert {r["test"] for r in logged} < {r["test"] for r in recovered["records"]} and len(recovered["records"]) >= 6
 
 
 JOURNAL_FULL = """
