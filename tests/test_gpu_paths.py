@@ -370,16 +370,27 @@ def pressure_run(pytester, suite, extra=()):
     result = pytester.runpytest(*PRESSURE_ARGS, "--lora-matrix=small.toml", *extra, plugins=[plugin])
     result.assert_outcomes(passed=1, skipped=1)  # AdamW is not paged
     record = next(r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"] if r["status"] == "ok")
-    return record["metrics"], plugin.runtime
+    return record["metrics"], plugin.runtime, record["warnings"]
 
 
 def test_a_paged_optimizer_under_pressure_on_a_fake_gpu(pytester, suite):
     """The device is filled to the non-paged step's need (no tensor of the tiny adapter is large
     enough to be paged): both steps fit, and the ballast is gone afterwards."""
-    metrics, runtime = pressure_run(pytester, suite)
+    metrics, runtime, warnings = pressure_run(pytester, suite)
     assert metrics["analytic_paged_state_bytes"] == 0
     assert metrics["non_paged_under_pressure_oom"] == metrics["paged_under_pressure_oom"] == 0
     assert metrics["pressure_headroom_bytes"] > 0 and runtime.stats[0].allocated < 128 * MiB  # the ballast is gone
+    assert metrics["pressure_conclusive"] == 0 and warnings == ["inconclusive: both steps fit at this headroom (0 bytes of state to page)"]
+
+
+@pytest.mark.parametrize("non_paged, paged, conclusive, wrong", [
+    (True, False, True, False), (False, False, False, False), (True, True, False, False), (False, True, False, True)])
+def test_the_pressure_run_is_conclusive_only_when_paging_saved_the_step(non_paged, paged, conclusive, wrong):
+    def phase(oom: bool) -> memory.PhaseMemory:
+        return memory.PhaseMemory(base_allocated=0, oom="CUDA out of memory" if oom else None)
+
+    found = memory.Pressure(phase(False), 0, phase(non_paged), phase(paged)).verdict()
+    assert found[0] is conclusive and (found[1] is not None) is wrong
 
 
 def test_too_little_headroom_is_recorded_as_out_of_memory(pytester, suite, monkeypatch):
@@ -394,6 +405,7 @@ def test_too_little_headroom_is_recorded_as_out_of_memory(pytester, suite, monke
             monkeypatch.setattr(optimizers, "analytic_paged_bytes", lambda *args: 2**40)
         """)
     pytester.syspathinsert()
-    metrics, _ = pressure_run(pytester, suite, ("-p", "planted_state"))
+    metrics, _, warnings = pressure_run(pytester, suite, ("-p", "planted_state"))
     assert metrics["pressure_headroom_bytes"] < 0
     assert metrics["non_paged_under_pressure_oom"] == metrics["paged_under_pressure_oom"] == 1
+    assert metrics["pressure_conclusive"] == 0 and warnings[0].startswith("inconclusive: both steps ran out of memory at this headroom")

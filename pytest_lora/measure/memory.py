@@ -339,6 +339,15 @@ class Pressure:
     non_paged: PhaseMemory | None = None
     paged: PhaseMemory | None = None
 
+    def verdict(self) -> tuple[bool, str | None]:
+        """Whether the run shows what paging is for (the non-paged step out of memory at this
+        headroom, the paged one not), and what is wrong if the paged step fared worse. Both
+        steps fitting, or both out of memory, shows nothing: the run is inconclusive."""
+        non_paged, paged = self.non_paged.oom is not None, self.paged.oom is not None
+        if paged and not non_paged:
+            return False, "the paged optimizer's step ran out of memory where its non-paged counterpart's did not"
+        return non_paged and not paged, None
+
 
 def under_pressure(base: nn.Module, lora_config: Any, batch: dict[str, torch.Tensor], grad_ckpt: bool, gpu: "Gpu",
                    paged: OptimizerSpec, counterpart: OptimizerSpec, paged_state: int) -> Pressure:
