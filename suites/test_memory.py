@@ -78,6 +78,25 @@ def test_weight_storage(base_model, model_spec, quant_spec, lora_bench):
 
 def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, optimizer_spec, lora_device, lora_bench):
     """One step: activations kept for backward, and the adapter's training state, on any device."""
+    step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, optimizer_spec, lora_device, lora_bench)
+
+
+@pytest.mark.lora_matrix(ranks=[64], targets=["default"], optimizers=["adamw8bit"], quant=["bf16"])
+def test_step_memory_with_an_8bit_state(model_spec, quant_spec, lora_spec, workload_spec, optimizer_spec, lora_device, lora_gpu, lora_bench,
+                                        request):
+    """The step with 8-bit AdamW at rank 64, where a tiny model's adapter tensors (64 x 64 and up)
+    reach bitsandbytes' ``min_8bit_size`` (4,096 elements): 8-bit moments, against the closed
+    form. At the matrix's rank 16 every tensor of the tiny models is smaller, and the state is
+    fp32. Real shapes reach it at any rank (``test_step_memory``): on a GPU this is skipped before
+    its base is built."""
+    if lora_gpu is not None:
+        pytest.skip("real shapes' adapter tensors reach min_8bit_size at the matrix's own ranks: test_step_memory has them")
+    fixtures = [request.getfixturevalue(name) for name in ("lora_model", "lora_config", "lora_batch")]
+    step_memory(*fixtures, model_spec, quant_spec, workload_spec, optimizer_spec, lora_device, lora_bench)
+    assert lora_bench.metrics["optimizer_8bit_share"] > 0, "no tensor of this adapter reached min_8bit_size"
+
+
+def step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, optimizer_spec, lora_device, lora_bench) -> None:
     config = model_spec.config_dict()
     estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec, optimizer_spec)
     batch = lora_batch
@@ -91,6 +110,7 @@ def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec
             step.optimizer_step()
             measured = memory.training_state_bytes(lora_model, step.optimizer)
             paged = optimizers.paged_bytes(step.optimizer)
+            eight_bit = optimizers.eight_bit_share(step.optimizer)
     finally:
         step.close()
 
@@ -104,8 +124,11 @@ def test_step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec
     lora_bench.record("gradient_bytes", measured.gradients, "bytes")
     lora_bench.record("optimizer_state_bytes", measured.optimizer, "bytes")
     lora_bench.record("analytic_optimizer_state_bytes", estimate.training.optimizer, "bytes")
-    record_paging(lora_bench, step.built, paged, optimizers.analytic_paged_bytes(
-        optimizer_spec, params.trainable_tensor_sizes(build.build_meta(config), lora_config), lora_device))
+    sizes = params.trainable_tensor_sizes(build.build_meta(config), lora_config)
+    lora_bench.record("optimizer_8bit_share", eight_bit, "share of trainable parameters")
+    lora_bench.check(eight_bit == optimizers.analytic_eight_bit_share(optimizer_spec, sizes),
+                     f"8-bit share of the state {eight_bit}, closed form {optimizers.analytic_eight_bit_share(optimizer_spec, sizes)}")
+    record_paging(lora_bench, step.built, paged, optimizers.analytic_paged_bytes(optimizer_spec, sizes, lora_device))
     lora_bench.record("analytic_bytes", estimate.total, "bytes")
     assert measured == estimate.training, f"measured {measured}, analytic {estimate.training}"
 

@@ -166,7 +166,7 @@ def test_bases_and_adapters_are_released(pytester, suite):
 def test_no_gpu_means_the_gpu_part_is_skipped_with_a_reason(pytester, suite):
     suite((__import__("pathlib").Path(__file__).parents[1] / "suites" / "test_memory.py").read_text(), name="test_memory_copy.py")
     result = pytester.runpytest("--lora-bench", "--lora-device=cpu", "--lora-models=llama-3.2-1b-tiny", "--lora-quant=nf4", "--lora-ranks=4", "--lora-targets=q_proj", "-rs")
-    result.assert_outcomes(passed=2 + 5, skipped=2)  # weights, step, and the five published shapes; peak and pressure
+    result.assert_outcomes(passed=3 + 5, skipped=2)  # weights, step, the 8-bit step and the five published shapes; peak and pressure
     result.stdout.fnmatch_lines(["SKIPPED*needs a CUDA device: allocator peaks and NVML bytes are GPU measurements*"])
 
 

@@ -42,6 +42,22 @@ def test_state_bytes_equal_the_closed_form(name):
     assert optimizers.state_bytes(built.optimizer) == optimizers.analytic_state_bytes(OPTIMIZERS[name], SIZES)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_8bit_share_of_the_state_equals_the_closed_form(name):
+    """The parameters whose moments are uint8, read off the stepped optimizer, against the sizes:
+    for the 8-bit optimizers, all but the tensors under 4096 elements (100 and 4095 of SIZES)."""
+    built = stepped(OPTIMIZERS[name])
+    share = optimizers.eight_bit_share(built.optimizer)
+    assert share == optimizers.analytic_eight_bit_share(OPTIMIZERS[name], SIZES)
+    assert share == ((sum(SIZES) - 100 - 4095) / sum(SIZES) if OPTIMIZERS[name].bits == 8 else 0.0)
+
+
+def test_an_optimizer_with_no_state_yet_has_no_8bit_share():
+    built = optimizers.make(OPTIMIZERS["adamw8bit"], [torch.nn.Parameter(torch.randn(8192))], lr=1e-3)
+    assert optimizers.eight_bit_share(built.optimizer) == 0.0 == optimizers.analytic_eight_bit_share(OPTIMIZERS["adamw8bit"], [])
+    assert optimizers.analytic_eight_bit_share(OPTIMIZERS["adamw8bit"], [4095]) == 0.0  # an fp32 state under an 8-bit name
+
+
 def test_the_closed_forms_by_hand():
     """AdamW: 8 bytes a parameter and a 4-byte step a tensor. 8-bit: tensors under 4096 elements
     in fp32; 2 bytes a parameter, 2 x 4 bytes a block of 256, and two 256-entry fp32 maps once."""
@@ -157,7 +173,8 @@ OPTIMIZER_RUN = ("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "--lora-quan
 
 def test_the_memory_suite_records_each_optimizer_and_the_fallback(pytester, suite):
     suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
-    result = pytester.runpytest(*OPTIMIZER_RUN, "--lora-optimizers=adamw,adamw8bit,paged_adamw8bit,paged_adamw", "-k", "test_step_memory")
+    result = pytester.runpytest(*OPTIMIZER_RUN, "--lora-optimizers=adamw,adamw8bit,paged_adamw8bit,paged_adamw",
+                                "-k", "test_step_memory and not with_an")
     result.assert_outcomes(passed=4)
     records = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
     by_optimizer = {r["workload"]["optimizer"]: r for r in records}
@@ -165,9 +182,22 @@ def test_the_memory_suite_records_each_optimizer_and_the_fallback(pytester, suit
     for name, record in by_optimizer.items():
         metrics = record["metrics"]
         assert metrics["optimizer_state_bytes"] == metrics["analytic_optimizer_state_bytes"]
+        assert metrics["optimizer_8bit_share"] == 0.0  # every tensor of this adapter is under min_8bit_size
         paged = OPTIMIZERS[name].paged
         assert ("paged_state_bytes" in metrics) == paged
         assert any("falls back to non-paged" in w for w in record["warnings"]) == paged
+
+
+def test_the_default_matrix_has_a_real_8bit_state(pytester, suite):
+    """The memory suite's 8-bit config (rank 64 on the tiny model: 64 x 64 adapter tensors) keeps
+    8-bit moments, and its state is the closed form's to the byte."""
+    suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
+    result = pytester.runpytest("--lora-bench", "--lora-models=llama-3.2-1b-tiny", "-k", "8bit_state")
+    result.assert_outcomes(passed=1)
+    (record,) = json.loads((pytester.path / "results" / "latest.json").read_text())["records"]
+    metrics = record["metrics"]
+    assert record["lora"]["r"] == 64 and record["workload"]["optimizer"] == "adamw8bit" and metrics["optimizer_8bit_share"] > 0.5
+    assert metrics["optimizer_state_bytes"] == metrics["analytic_optimizer_state_bytes"]
 
 
 def test_a_wrong_block_size_fails_the_memory_suite(pytester, suite):
@@ -185,7 +215,7 @@ def test_a_wrong_block_size_fails_the_memory_suite(pytester, suite):
     (pytester.path / "wide" / "config.json").write_text(json.dumps(WIDE_LLAMA))
     suite((SUITES / "test_memory.py").read_text(), name="test_memory_copy.py")
     result = pytester.runpytest("-p", "planted_block", "--lora-bench", "--lora-models=wide/config.json", "--lora-quant=bf16", "--lora-ranks=8",
-                                "--lora-targets=all-linear", "--lora-optimizers=adamw,adamw8bit", "-k", "test_step_memory")
+                                "--lora-targets=all-linear", "--lora-optimizers=adamw,adamw8bit", "-k", "test_step_memory and not with_an")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["FAILED*test_step_memory*adamw8bit*"])
 

@@ -21,7 +21,7 @@ EVIDENCE = ("threshold", "samples", "seeds")
 
 # Counts and sizes that repeat exactly, by name.
 EXACT = frozenset({"trainable_params", "total_params", "weight_bytes", "flops_per_step", "builds", "adapter_file_bytes",
-                   "adapter_file_tensors"})
+                   "adapter_file_tensors", "optimizer_8bit_share"})
 # Timings with per-step samples. A build or a count is one sample per run: nothing tells its noise
 # from a change unless a history does, so it is shown, and gated only by a rule of the user's.
 TIMING_DEFAULTS = {"step_time_median_s": "10%", "tokens_per_s": "10%", "mfu": "10%", "host_step_time_median_s": "10%"}

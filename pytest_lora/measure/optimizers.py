@@ -68,6 +68,28 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
+def eight_bit_share(optimizer: torch.optim.Optimizer) -> float:
+    """The share of the trainable parameters whose moments are kept in 8 bits (bitsandbytes'
+    uint8 ``state1``): 0 for torch's AdamW, and for an 8-bit optimizer whose every tensor is under
+    ``min_8bit_size`` (an fp32 state under an 8-bit name)."""
+    total = eight = 0
+    for parameter, values in optimizer.state.items():
+        total += parameter.numel()
+        moment = values.get("state1")
+        if isinstance(moment, torch.Tensor) and moment.dtype == torch.uint8:
+            eight += parameter.numel()
+    return eight / total if total else 0.0
+
+
+def analytic_eight_bit_share(spec: OptimizerSpec, tensor_sizes: Iterable[int]) -> float:
+    """``eight_bit_share`` in closed form: of an 8-bit optimizer's parameters, those in tensors of
+    at least ``min_8bit_size`` elements."""
+    sizes = list(tensor_sizes)
+    if spec.library == "torch" or spec.bits == 32 or not sizes:
+        return 0.0
+    return sum(n for n in sizes if n >= min_8bit_size()) / sum(sizes)
+
+
 def paged_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the state bitsandbytes put in CUDA unified memory (its paged tensors)."""
     return sum(value.numel() * value.element_size() for values in optimizer.state.values()

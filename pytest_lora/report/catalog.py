@@ -21,6 +21,7 @@ TRAINABLE_PARAMETERS = "test_trainable_parameters"
 PUBLISHED_COUNTS = "test_published_counts"
 WEIGHT_STORAGE = "test_weight_storage"
 STEP_MEMORY = "test_step_memory"
+STEP_MEMORY_8BIT = "test_step_memory_with_an_8bit_state"
 STEP_PEAK_MEMORY = "test_step_peak_memory"
 PAGED_OPTIMIZER = "test_paged_optimizer_under_pressure"
 ANALYTIC_PUBLISHED_SHAPES = "test_analytic_step_of_published_shapes"
@@ -62,6 +63,7 @@ SUITES = (
     Suite("lora_memory", "memory of a training step", {
         WEIGHT_STORAGE: ("headline: memory", "plot: memory"),
         STEP_MEMORY: ("headline: memory", "plot: memory", "side by side"),
+        STEP_MEMORY_8BIT: ("headline: memory",),
         STEP_PEAK_MEMORY: ("headline: memory", "plot: memory", "gpu-check"),
         PAGED_OPTIMIZER: (),
         ANALYTIC_PUBLISHED_SHAPES: (),

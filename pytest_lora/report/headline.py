@@ -87,7 +87,20 @@ def memory_section(records: list[dict[str, Any]], compact: bool = False) -> Sect
     notes = [f"{what}; in brackets, the change from the full-precision base of the same model, spec and workload."]
     if compact:
         notes = [f"{what}; LoRA {configs.columns()[0]}; (change from the full-precision base)."]
-    return Section("memory", "Memory", header, rows, text, notes)
+    return Section("memory", "Memory", header, rows, text, notes + eight_bit_notes(records))
+
+
+def eight_bit_notes(records: list[dict[str, Any]]) -> list[str]:
+    """What an 8-bit optimizer's state really is: bitsandbytes keeps fp32 moments for tensors
+    under its min_8bit_size, so an "adamw8bit" row of small adapters holds an fp32 state."""
+    shares: dict[str, set[float]] = {}
+    for record in ok_records(records, catalog.STEP_MEMORY) + ok_records(records, catalog.STEP_MEMORY_8BIT):
+        optimizer, share = (record.get("workload") or {}).get("optimizer") or "", record["metrics"].get("optimizer_8bit_share")
+        if "8bit" in optimizer and share is not None:
+            shares.setdefault(optimizer, set()).add(share)
+    return [f"{name}: {format_pct(min(found))} to {format_pct(max(found))} of the trainable parameters have 8-bit moments "
+            "(tensors under bitsandbytes' min_8bit_size, 4,096 elements, keep fp32 moments)"
+            for name, found in sorted(shares.items()) if min(found) < 1]
 
 
 # ----------------------------------------------------------------- speed
