@@ -530,3 +530,17 @@ def test_specs_that_differ_only_in_dropout_get_columns_of_their_own():
     rows = headline.speed_section(steps).rows
     assert [(row[1], row[2], row[-1]) for row in rows] == [("bf16", "r16 a32 all-linear, dropout 0.0", "ref"), ("bf16", "r16 a32 all-linear, dropout 0.1", "ref"),
                                                           ("nf4", "r16 a32 all-linear, dropout 0.0", "-50.0%"), ("nf4", "r16 a32 all-linear, dropout 0.1", "-25.0%")]
+
+
+def test_the_memory_headline_says_when_an_8bit_optimizers_state_is_fp32():
+    """An ``adamw8bit`` row whose adapter tensors are all under min_8bit_size holds fp32 moments:
+    the memory section says how much of its state is 8-bit; a fully 8-bit state needs no note."""
+    def step(share: float, test: str = catalog.STEP_MEMORY) -> dict:
+        return {"suite": "memory", "test": f"suites/test_memory.py::{test}[x]", "model": "m", "quant": "bf16", "lora": None,
+                "workload": {"batch": 2, "seq_len": 64, "optimizer": "adamw8bit"}, "status": "ok",
+                "metrics": {"optimizer_8bit_share": share, "adapter_bytes": 1}, "units": {}, "warnings": [], "samples": {}}
+
+    assert headline.eight_bit_notes([step(0.0), step(0.96, catalog.STEP_MEMORY_8BIT)]) == [
+        "adamw8bit: 0.0% to 96.0% of the trainable parameters have 8-bit moments (tensors under bitsandbytes' min_8bit_size, "
+        "4,096 elements, keep fp32 moments)"]
+    assert headline.eight_bit_notes([step(1.0)]) == []
