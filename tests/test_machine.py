@@ -173,13 +173,17 @@ def test_with_a_driver_torch_is_asked(monkeypatch):
 def test_a_process_spinning_beside_the_timing_is_seen_as_another_core():
     """The reading against a second measurement: a child process that spins for its whole life
     uses one core, so other processes used at least most of one while it ran (more if the machine
-    has other work: only a lower bound can hold on a shared runner)."""
+    has other work: only a lower bound can hold on a shared runner), and the no-PSI rule calls
+    that busy."""
     import subprocess
 
     spin = "import time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass\n"
-    with cpu.MachineLoad() as load:
+    with cpu.MachineLoad() as load, cpu.MachineLoad(stall=lambda: None) as without_psi:
         subprocess.run([sys.executable, "-c", spin], check=True)
     assert load.other_cores is not None and load.other_cores >= 0.6, load.other_cores
+    # The rule where the kernel has no pressure information, on this real reading: a spinning
+    # process beside one timing thread on 2 cores is busy (more than the half core left free).
+    assert without_psi.pressure is None and without_psi.busy(cpu_count=2, threads=1), without_psi.other_cores
 
 
 def test_recorded_conditions_record_the_load_and_warn_when_the_timing_competed(monkeypatch):
