@@ -122,7 +122,7 @@ class Run:
             self.add_records(*arrivals.records)
 
     def test_groups(self) -> dict[str, str]:
-        """Each collected test's group, as the workers named them (read by ``scheduling``)."""
+        """Each collected test's group, as the workers named them (read by ``dist.scheduling``)."""
         if self._collector is not None and not self._collector.groups:
             for worker_id in list(self._collector.readers):
                 self.collect(worker_id)
