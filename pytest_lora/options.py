@@ -42,6 +42,7 @@ class Option:
     flag: bool = False
     default: str | None = None
     repeat: bool = False  # given several times (--lora-fail A --lora-fail B), a list in the ini, ';' in the environment
+    negatable: bool = False  # a flag that is on by default (``default="on"``): --lora-no-<name> turns it off
     check: Callable[["Setting"], str | None] | None = field(default=None, compare=False)  # what is wrong with a value, if anything
 
     @property
@@ -59,6 +60,10 @@ class Option:
     @property
     def dest(self) -> str:
         return "lora_" + self.name
+
+    @property
+    def negation(self) -> str:
+        return "--lora-no-" + self.name.replace("_", "-")
 
 
 def count_of(what: str, smallest: int) -> Callable[["Setting"], str | None]:
@@ -160,7 +165,9 @@ OPTIONS: tuple[Option, ...] = (
         metavar="RULE",
         repeat=True,
     ),
-    Option("confirm", "rerun a config whose timing regressed, at once on the same base, and fail only if it regresses again.", flag=True),
+    Option("confirm", "rerun the configs whose timing regressed, once every test has run, and fail only if they regress again "
+           "(on by default; --lora-no-confirm, PYTEST_LORA_CONFIRM=0 or lora_confirm = false turn it off).", flag=True, default="on",
+           negatable=True),
     Option("history", "runs of a --lora-compare directory to compare with: the newest N that passed (default 5).", metavar="N", default="5",
            check=count_of("a number of runs", 1)),
     Option("cross_hardware", "compare timings with a baseline measured on other hardware (another GPU, CPU or device).", flag=True),
@@ -257,6 +264,8 @@ def add_options(parser: pytest.Parser) -> None:
         text = f"{option.help} [env {option.env}, ini {option.ini}]"
         if option.flag:
             group.addoption(option.cli, action="store_true", dest=option.dest, default=None, help=text)
+            if option.negatable:
+                group.addoption(option.negation, action="store_false", dest=option.dest, default=None, help=f"turn {option.cli} off")
         elif option.repeat:
             group.addoption(option.cli, action="append", dest=option.dest, default=None, metavar=option.metavar, help=text)
         else:
@@ -309,7 +318,7 @@ def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setti
     cli = getattr(namespace, option.dest, None)
     if not option.flag and isinstance(cli, str) and not cli.strip() or option.repeat and cli and not any(str(item).strip() for item in cli):
         raise pytest.UsageError(f"{option.cli}: an empty value; allowed: {option.metavar or 'a value'} (leave the option out for its default)")
-    if cli:
+    if option.flag and cli is not None or cli:  # a flag's False is --lora-no-<name>
         return Setting(option, tuple(cli) if option.repeat else cli, "cli", invocation_dir)
     env = os.environ.get(option.env)
     if env is not None and env != "" and not env.strip():  # "" is unset, as CI templates leave it; "  " is a mistake
@@ -326,7 +335,9 @@ def _resolve_one(config: pytest.Config, namespace: Any, option: Option) -> Setti
     items = [] if option.flag else [str(item).strip() for item in ini if str(item).strip()]
     if items:
         return Setting(option, tuple(items) if option.repeat else _ini_text(option, items), "ini", ini_dir)
-    return Setting(option, False if option.flag else option.default, "default", config.rootpath)
+    if option.flag:
+        return Setting(option, option.default == "on", "default", config.rootpath)
+    return Setting(option, option.default, "default", config.rootpath)
 
 
 def _read_ini(config: pytest.Config, option: Option) -> Any:

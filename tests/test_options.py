@@ -232,3 +232,24 @@ def test_an_option_checks_its_values_where_it_is_declared(name):
     bad, good = CHECKED[name]
     assert "; allowed: " in option.check(Setting(option, bad, "cli"))
     assert all(option.check(Setting(option, value, "cli")) is None for value in good)
+
+
+@pytest.mark.parametrize("args, env, ini, expected", [
+    ([], None, None, (True, "default")),
+    (["--lora-no-confirm"], None, None, (False, "cli")),
+    (["--lora-confirm"], "0", None, (True, "cli")),
+    ([], "0", None, (False, "env")),
+    ([], None, "false", (False, "ini")),
+    (["--lora-no-confirm"], None, "true", (False, "cli")),
+])
+def test_the_confirming_rerun_is_on_by_default_and_each_source_turns_it_off(pytester, monkeypatch, args, env, ini, expected):
+    """A gate that is quiet without a flag: ``--lora-confirm`` is on unless the command line
+    (``--lora-no-confirm``), the environment or the ini turns it off, with the usual precedence."""
+    from pytest_lora import options
+
+    if env is not None:
+        monkeypatch.setenv("PYTEST_LORA_CONFIRM", env)
+    if ini is not None:
+        pytester.makeini(f"[pytest]\nlora_confirm = {ini}\n")
+    setting = options.resolve(pytester.parseconfig(*args))["confirm"]
+    assert (setting.value, setting.source) == expected
