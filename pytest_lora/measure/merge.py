@@ -139,8 +139,11 @@ def merge_into(target: nn.Module, qlora: nn.Module, lora_config: Any, dequantize
     ``dequantize_base``: first give ``target`` the quantized base's values, every quantized
     weight dequantized by its format (the ``dequantize`` strategy); otherwise ``target`` keeps its own weights
     (the ``original`` strategy: the full-precision weights the base was quantized from). The merge
-    is the float64 formula, rounded once to the compute dtype.
+    is the float64 formula, rounded once to the compute dtype. ``target`` is put in eval mode, as
+    the unmerged model it is compared with: a model built from its config is in training mode, and
+    GPT-2's and T5's dropout (0.1) then changed its logits by 0.3 and 25 on every call.
     """
+    target.eval()
     base = qlora.get_base_model()
     if dequantize_base:
         for name, module in target.named_modules():
