@@ -374,4 +374,15 @@ def header_lines(settings: dict[str, Setting]) -> list[str]:
         else:
             shown = setting.value if setting.value is not None else "-"
         parts.append(f"{name}={shown} [{setting.source}]")
-    return ["lora: " + ", ".join(parts)]
+    return wrapped_line("lora: ", parts)
+
+
+def wrapped_line(prefix: str, parts: list[str], width: int = 120) -> list[str]:
+    """``parts`` joined by commas in lines of at most ``width`` columns, each starting with ``prefix``."""
+    lines, line = [], ""
+    for part in parts:
+        if line and len(prefix) + len(line) + len(part) + 2 > width:
+            lines.append(prefix + line + ",")
+            line = ""
+        line = f"{line}, {part}" if line else part
+    return [*lines, prefix + line]

@@ -114,8 +114,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         lora.run.interrupts.restore()
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    return options.header_lines(config.stash[SESSION_KEY].settings)
+@pytest.hookimpl(wrapper=True)
+def pytest_report_header(config: pytest.Config) -> Any:
+    """Ours, each value with its source; under the bench every header line fits 120 columns
+    (pytest-benchmark's one line of its defaults, which the bench's own timing does not use, is
+    176: it is wrapped, not dropped)."""
+    found = yield
+    lora = config.stash[SESSION_KEY]
+    if lora.bench:
+        found = [summary.wrapped(lines) for lines in found]
+    return [*found, options.header_lines(lora.settings)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -147,12 +155,25 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     pytest-benchmark would read it as xdist and disable its timings: the bench drops it."""
     if not options.resolve(config)["bench"].value:
         return
+    quiet_benchmark_table(config)
     chosen = any(arg == "--dist" or arg.startswith("--dist=") or arg == "-d" for arg in config.invocation_params.args)
     workers = getattr(config.option, "numprocesses", None) or getattr(config.option, "tx", None)
     if workers and not chosen:
         config.option.dist = "loadgroup"
     elif not workers and getattr(config.option, "dist", "no") != "no":
         config.option.dist = "no"
+
+
+BENCHMARK_TABLE_OPTIONS = ("--benchmark-columns", "--benchmark-sort", "--benchmark-group-by", "--benchmark-name", "--benchmark-histogram",
+                           "--benchmark-verbose", "--benchmark-cprofile")
+
+
+def quiet_benchmark_table(config: pytest.Config) -> None:
+    """Under the bench, pytest-benchmark's own table (a row of 218 columns per timed config) is
+    left out: the bench's step-time table shows the same timings, and its JSON, compare and
+    compare-fail work as before. Any option of that table brings it back."""
+    if not any(arg.startswith(BENCHMARK_TABLE_OPTIONS) for arg in config.invocation_params.args) and hasattr(config.option, "benchmark_quiet"):
+        config.option.benchmark_quiet = True
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

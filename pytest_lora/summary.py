@@ -17,6 +17,16 @@ import pytest
 LOG_WIDTH = 120  # the width of a summary written to a file or a CI log
 
 
+def wrapped(lines: Any, width: int = LOG_WIDTH) -> Any:
+    """A report-header entry (a line or a list of lines) with each line cut into lines of at most
+    ``width`` columns at spaces, the continuations indented."""
+    import textwrap
+
+    if isinstance(lines, str):
+        return "\n".join(textwrap.wrap(lines, width, subsequent_indent="    ", break_on_hyphens=False)) if len(lines) > width else lines
+    return [wrapped(line, width) for line in lines]
+
+
 def write(writer: Any, config: pytest.Config, lora: Any) -> None:
     for log in lora.run.unfinished:  # found at the start: an earlier run killed before its end
         shown = shown_path(log, config.invocation_params.dir)

@@ -15,7 +15,8 @@ pytest_plugins = ["pytester"]
 
 
 def header_line(result: pytest.RunResult) -> str:
-    return next(line for line in result.outlines if line.startswith("lora: "))
+    """The report header's ``lora:`` lines, joined (it wraps at 120 columns)."""
+    return " ".join(line.removeprefix("lora: ") for line in result.outlines if line.startswith("lora: "))
 
 
 # --------------------------------------------------------------------------- precedence

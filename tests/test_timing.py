@@ -229,3 +229,17 @@ def test_steps_are_timed_with_the_fixed_thread_count(pytester, step_time_suite, 
     assert latest["machine"]["cpu_threads"] == expected and torch.get_num_threads() == before
     (record,) = latest["records"]
     assert set(record["metrics"]) >= {"cpu_pressure", "other_cpu_load"}
+
+
+def test_under_the_bench_pytest_benchmark_prints_no_table_of_its_own_and_no_line_is_wider_than_120(pytester, step_time_suite):
+    """The bench's step-time table shows the timings; pytest-benchmark's (218 columns a row) comes
+    back with any of its table options. The header's lines, ours and pytest-benchmark's, fit 120."""
+    args = (*TINY_STEP, "-k", "not harness and not build")
+    quiet = pytester.runpytest(*args)
+    quiet.assert_outcomes(passed=1, deselected=2)
+    assert "Name (time in" not in quiet.stdout.str()
+    header = quiet.outlines[:quiet.outlines.index(next(line for line in quiet.outlines if line.startswith("collected")))]
+    assert header and max(len(line) for line in header) <= 120, header
+    assert any(line.startswith("benchmark: ") for line in header) and any(line.startswith("lora: ") for line in header)
+    table = pytester.runpytest(*args, "--benchmark-columns=min,max")
+    assert "Name (time in" in table.stdout.str()
