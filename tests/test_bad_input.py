@@ -5,6 +5,7 @@ allowed, before anything runs or is written."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -300,6 +301,10 @@ def test_under_xdist_the_controller_stops_its_workers_and_keeps_the_records(pyte
     appended = pytester.path / "appended"  # written after each append that went through
     assert len(logged) == (int(appended.read_text()) if appended.exists() else 0) < 6
     assert {r["test"] for r in logged} < {r["test"] for r in recovered["records"]} and len(recovered["records"]) >= 6
+    # nothing lost: every record the workers journaled (their journals stay when the run's write failed) is recovered
+    journaled = {json.loads(line)["record"]["test"] for path in (pytester.path / "results").glob("*.workers/*.jsonl")
+                 for line in path.read_text().splitlines() if json.loads(line).get("event") == "record"}
+    assert journaled and journaled == {r["test"] for r in recovered["records"]}
 
 
 JOURNAL_FULL = """
