@@ -544,3 +544,17 @@ def test_the_memory_headline_says_when_an_8bit_optimizers_state_is_fp32():
         "adamw8bit: 0.0% to 96.0% of the trainable parameters have 8-bit moments (tensors under bitsandbytes' min_8bit_size, "
         "4,096 elements, keep fp32 moments)"]
     assert headline.eight_bit_notes([step(1.0)]) == []
+
+
+def test_the_merge_headline_says_when_the_models_logits_differ_in_spread():
+    """T5's random output layer gives logits 47x a random Llama's: its KLs are not comparable with
+    Llama's, and the merge section says so, naming each model's spread."""
+    def merged(model: str, std: float) -> dict:
+        return {"suite": "merge", "test": f"suites/test_merge.py::{catalog.MERGE_QUANTIZED}[x]", "model": model, "quant": "nf4",
+                "lora": None, "workload": None, "status": "ok", "metrics": {"reference_logit_std": std, "merge_kl_dequantize": 1e-6},
+                "units": {}, "warnings": [], "samples": {}}
+
+    apart = headline.logit_scale_notes([merged("t5", 8.2), merged("llama", 0.17), merged("gpt2", 0.17)])
+    assert apart and "t5 8.2 (48x), llama 0.17 (1x), gpt2 0.17 (1x)" in apart[0]
+    assert headline.logit_scale_notes([merged("llama", 0.17), merged("gpt2", 0.6)]) == []
+    assert headline.logit_scale_notes([merged("llama", 0.17)]) == []

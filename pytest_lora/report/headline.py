@@ -210,7 +210,26 @@ def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
         notes = [merge_verdict(errors), "KL [nats] and top-1 agreement against the unmerged adapter."]
     else:
         notes.extend(f"{name}: {description}." for name, (_, description) in STRATEGIES.items() if name in strategies)
-    return Section("merge", "Merge fidelity", header, rows, 1, notes)
+    return Section("merge", "Merge fidelity", header, rows, 1, notes + logit_scale_notes(chosen))
+
+
+LOGIT_SCALES_APART = 10  # models whose logits' spreads differ by more than this have KLs that can't be set side by side
+
+
+def logit_scale_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Where the models' logits differ in spread, say so: KL grows with its square, so a model with
+    large logits (a random T5's output layer has std 1.0) shows larger KLs for the same rounding."""
+    spreads: dict[str, float] = {}
+    for record in records:
+        std = record["metrics"].get("reference_logit_std")
+        if std:
+            spreads[record["model"]] = max(std, spreads.get(record["model"], 0.0))
+    if len(spreads) < 2 or max(spreads.values()) <= LOGIT_SCALES_APART * min(spreads.values()):
+        return []
+    smallest = min(spreads.values())
+    listed = ", ".join(f"{model} {std:.2g} ({std / smallest:.0f}x)" for model, std in sorted(spreads.items(), key=lambda item: -item[1]))
+    return [f"The models' logits differ in spread (standard deviation of the unmerged logits: {listed}); KL grows with its "
+            "square, so compare a model's KLs with its own, or merge_max_abs_err / reference_logit_std across models."]
 
 
 # ----------------------------------------------------------------- forgetting
