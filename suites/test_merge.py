@@ -151,6 +151,7 @@ def test_merge_full_precision(adapted_copy, base_model, model_spec, quant_spec, 
 
     ids = token_ids(model_spec, lora_device, request)
     unmerged = logits_of(model, ids)
+    lora_bench.record("reference_logit_std", merge.logit_spread(unmerged), "logit")  # the scale its KL is read against
     merged = model.merge_and_unload()
     check_fully_merged(merged, lora_bench)
     for name, layer in layers.items():  # the LoRA layers still hold A, B and DoRA's magnitude
@@ -181,7 +182,7 @@ def test_merge_quantized(adapted_copy, model_spec, quant_spec, quant_format, lor
     reference = logits_of(model, ids)
     # KL grows with the square of the logits' spread: a random T5's output layer (std 1.0) gives
     # logits 47x a random Llama's, and 100x its KL for the same relative rounding
-    lora_bench.record("reference_logit_std", reference.std().item(), "logit")
+    lora_bench.record("reference_logit_std", merge.logit_spread(reference), "logit")
     compute_dtype = getattr(torch, quant_spec.dtype)
 
     dequantize = merge.merge_into(build.instantiate(model_spec.config_dict(), lora_device, compute_dtype), model, config, dequantize_base=True)

@@ -124,6 +124,9 @@ def test_logits_agreement_by_hand():
     assert agreement["max_abs_err"] == 2.0
     assert agreement["kl"] == pytest.approx(kl_second / 2)
     assert agreement["top1"] == 0.5  # position 0 ties (argmax 0 both), position 1 disagrees
+    # the reference's spread: values 0, 0, 2, 0 have mean 0.5 and squared deviations summing to 3, over n - 1 = 3
+    assert merge.logit_spread(reference) == 1.0
+    assert merge.logit_spread(10 * reference) == 10.0  # and it scales with the logits
 
 
 def adapted_pair(dtype=torch.float32):
@@ -205,5 +208,11 @@ def test_a_merged_model_is_compared_in_eval_mode(name):
         merged = merge.merge_into(build.instantiate(spec.config_dict(), "cpu", torch.bfloat16), qlora, config, dequantize_base=True)
         assert not merged.training and torch.equal(logits(merged), logits(merged))  # no dropout between two calls
         agreement = merge.logits_agreement(logits(qlora), logits(merged))
+        spread = merge.logit_spread(logits(qlora))
+    # relative to its logits' spread the merge errs as little on T5 as on GPT-2 (both about 0.045 here)
+    assert agreement["max_abs_err"] / spread < 0.2, (agreement, spread)
     if name.startswith("gpt2"):
         assert agreement["kl"] < 1e-5, agreement  # Llama's on nf4: 4e-7; with dropout: 2e-3
+        assert spread < 0.5, spread  # its output layer is drawn with std 0.02: 0.17
+    else:  # a random T5's output layer is drawn with std 1.0 (transformers' T5 _init_weights): 8.2, and KL ~ spread squared
+        assert spread > 2.0, spread

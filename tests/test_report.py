@@ -25,7 +25,7 @@ from markdown_it import MarkdownIt
 
 from conftest import BENCH_MATRIX, TINY
 from pytest_lora import cli, matrix
-from pytest_lora.report import catalog, headline, markdown, plots, spreadsheet, terminal
+from pytest_lora.report import catalog, headline, markdown, plots, spreadsheet, table, terminal
 from pytest_lora.models import formats
 from pytest_lora.specs import QUANTIZATIONS
 
@@ -558,3 +558,23 @@ def test_the_merge_headline_says_when_the_models_logits_differ_in_spread():
     assert apart and "t5 8.2 (48x), llama 0.17 (1x), gpt2 0.17 (1x)" in apart[0]
     assert headline.logit_scale_notes([merged("llama", 0.17), merged("gpt2", 0.6)]) == []
     assert headline.logit_scale_notes([merged("llama", 0.17)]) == []
+
+
+def test_the_full_tables_mark_the_rows_whose_kls_cant_be_set_beside_the_others_and_say_why():
+    """The rows of a model whose logits spread more than 10x wider carry a mark, and the reason is
+    printed under the table, in markdown and on the terminal; models within 10x are not marked."""
+    def merged(model: str, std: float, kl: float) -> dict:
+        return {"suite": "merge", "test": f"suites/test_merge.py::{catalog.MERGE_QUANTIZED}[{model}]", "model": model, "quant": "nf4",
+                "lora": None, "workload": None, "status": "ok", "metrics": {"reference_logit_std": std, "merge_kl_dequantize": kl},
+                "units": {"reference_logit_std": "logits", "merge_kl_dequantize": "nats"}, "warnings": [], "samples": {}}
+
+    records = [merged("t5", 8.4, 1e-4), merged("llama", 0.17, 4e-7), merged("gpt2", 0.17, 3e-7)]
+    header, body, _ = table.rows(records)
+    assert [row[header.index("model")] for row in body] == ["t5 †", "llama", "gpt2"]
+    [note] = table.row_notes(records)
+    assert note.startswith("† logits spread wider than llama's (0.17") and "t5 8.4 (49x)" in note and "square" in note
+    assert "_init_weights" in note  # the library's line that makes a random T5's logits wide
+    assert note in markdown.full_tables(records)
+    assert "t5 8.4 (49x)" in " ".join(terminal.render_full_terminal(records, 120, False).split())
+    close = [merged("llama", 0.17, 4e-7), merged("gpt2", 1.6, 3e-7)]
+    assert table.row_notes(close) == [] and all("†" not in cell for row in table.rows(close)[1] for cell in row)

@@ -127,6 +127,14 @@ def logits_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, 
     }
 
 
+def logit_spread(logits: torch.Tensor) -> float:
+    """The standard deviation of a model's logits over every position and token: the scale a
+    merge's KL grows with the square of (a random T5's output layer, drawn with std 1.0, gives
+    logits about 50x a random Llama's, std 0.02), so KLs of models whose spreads differ widely
+    are not set side by side."""
+    return logits.double().std().item()
+
+
 def adapted_module_name(peft_name: str) -> str:
     """A LoRA layer's name in the plain model (peft nests the model under ``base_model.model``)."""
     return peft_name.removeprefix("base_model.model.")

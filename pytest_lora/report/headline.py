@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from ..gate.stats import median
 from . import catalog
 from .grid import Configs, format_bytes, format_pct, format_rate, grid, in_matrix_order, of_test, ok_records, quant_order, status_cell, with_reference
-from .table import case_cell, format_change, format_value, function_name
+from .table import case_cell, format_change, format_value, function_name, logit_spreads, models_apart
 
 STRATEGIES = {  # merge strategy -> the metric suffix the merge suite records it under, and what it is
     "peft merge": ("_requantize", "merge_and_unload: W + sBA, re-quantized on a quantized base"),
@@ -213,18 +213,11 @@ def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
     return Section("merge", "Merge fidelity", header, rows, 1, notes + logit_scale_notes(chosen))
 
 
-LOGIT_SCALES_APART = 10  # models whose logits' spreads differ by more than this have KLs that can't be set side by side
-
-
 def logit_scale_notes(records: list[dict[str, Any]]) -> list[str]:
     """Where the models' logits differ in spread, say so: KL grows with its square, so a model with
     large logits (a random T5's output layer has std 1.0) shows larger KLs for the same rounding."""
-    spreads: dict[str, float] = {}
-    for record in records:
-        std = record["metrics"].get("reference_logit_std")
-        if std:
-            spreads[record["model"]] = max(std, spreads.get(record["model"], 0.0))
-    if len(spreads) < 2 or max(spreads.values()) <= LOGIT_SCALES_APART * min(spreads.values()):
+    spreads = logit_spreads(records)
+    if not models_apart(records):
         return []
     smallest = min(spreads.values())
     listed = ", ".join(f"{model} {std:.2g} ({std / smallest:.0f}x)" for model, std in sorted(spreads.items(), key=lambda item: -item[1]))

@@ -44,12 +44,60 @@ def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int
     metrics = [(metric, unit) for metric, unit in metric_columns(records) if any(r["metrics"].get(metric) is not None for r in records)]
     case_columns = [c for c in CASE_COLUMNS if c == "status" or any(r.get(c) is not None for r in records)]
     header = [*case_columns, *(f"{metric} [{unit}]" for metric, unit in metrics)]
+    marked = models_apart(records)
     body = []
     for record in records:
-        case = [case_cell(column, record.get(column)) for column in case_columns]
+        case = [case_cell(column, record.get(column)) + (LOGIT_MARK if column == "model" and record.get(column) in marked else "")
+                for column in case_columns]
         before = record.get("baseline_metrics") or {}
         body.append([*case, *(with_change(record["metrics"].get(metric), before.get(metric)) for metric, _ in metrics)])
     return header, body, len(case_columns)
+
+
+# ----------------------------------------------------------------- models whose KLs can't be set side by side
+
+LOGIT_SCALES_APART = 10  # models whose logits' spreads differ by more than this have KLs that can't be set side by side
+LOGIT_MARK = " †"
+
+
+def logit_spreads(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """model -> the largest standard deviation of its unmerged logits (``reference_logit_std``) in
+    the records: the scale that a merge's KL grows with the square of."""
+    spreads: dict[str, float] = {}
+    for record in records:
+        std = (record.get("metrics") or {}).get("reference_logit_std")
+        if std:
+            spreads[record["model"]] = max(std, spreads.get(record["model"], 0.0))
+    return spreads
+
+
+def models_apart(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """The models whose logits spread more than ``LOGIT_SCALES_APART`` times the narrowest model's,
+    with how many times: their rows are marked, and ``row_notes`` says why."""
+    spreads = logit_spreads(records)
+    if len(spreads) < 2:
+        return {}
+    smallest = min(spreads.values())
+    return {model: std / smallest for model, std in spreads.items() if std > LOGIT_SCALES_APART * smallest}
+
+
+def row_notes(records: list[dict[str, Any]]) -> list[str]:
+    """The reason beside each marked row of a table (printed under it).
+
+    A random T5's output layer is drawn with standard deviation 1.0 (transformers' T5
+    ``_init_weights``), a random Llama's or GPT-2's with 0.02: T5's logits spread about 50x
+    wider, the same bf16 rounding of the merged weights moves them as much relative to that
+    scale, and KL, which grows with the square of the scale, comes out about 100x larger."""
+    apart = models_apart(records)
+    if not apart:
+        return []
+    spreads = logit_spreads(records)
+    narrowest = min(spreads, key=spreads.__getitem__)
+    listed = ", ".join(f"{model} {spreads[model]:.2g} ({times:.0f}x)" for model, times in sorted(apart.items(), key=lambda item: -item[1]))
+    return [f"{LOGIT_MARK.strip()} logits spread wider than {narrowest}'s ({spreads[narrowest]:.2g}, standard deviation of the "
+            f"unmerged logits): {listed}. KL grows with the square of that spread, so these rows' KLs are larger for the same "
+            "rounding and are compared with their own model's, not across models (merge_max_abs_err / reference_logit_std is). "
+            "A random T5's output layer is drawn with std 1.0 (transformers' T5 _init_weights), a random Llama's with 0.02."]
 
 
 def config_label(record: dict[str, Any]) -> str:

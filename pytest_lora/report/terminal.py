@@ -7,7 +7,7 @@ import io
 from typing import Any, Iterable
 
 from .headline import sections
-from .table import REGRESSION_HEADER, by_suite, regression_row, rows
+from .table import REGRESSION_HEADER, by_suite, regression_row, row_notes, rows
 
 
 def console(width: int, color: bool) -> tuple[Any, io.StringIO]:
@@ -44,6 +44,8 @@ def render_full_terminal(records: list[dict[str, Any]], width: int, color: bool)
             columns = [*range(text_columns), *group]
             out.print(title, markup=False, highlight=False)  # on a line of its own: a narrow table would wrap it
             out.print(_rich_table(None, [header[i] for i in columns], [[row[i] for i in columns] for row in body], text_columns))
+        for note in row_notes(suite_records):
+            out.print(note, markup=False, highlight=False)
     return buffer.getvalue()
 
 
