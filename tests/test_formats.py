@@ -90,11 +90,15 @@ def test_torchao_int4_is_tinygemm_s_padded_layout():
     assert formats.of(spec).tensor_bytes(4100, 1000, spec) == 4104 * 1024 // 2 + 4 * 4104 * 8
 
 
-def test_quantizing_torchao_in_place_gives_what_from_pretrained_gives(tmp_path):
-    """The same weights through transformers' torchao loader with the format's ``TorchAoConfig``
-    (what a checkpoint in the matrix gets): the same layers, bytes and flags. (transformers'
-    HQQ loader refuses a CPU device map, so HQQ checkpoints load on a GPU only.)"""
-    spec, quant = resolve_model("llama-3.2-1b-tiny", "test"), QUANTIZATIONS["torchao-int8"]
+@pytest.mark.parametrize("name", ["torchao-int8", "hqq-4bit"])
+def test_quantizing_in_place_gives_what_a_checkpoint_loads(tmp_path, name):
+    """The same weights saved as a checkpoint and loaded as the matrix loads one: through
+    transformers' torchao loader with the format's ``TorchAoConfig``; for HQQ, whose loader
+    refuses a CPU device map ("an HQQ model with a device_map that contains a CPU"), in the
+    compute dtype and quantized in place. The same layers, bytes and flags either way."""
+    spec, quant = resolve_model("llama-3.2-1b-tiny", "test"), QUANTIZATIONS[name]
+    assert formats.of(quant).loads_pretrained_on({"cpu"}) == (name != "hqq-4bit")
+    assert formats.of(quant).loads_pretrained_on({"cuda"})
     build.full_precision_of(spec, quant, "cpu").save_pretrained(tmp_path)
     ours = build.build_base(spec, quant, "cpu")
     theirs = build.load_checkpoint(str(tmp_path), quant, "cpu", spec.config_dict())

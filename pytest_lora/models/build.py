@@ -149,14 +149,19 @@ def full_precision_of(model: ModelSpec, quant: QuantSpec, device: str, capacitie
 def load_checkpoint(path: str, quant: QuantSpec, device: str, config_dict: dict[str, Any], spread: dict[str, Any] | None = None) -> nn.Module:
     """A local checkpoint through ``from_pretrained``, quantized by transformers' own loader with
     the format's ``quantization_config``, onto ``device`` or over the GPUs of ``spread``
-    (``placement.device_map``)."""
+    (``placement.device_map``). A format whose loader refuses these devices (HQQ on the CPU) is
+    loaded in its compute dtype and quantized in place, as a registry base is."""
     cls = model_class(config_dict)
     dtype = weight_dtype(quant, config_dict)
     found = formats.of(quant)
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": spread or {"": device}}
-    if quant.is_quantized:
+    device_map = spread or {"": device}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
+    in_place = quant.is_quantized and not found.loads_pretrained_on({torch.device(d).type for d in device_map.values()})
+    if quant.is_quantized and not in_place:
         kwargs["quantization_config"] = found.pretrained_config(quant)
     model = cls.from_pretrained(path, **kwargs)
+    if in_place:
+        return quantize.quantize_model(model, quant)
     found.after_build(model)
     return model
 

@@ -65,6 +65,12 @@ class Format:
         """The ``quantization_config`` for ``from_pretrained`` (``None``: unquantized)."""
         return None
 
+    def loads_pretrained_on(self, devices: set[str]) -> bool:
+        """Whether transformers' loader quantizes a checkpoint in this format onto these device
+        types (``cpu``, ``cuda``); where not, the checkpoint is loaded in the compute dtype and
+        quantized in place, as registry bases are."""
+        return True
+
     def after_build(self, model: nn.Module) -> None:
         """Settle a built or loaded base so that it stays as built while tests share it."""
 

@@ -66,6 +66,11 @@ class Hqq(Format):
         model.is_quantized = True
         model.quantization_method = "hqq"
 
+    def loads_pretrained_on(self, devices: set[str]) -> bool:
+        # transformers' HQQ quantizer: "You are attempting to use an HQQ model with a device_map
+        # that contains a CPU or disk device" (quantizer_hqq.validate_environment)
+        return devices <= {"cuda"}
+
     # ----------------------------------------------------------------- reading layers
 
     def owns(self, module: nn.Module) -> bool:
