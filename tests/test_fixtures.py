@@ -17,7 +17,7 @@ from peft.tuners.lora import layer as lora_layer
 from pytest_lora import count_parameters
 from pytest_lora.keys import SESSION_KEY
 from pytest_lora.models.resolve import resolve_model
-from pytest_lora.specs import QUANTIZATIONS
+from pytest_lora.specs import QUANTIZATIONS, MatrixError
 from pytest_lora.models import adapters, build, registry
 
 pytest_plugins = ["pytester"]
@@ -150,7 +150,11 @@ def test_a_config_json_path_works_like_a_registry_name(tmp_path):
     config = registry.config_path("mistral-7b")
     (tmp_path / "config.json").write_text(config.read_text())
     lora = {"r": 16, "target_modules": ["q_proj", "v_proj"]}
-    assert resolve_model(str(tmp_path), "--lora-models").kind == "config"
+    assert resolve_model(str(tmp_path / "config.json"), "--lora-models").kind == "config"
+    # a directory with a config.json and no weights is not taken for a checkpoint of random weights
+    with pytest.raises(MatrixError, match="is a directory with a config.json and no weights .*; allowed: a checkpoint directory; "
+                                          "for random weights of its architecture, the config.json itself"):
+        resolve_model(str(tmp_path), "--lora-models")
     assert count_parameters(tmp_path / "config.json", lora) == count_parameters("mistral-7b", lora)
     assert count_parameters(transformers.AutoConfig.for_model(**json_of(config)), lora) == count_parameters("mistral-7b", lora)
 
