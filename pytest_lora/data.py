@@ -4,6 +4,7 @@ them, and they must hold enough text for the experiment's blocks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,18 @@ def checkpoint(settings: dict[str, Any], matrix: Matrix) -> str | None:
         raise pytest.UsageError(f"{setting.describe()}: the data need one local checkpoint in --lora-models (its tokenizer "
                                 f"reads them); found {len(checkpoints)}; allowed: exactly one checkpoint directory")
     return checkpoints[0].path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def pretrained_checkpoint(matrix: Matrix) -> Any:
+    """The first checkpoint of the matrix that has a tokenizer: a model that can read real text
+    (the forgetting suite's old and new skills, ``measure.texts``), or ``None``."""
+    for model in matrix.models:
+        if model.kind == "checkpoint" and any((Path(model.path) / name).is_file() for name in TOKENIZER_FILES):
+            return model
+    return None
 
 
 def check(settings: dict[str, Any], matrix: Matrix) -> None:

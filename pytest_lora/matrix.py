@@ -37,6 +37,8 @@ from .specs import (BIAS_MODES, GROUP_SIZES, OPTIMIZERS, QUANTIZATIONS, TARGET_K
                     QuantSpec, ServeSpec, WorkloadSpec)
 
 DEFAULT_MATRIX_FILE = Path(__file__).with_name("default_matrix.toml")
+# Matrices shipped with the plugin, named by ``--lora-matrix=NAME`` where no file of that name exists
+EMBEDDED_MATRICES = {"real": Path(__file__).with_name("real_matrix.toml")}
 
 
 

@@ -122,7 +122,8 @@ OPTIONS: tuple[Option, ...] = (
         metavar="NAMES|all-linear|default",
     ),
     Option("optimizers", "comma-separated optimizers of the training step: " + ", ".join(OPTIMIZERS) + ".", metavar="OPT,..."),
-    Option("matrix", "a TOML file with a whole matrix (models, quant, ranks, targets, alpha, ...).", metavar="FILE.toml"),
+    Option("matrix", "a TOML file with a whole matrix (models, quant, ranks, targets, alpha, ...), or 'real': the shipped matrix of "
+           "the pretrained smollm2-135m on the CPU (make bench-real).", metavar="FILE.toml|real"),
     Option("device", "where models are built: auto (cuda when available), cpu or cuda.", metavar="auto|cpu|cuda", default="auto",
            check=one_of("a device", DEVICES)),
     Option(

@@ -49,7 +49,10 @@ class Progress:
         """The line; ``done`` None for a call that counts no steps (``Waiting``)."""
         tests = f"{self.remaining} more test{'s' if self.remaining != 1 else ''}" if self.remaining else "last test"
         count = "" if done is None else f" {done}/{self.total}"
-        return f"[lora] {self.label}{count} ({now - self.started:.0f} s; {tests}) {self.test}"
+        elapsed = now - self.started
+        # the time left at the pace so far: each step of a fine-tuning run costs the same
+        left = f", about {elapsed / done * (self.total - done):.0f} s left" if done and done < self.total else ""
+        return f"[lora] {self.label}{count} ({elapsed:.0f} s{left}; {tests}) {self.test}"
 
     def close(self) -> None:
         """Leave the last line standing, and have pytest start its next result on a new line."""

@@ -121,6 +121,10 @@ class LoraSession:
         """The checkpoint the user's forget / learn data go with (``None`` for the synthetic tasks)."""
         return data.checkpoint(self.settings, self.matrix)
 
+    def pretrained_checkpoint(self) -> Any:
+        """The matrix's first checkpoint with a tokenizer (a ``ModelSpec``), or ``None``."""
+        return data.pretrained_checkpoint(self.matrix)
+
     # ----------------------------------------------------------------- device
 
     @property
@@ -177,8 +181,11 @@ class LoraSession:
         setting = self.settings["matrix"]
         if not setting.value:
             return None
+        path = self.path_setting("matrix")
+        if not path.exists() and str(setting.value) in matrix_module.EMBEDDED_MATRICES:  # --lora-matrix=real
+            path = matrix_module.EMBEDDED_MATRICES[str(setting.value)]
         try:
-            return matrix_module.read_file(self.path_setting("matrix"), setting.describe())
+            return matrix_module.read_file(path, setting.describe())
         except MatrixError as error:
             raise pytest.UsageError(str(error)) from None
 

@@ -65,13 +65,17 @@ def trained_task_model(lora_session, lora_device: str) -> TrainedModel:
 @pytest.fixture(scope="session")
 def forgetting_experiment(lora_session, lora_device: str, request):
     """The user's checkpoint and data when --lora-forget-data / --lora-learn-data are given, else
-    the synthetic experiment on the trained task model."""
+    real text on the matrix's first pretrained checkpoint (one with a tokenizer), else the
+    synthetic experiment on the trained task model."""
     from pytest_lora.measure import forgetting
 
     checkpoint = lora_session.data_checkpoint()
     if checkpoint is not None:
         forget, learn = lora_session.path_setting("forget_data"), lora_session.path_setting("learn_data")
         return forgetting.data_experiment(checkpoint, forget, learn, lora_device)
+    pretrained = lora_session.pretrained_checkpoint()
+    if pretrained is not None:  # a model that has learnt language: real text, not the synthetic languages
+        return forgetting.real_text_experiment(pretrained.path, lora_device, pretrained.id)
     trained = request.getfixturevalue("trained_task_model")
     experiment = forgetting.synthetic_experiment(trained.config, trained.state, trained.task_a, trained.task_b, lora_device)
     experiment.name = trained.name

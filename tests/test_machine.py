@@ -87,7 +87,7 @@ class Reporter:
 def fake_config(reporter):
     plugins = {"terminalreporter": reporter, "capturemanager": None}
     return SimpleNamespace(pluginmanager=SimpleNamespace(get_plugin=plugins.get),
-                           get_terminal_writer=lambda: SimpleNamespace(fullwidth=80))
+                           get_terminal_writer=lambda: SimpleNamespace(fullwidth=100))
 
 
 def test_progress_shows_long_tasks_only_and_at_most_twice_a_second():
@@ -101,10 +101,10 @@ def test_progress_shows_long_tasks_only_and_at_most_twice_a_second():
         now[0] = 3.2
         progress(150)
     assert [line.strip() for line in reporter.written] == [
-        "[lora] step 100/300 (2 s; 4 more tests) test_forgetting.py::test_x",
-        "[lora] step 150/300 (3 s; 4 more tests) test_forgetting.py::test_x",
+        "[lora] step 100/300 (2 s, about 5 s left; 4 more tests) test_forgetting.py::test_x",  # 2.5 s for 100: 5 s for 200 more
+        "[lora] step 150/300 (3 s, about 3 s left; 4 more tests) test_forgetting.py::test_x",
     ]
-    assert reporter.written[0].startswith("\n") and reporter.written[1].startswith("\r") and len(reporter.written[1]) == 80
+    assert reporter.written[0].startswith("\n") and reporter.written[1].startswith("\r") and len(reporter.written[1]) == 100
     assert reporter.currentfspath is None  # pytest starts its next result on a new line
 
 
@@ -124,7 +124,7 @@ def test_a_long_silent_call_shows_which_config_is_waiting_and_a_short_one_shows_
         time.sleep(0.5)  # the build
     (line,) = reporter.written
     text = "[lora] building the base llama-3.1-8b nf4 on cuda (0 s; 7 more tests) test_memory.py::test_x[llama-3.1-8b-nf4]"
-    assert line == "\n" + text[:79]  # one line, cut to the terminal
+    assert line == "\n" + text[:99].ljust(99)  # one line, cut to the terminal
     assert reporter.currentfspath is None
     quiet = Reporter()
     with Waiting(Progress(fake_config(quiet), "t", "building", 1, remaining=0), delay=0.5):

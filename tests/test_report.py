@@ -546,6 +546,24 @@ def test_the_memory_headline_says_when_an_8bit_optimizers_state_is_fp32():
     assert headline.eight_bit_notes([step(1.0)]) == []
 
 
+def test_the_forgetting_headline_names_its_model_reads_exact_match_and_gives_no_spread_of_one_seed():
+    def method(test: str, lora: dict, seeds: int, diverged: int = 0) -> dict:
+        return {"suite": "forgetting", "test": f"suites/test_forgetting.py::{test}[x]", "model": "smollm2-135m: prose -> addition",
+                "quant": None, "lora": lora, "workload": None, "status": "ok", "units": {}, "warnings": [], "samples": {},
+                "metrics": {"learning_delta_loss": 0.69, "learning_delta_loss_std": 0.0 if seeds == 1 else 0.01, "forgetting_delta_loss": 0.42,
+                            "forgetting_delta_loss_std": 0.0 if seeds == 1 else 0.02, "learn_exact_match_after": 0.4688, "seeds": seeds,
+                            "diverged": diverged}}
+
+    lora = {"r": 8, "alpha": 16, "targets": "default", "variant": "lora"}
+    full = {"r": None, "targets": "all parameters", "variant": "full fine-tuning, lr 0.001"}
+    section = headline.forgetting_section([method(catalog.FORGETTING_LORA, lora, 1), method(catalog.FORGETTING_FULL, full, 2, diverged=1)])
+    assert section.header == ["method", "learning [nats]", "forgetting [nats]", "exact match", "seeds"]
+    assert section.rows[0][1:] == ["0.69", "0.42", "46.9%", "1"]  # one seed: no "± 0"
+    assert section.rows[1][1:3] == ["0.69 ± 0.01", "0.42 ± 0.02"]
+    assert section.notes[0].startswith("On smollm2-135m: prose -> addition. ")
+    assert "Diverged (loss on the new task went up in a seed), never LoRA's reference: full fine-tuning, lr 0.001." in section.notes
+
+
 def test_the_merge_headline_says_when_the_models_logits_differ_in_spread():
     """T5's random output layer gives logits 47x a random Llama's: its KLs are not comparable with
     Llama's, and the merge section says so, naming each model's spread."""

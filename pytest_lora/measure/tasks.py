@@ -86,14 +86,30 @@ def next_token_accuracy(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float((logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean())
 
 
+EVAL_BATCH = 8  # sequences a forward pass: a held-out set of any size is evaluated in bounded memory
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
-    """Held-out causal loss and next-token accuracy of ``model`` on ``ids`` (eval mode)."""
+def evaluate(model: nn.Module, ids: torch.Tensor, exact_match: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+             with_exact: bool = False):
+    """Held-out causal loss and next-token accuracy of ``model`` on ``ids`` (eval mode), in batches
+    of ``EVAL_BATCH`` sequences, each weighted by its predicted tokens; with ``with_exact``, also
+    ``exact_match(logits, ids)`` averaged over the batches (``None`` without one)."""
     was_training = model.training
     model.eval()
-    logits = model(input_ids=ids).logits
+    loss = correct = exact = 0.0
+    for start in range(0, len(ids), EVAL_BATCH):
+        part = ids[start:start + EVAL_BATCH]
+        logits = model(input_ids=part).logits
+        share = len(part) / len(ids)
+        loss += causal_loss(logits, part).item() * share
+        correct += next_token_accuracy(logits, part) * share
+        if exact_match is not None:
+            exact += exact_match(logits, part) * share
     model.train(was_training)
-    return causal_loss(logits, ids).item(), next_token_accuracy(logits, ids)
+    if with_exact:
+        return loss, correct, exact if exact_match is not None else None
+    return loss, correct
 
 
 def train(model: nn.Module, sample: Callable[[torch.Generator], torch.Tensor], steps: int, *, lr: float, seed: int, device: str,

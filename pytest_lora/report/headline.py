@@ -238,16 +238,28 @@ def forgetting_section(records: list[dict[str, Any]], compact: bool = False) -> 
     methods = forgetting_methods(records)
     if not methods:
         return None
-    header = ["method", "learning [nats]", "forgetting [nats]", "seeds"]
-    rows = [[method_label(r), spread(r, "learning_delta_loss"), spread(r, "forgetting_delta_loss"), format_value(r["metrics"].get("seeds"))]
+    exact = any(r["metrics"].get("learn_exact_match_after") is not None for r in methods)
+    header = ["method", "learning [nats]", "forgetting [nats]", *(["exact match"] if exact else []), "seeds"]
+    rows = [[method_label(r), spread(r, "learning_delta_loss"), spread(r, "forgetting_delta_loss"),
+             *([format_pct(r["metrics"]["learn_exact_match_after"]) if r["metrics"].get("learn_exact_match_after") is not None else "-"]
+               if exact else []),
+             format_value(r["metrics"].get("seeds"))]
             for r in methods]
-    notes = ["learning: held-out loss on the new task, before minus after; forgetting: held-out loss on the task the base "
-             "learnt, after minus before; mean ± standard deviation over seeds."]
+    models = sorted({r["model"] for r in methods if r.get("model")})
+    notes = [f"On {', '.join(models)}. " * bool(models)
+             + "learning: held-out loss on the new task, before minus after; forgetting: held-out loss on the task the base "
+             "learnt, after minus before; mean ± standard deviation over seeds."
+             + (" exact match: held-out answers of the new task right in every token, after." if exact else "")]
+    diverged = [method_label(r) for r in methods if r["metrics"].get("diverged")]
+    if diverged:
+        notes.append(f"Diverged (loss on the new task went up in a seed), never LoRA's reference: {', '.join(diverged)}.")
     base = ok_records(records, catalog.BASE_LEARNT_TASK_A)
     if base and not compact:
         metrics = base[0]["metrics"]
+        exact_before = metrics.get("learn_exact_match_before")
         notes.append(f"The base: loss {metrics.get('loss_a_before', math.nan):.3g} nats on its task, "
-                     f"{metrics.get('loss_b_before', math.nan):.3g} on the new one before fine-tuning.")
+                     f"{metrics.get('loss_b_before', math.nan):.3g} on the new one before fine-tuning"
+                     + (f" (exact match {format_pct(exact_before)})." if exact_before is not None else "."))
     return Section("forgetting", "Forgetting", header, rows, 1, notes)
 
 
@@ -260,7 +272,8 @@ def spread(record: dict[str, Any], metric: str) -> str:
     mean, std = record["metrics"].get(metric), record["metrics"].get(f"{metric}_std")
     if mean is None:
         return "-"
-    return f"{mean:.3g}" if std is None else f"{mean:.3g} ± {std:.2g}"
+    one_seed = record["metrics"].get("seeds") == 1  # a standard deviation of one value is not a spread
+    return f"{mean:.3g}" if std is None or one_seed else f"{mean:.3g} ± {std:.2g}"
 
 
 # ----------------------------------------------------------------- parameters
