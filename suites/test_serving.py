@@ -132,23 +132,26 @@ def test_mixed_adapter_batch(base_model, serving_lora, model_spec, serve_spec, a
             model.set_adapter(name)
             alone[name] = serving.last_logits(model, ids)
         mixed = serving.last_logits(model, ids, adapter_names=routed)
+        noise = serving.batch_shape_noise(model, ids, alone, routed)
         warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
         with cpu.recorded_conditions(lora_session.timing_threads(), lora_bench):
             model.set_adapter(names[0])
             single = serving.latency(model, ids, 0, lambda: timing.StepTimer(lora_gpu), warmup, rounds)
             together = serving.latency(model, ids, 0, lambda: timing.StepTimer(lora_gpu), warmup, rounds, adapter_names=routed)
-    check = serving.check_mixed_batch(mixed, alone, routed)
+    check = serving.check_mixed_batch(mixed, alone, routed, noise)
     per_adapter = 4 * params.adapter_weights(build.build_meta(config), lora_config)  # fp32, as peft keeps adapters
     lora_bench.record("adapters", adapter_count, "adapters")
     lora_bench.record("mixed_batch_rows", len(assignment), "rows")
     lora_bench.record("mixed_batch_max_abs_err", check.max_abs_err, "logit")
     lora_bench.record("adapter_separation", check.separation, "logit")
+    lora_bench.record("batch_shape_noise", noise, "logit")
     record_latency_pair(lora_bench, single.prefill, together.prefill)
     lora_bench.record("resident_adapter_bytes", resident, "bytes")
     lora_bench.record("analytic_resident_adapter_bytes", adapter_count * per_adapter, "bytes")
     lora_bench.check(not check.wrong_rows, f"rows {check.wrong_rows[:5]} of the mixed batch are nearer another adapter's output than their own")
     lora_bench.check(not check.beyond_rounding, f"rows {check.beyond_rounding[:5]} of the mixed batch differ from their adapter "
-                     f"alone by more than {serving.ROUNDING_ULPS} roundings of the logits (largest {check.max_abs_err:.3g})")
+                     f"alone by more than {serving.ROUNDING_ULPS} roundings of the logits and {serving.NOISE_FACTOR}x the batch-shape "
+                     f"noise {noise:.3g} (largest {check.max_abs_err:.3g})")
     if lora_gpu is None:  # tensors summed: exact; a GPU's allocator rounds each block up
         lora_bench.check(resident == adapter_count * per_adapter, f"{resident:,d} B resident for {adapter_count} adapters, "
                          f"{adapter_count * per_adapter:,d} B expected")

@@ -102,6 +102,34 @@ def test_rounding_tolerance_follows_the_dtype():
     assert serving.check_mixed_batch(one_ulp.float(), {k: v.float() for k, v in alone.items()}, ["a"]).beyond_rounding == [0]
 
 
+def test_the_tolerance_widens_to_the_measured_batch_shape_noise_and_misrouting_is_still_found():
+    """A half-precision model's rows move by up to a logit with the batch's shape: measured, that
+    noise widens the tolerance, and a row sent to another adapter is still found."""
+    alone = {"base": torch.zeros(2, 4), "a": torch.full((2, 4), 4.0), "b": torch.full((2, 4), -4.0)}
+    routed = ["a", "b"]
+    mixed = torch.stack([alone["a"][0] + 0.5, alone["b"][1]])  # half a logit off: far beyond float32's rounding
+    assert serving.check_mixed_batch(mixed, alone, routed).beyond_rounding == [0]
+    assert serving.check_mixed_batch(mixed, alone, routed, noise_floor=0.3).beyond_rounding == []  # within 2 x 0.3
+    assert serving.check_mixed_batch(mixed, alone, routed, noise_floor=0.2).beyond_rounding == [0]
+    mixed[1] = alone["a"][1]
+    assert serving.check_mixed_batch(mixed, alone, routed, noise_floor=10.0).wrong_rows == [1]
+
+
+def test_batch_shape_noise_runs_each_row_alone_with_its_adapter(monkeypatch):
+    calls = []
+
+    class Model:
+        def set_adapter(self, name):
+            self.active = name
+
+    model = Model()
+    ids = torch.arange(6).view(3, 2)
+    alone = {"a": torch.zeros(3, 4), "b": torch.ones(3, 4)}
+    monkeypatch.setattr(serving, "last_logits", lambda m, row: calls.append((m.active, row.tolist())) or torch.full((1, 4), 0.25 if m.active == "a" else 1.0))
+    assert serving.batch_shape_noise(model, ids, alone, ["a", "b", "a"]) == 0.25
+    assert calls == [("a", [[0, 1]]), ("b", [[2, 3]]), ("a", [[4, 5]])]
+
+
 def test_the_suite_fails_on_a_mixed_batch_that_routes_a_row_to_the_wrong_adapter(pytester, suite):
     pytester.makepyfile(planted_routing="""
         import peft
