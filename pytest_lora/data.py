@@ -4,12 +4,12 @@ them, and they must hold enough text for the experiment's blocks."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .matrix import Matrix
+from .models import registry
 
 
 def checkpoint(settings: dict[str, Any], matrix: Matrix) -> str | None:
@@ -24,14 +24,11 @@ def checkpoint(settings: dict[str, Any], matrix: Matrix) -> str | None:
     return checkpoints[0].path
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
 def pretrained_checkpoint(matrix: Matrix) -> Any:
     """The first checkpoint of the matrix that has a tokenizer: a model that can read real text
     (the forgetting suite's old and new skills, ``measure.texts``), or ``None``."""
     for model in matrix.models:
-        if model.kind == "checkpoint" and any((Path(model.path) / name).is_file() for name in TOKENIZER_FILES):
+        if model.kind == "checkpoint" and registry.has_tokenizer(model.path):
             return model
     return None
 

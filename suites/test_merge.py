@@ -54,6 +54,7 @@ peft = lazy_import("peft")
 tasks = lazy_import("pytest_lora.measure.tasks")
 merge = lazy_import("pytest_lora.measure.merge")
 train = lazy_import("pytest_lora.measure.train")
+texts = lazy_import("pytest_lora.measure.texts")
 build = lazy_import("pytest_lora.models.build")
 quantize = lazy_import("pytest_lora.models.quantize")
 adapters = lazy_import("pytest_lora.models.adapters")
@@ -77,9 +78,17 @@ def adapted_copy(base_copy, lora_config, request):
     del model
 
 
-def token_ids(model_spec, device, request) -> torch.Tensor:
+def token_ids(model_spec, device, request, lora_bench) -> torch.Tensor:
+    """The inputs the merged and unmerged logits are compared on: 4 x 64 tokens of prose for a
+    model that reads text (``texts.text_ids``), else 2 x 32 random token ids; ``text_inputs``
+    (1 or 0) says which."""
+    seed = build.seed_for(request.node.nodeid)
+    text = texts.text_ids(model_spec, 4, 64, seed)
+    lora_bench.record("text_inputs", int(text is not None), "flag")
+    if text is not None:
+        return text.to(device)
     vocab = model_spec.config_dict()["vocab_size"]
-    return train.synthetic_batch(vocab, WorkloadSpec(seq_len=32, batch=2), device, build.seed_for(request.node.nodeid))["input_ids"]
+    return train.synthetic_batch(vocab, WorkloadSpec(seq_len=32, batch=2), device, seed)["input_ids"]
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -149,7 +158,7 @@ def test_merge_full_precision(adapted_copy, base_model, model_spec, quant_spec, 
     lora_bench.check("NaNs detected" in refused, f"{name}: safe_merge merged an adapter with a NaN ({refused})")
     first.lora_B["default"].weight.data[0, 0] = kept
 
-    ids = token_ids(model_spec, lora_device, request)
+    ids = token_ids(model_spec, lora_device, request, lora_bench)
     unmerged = logits_of(model, ids)
     lora_bench.record("reference_logit_std", merge.logit_spread(unmerged), "logit")  # the scale its KL is read against
     merged = model.merge_and_unload()
@@ -178,7 +187,7 @@ def check_merged_weight(weight, layer, config, original, name, lora_bench) -> No
 @pytest.mark.lora_matrix(quantized=True)
 def test_merge_quantized(adapted_copy, model_spec, quant_spec, quant_format, lora_device, lora_bench, request):
     model, config, layers = checked_adapter(adapted_copy, lora_bench)
-    ids = token_ids(model_spec, lora_device, request)
+    ids = token_ids(model_spec, lora_device, request, lora_bench)
     reference = logits_of(model, ids)
     # KL grows with the square of the logits' spread: a random T5's output layer (std 1.0) gives
     # logits 47x a random Llama's, and 100x its KL for the same relative rounding
@@ -303,7 +312,7 @@ def save_and_reload(base_model, base_copy, model_spec, quant_spec, quant_format,
     if not quant_format.reloads_merged:
         return
 
-    ids = token_ids(model_spec, lora_device, request)
+    ids = token_ids(model_spec, lora_device, request, lora_bench)
     merged = model.merge_and_unload()
     merged.eval()
     expected = logits_of(merged, ids)

@@ -47,6 +47,7 @@ serving = lazy_import("pytest_lora.measure.serving")
 timing = lazy_import("pytest_lora.measure.timing")
 adapters = lazy_import("pytest_lora.models.adapters")
 build = lazy_import("pytest_lora.models.build")
+texts = lazy_import("pytest_lora.measure.texts")
 
 pytestmark = pytest.mark.lora_serving
 
@@ -75,10 +76,18 @@ def adapted(base, lora_config, request):
     return model.eval()
 
 
+def prompts(model_spec, batch: int, prompt_len: int, device, seed: int):
+    """Prompts of prose for a model that reads text (``texts.text_ids``), else random token ids."""
+    text = texts.text_ids(model_spec, batch, prompt_len, seed)
+    if text is not None:
+        return text.to(device)
+    return serving.prompt_ids(model_spec.config_dict()["vocab_size"], batch, prompt_len, device, seed)
+
+
 def test_serving_latency(base_copy, lora_config, model_spec, quant_spec, serve_spec, lora_device, lora_gpu, lora_session, lora_bench, request):
     """Prefill and per-token decode latency: base, unmerged adapter, merged models."""
     config = model_spec.config_dict()
-    ids = serving.prompt_ids(config["vocab_size"], serve_spec.batch, serve_spec.prompt_len, lora_device, build.seed_for(request.node.nodeid))
+    ids = prompts(model_spec, serve_spec.batch, serve_spec.prompt_len, lora_device, build.seed_for(request.node.nodeid))
     warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
 
     def measure(variant, target):
@@ -116,7 +125,7 @@ def test_mixed_adapter_batch(base_model, serving_lora, model_spec, serve_spec, a
     config = model_spec.config_dict()
     names = [f"adapter{index}" for index in range(adapter_count)]
     assignment = serving.rows_per_adapter(adapter_count, serve_spec.batch)
-    ids = serving.prompt_ids(config["vocab_size"], len(assignment), serve_spec.prompt_len, lora_device, build.seed_for(request.node.nodeid))
+    ids = prompts(model_spec, len(assignment), serve_spec.prompt_len, lora_device, build.seed_for(request.node.nodeid))
     torch.manual_seed(build.seed_for(request.node.nodeid))
     allocated_before = lora_gpu.allocated() if lora_gpu is not None else None
     with adapters.attached(base_model, copy.deepcopy(lora_config)) as model:

@@ -78,7 +78,7 @@ def test_native_toml_lists_and_ini_paths_relative_to_the_ini_file(pytester, monk
         lora_ranks = [4, 8]
         lora_quant = ["none", "nf4"]
         lora_targets = ["q_proj", "v_proj"]
-        lora_models = "configs/tiny"
+        lora_models = "configs/tiny/config.json"
     """))
     pytester.makepyfile(test_case=PARAMETRIZED)
     (pytester.path / "sub").mkdir()
@@ -91,7 +91,7 @@ def test_native_toml_lists_and_ini_paths_relative_to_the_ini_file(pytester, monk
 def test_a_matrix_file_path_is_relative_to_the_file(pytester, monkeypatch):
     write_config(pytester.path / "configs")
     (pytester.path / "matrices").mkdir()
-    (pytester.path / "matrices" / "m.toml").write_text('models = ["../configs/tiny"]\nquant = ["none"]\nranks = [4]\n')
+    (pytester.path / "matrices" / "m.toml").write_text('models = ["../configs/tiny/config.json"]\nquant = ["none"]\nranks = [4]\n')
     pytester.makepyfile(test_case=PARAMETRIZED)
     (pytester.path / "sub").mkdir()
     monkeypatch.chdir(pytester.path / "sub")
@@ -103,7 +103,7 @@ def test_a_command_line_path_is_relative_to_the_invocation_directory(pytester, m
     write_config(pytester.path / "sub" / "configs")
     pytester.makepyfile(test_case=PARAMETRIZED)
     monkeypatch.chdir(pytester.path / "sub")
-    result = pytester.runpytest("--co", "-q", "--lora-models=configs/tiny", "--lora-ranks=4", str(pytester.path / "test_case.py"))
+    result = pytester.runpytest("--co", "-q", "--lora-models=configs/tiny/config.json", "--lora-ranks=4", str(pytester.path / "test_case.py"))
     result.stdout.fnmatch_lines(["*test_case[[]tiny-*-r4-*]"])
 
 
@@ -202,7 +202,7 @@ def test_a_listing_checks_targets_from_the_cache_and_says_when_it_cannot(pyteste
 def test_a_marker_path_is_relative_to_the_test_file(pytester, monkeypatch):
     write_config(pytester.path / "tests" / "configs")
     (pytester.path / "tests" / "test_case.py").write_text(
-        "import pytest\n\n@pytest.mark.lora_matrix(models=['configs/tiny'], quant=['none'], ranks=[4])\n" + PARAMETRIZED
+        "import pytest\n\n@pytest.mark.lora_matrix(models=['configs/tiny/config.json'], quant=['none'], ranks=[4])\n" + PARAMETRIZED
     )
     (pytester.path / "elsewhere").mkdir()
     monkeypatch.chdir(pytester.path / "elsewhere")

@@ -110,7 +110,7 @@ def test_a_corrupt_or_unsupported_gguf_is_a_usage_error_naming_the_file(pytester
     corrupt.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
     result = pytester.runpytest("--lora-bench", f"--lora-models={corrupt}", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*--lora-models: '{corrupt}' is not a readable GGUF file (*"])
+    result.stderr.fnmatch_lines(["*--lora-models: '*corrupt.gguf'*is not a readable GGUF file (*"])  # a long path is shortened
     path, state = tiny_gguf
     other = tmp_path / "other.gguf"
     write_gguf(other, registry.load_config_dict(TINY), state, architecture="rwkv6")

@@ -118,9 +118,8 @@ def test_the_first_checkpoint_with_a_tokenizer_reads_real_text(tmp_path):
     assert data.pretrained_checkpoint(matrix) is None
 
 
-def save_with_character_tokenizer(directory: Path) -> None:
-    """The tiny Llama's random weights with a tokenizer of single characters (code points under
-    256, the tiny vocabulary; others unknown): a checkpoint that reads text but has learnt none."""
+def save_character_tokenizer(directory: Path) -> None:
+    """A tokenizer of single characters (code points under 256, the tiny vocabulary; others unknown)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -128,8 +127,26 @@ def save_with_character_tokenizer(directory: Path) -> None:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(directory)
+
+
+def save_with_character_tokenizer(directory: Path) -> None:
+    """The tiny Llama's random weights with the character tokenizer: a checkpoint that reads text but has learnt none."""
+    save_character_tokenizer(directory)
     torch.manual_seed(0)
     build.instantiate(registry.load_config_dict("llama-3.2-1b-tiny"), "cpu", torch.float32).save_pretrained(directory)
+
+
+def test_a_model_that_reads_text_is_measured_on_prose_and_one_that_does_not_on_random_ids(tmp_path):
+    save_character_tokenizer(tmp_path)
+    reader = ModelSpec("reader", "checkpoint", str(tmp_path))
+    ids = texts.text_ids(reader, 4, 64, seed=3)
+    assert ids.shape == (4, 64) and torch.equal(ids, texts.text_ids(reader, 4, 64, seed=3))
+    assert not torch.equal(ids, texts.text_ids(reader, 4, 64, seed=4))
+    prose = "".join(c if 0 < ord(c) < 256 else "\x00" for c in "".join(texts.reference_prose()))  # others read as <unk>, id 0
+    assert all("".join(map(chr, row.tolist())) in prose for row in ids)
+    assert texts.text_ids(ModelSpec("llama-3.2-1b-tiny", "registry", "x"), 4, 64, seed=3) is None
+    (tmp_path / "tokenizer.json").unlink()
+    assert texts.text_ids(ModelSpec("weights", "checkpoint", str(tmp_path)), 4, 64, seed=3) is None
 
 
 @pytest.mark.slow

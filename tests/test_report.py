@@ -482,20 +482,35 @@ def test_the_spreadsheet_keeps_floats_exactly():
     assert float(row["v [s]"]) == 0.1 + 0.2 and row["n [n]"] == "3" and row["missing [s]"] == ""
 
 
-def test_the_readme_shows_the_published_runs_headline():
-    """The README's headline block is the compact headline of the run committed under results/published/."""
+@pytest.mark.parametrize("directory, which", [("results/published", "tiny"), ("results/published/real", "real")])
+def test_the_readme_shows_the_published_runs_headline(directory, which):
+    """The README's headline blocks are the compact headlines of the runs committed under
+    results/published/ (the tiny models) and results/published/real/ (the pretrained model), the
+    pretrained model's first."""
     root = Path(__file__).parent.parent
-    (published,) = (root / "results" / "published").glob("*.json")
+    (published,) = (root / directory).glob("*.json")
     document = json.loads(published.read_text())
     readme = (root / "README.md").read_text()
-    block = markdown.published_headline(document, "results/published")
+    block = markdown.published_headline(document, directory, which)
     assert block in readme
+    assert readme.index(markdown.REAL_README_START) < readme.index(markdown.README_START)
     assert document["run"]["status"] == "passed" and not document["run"]["git"]["dirty"]
     for name in ("md", "csv"):
         written = published.with_suffix(f".{name}").read_bytes().decode("utf-8")  # as written: the CSV's lines end in \r\n
         assert written == (markdown.render_run(document) if name == "md" else spreadsheet.render(document))
     for image in re.findall(r"\]\((results/published/[^)]+\.png)\)", block):
         assert (root / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_new_headline_block_replaces_its_own_and_the_pretrained_models_leads():
+    tiny = "\n".join([markdown.README_START, "tiny", markdown.README_END])
+    real = "\n".join([markdown.REAL_README_START, "real", markdown.REAL_README_END])
+    readme = f"# title\n\n{tiny}\n\nrest\n"
+    first = markdown.with_published_headline(readme, real)
+    assert first == f"# title\n\n{real}\n\n{tiny}\n\nrest\n"
+    again = markdown.with_published_headline(first, real.replace("real\n", "real again\n"))
+    assert again == first.replace("real\n", "real again\n")
+    assert markdown.with_published_headline(again, tiny.replace("tiny\n", "tiny 2\n")) == again.replace("\ntiny\n", "\ntiny 2\n")
 
 
 def record(test: str, quant: str, metrics: dict, status: str = "ok", dropout: float = 0.05, model: str = "llama-3.1-8b") -> dict:
@@ -562,6 +577,23 @@ def test_the_forgetting_headline_names_its_model_reads_exact_match_and_gives_no_
     assert section.rows[1][1:3] == ["0.69 ± 0.01", "0.42 ± 0.02"]
     assert section.notes[0].startswith("On smollm2-135m: prose -> addition. ")
     assert "Diverged (loss on the new task went up in a seed), never LoRA's reference: full fine-tuning, lr 0.001." in section.notes
+
+
+def test_the_merge_headline_leads_with_the_model_measured_on_text_and_names_each_source():
+    def merged(test: str, model: str, text: int | None = None) -> dict:
+        metrics = {"merge_kl_dequantize": 1e-4, "merge_top1_dequantize": 0.9, **({"text_inputs": text} if text is not None else {})}
+        return {"suite": "merge", "test": f"suites/test_merge.py::{test}[x]", "model": model, "quant": "nf4", "lora": None,
+                "workload": None, "status": "ok", "metrics": metrics, "units": {}, "warnings": [], "samples": {}}
+
+    trained = merged(catalog.MERGE_TRAINED, "llama-3.2-1b-tiny (trained on A)")
+    toys = [merged(catalog.MERGE_QUANTIZED, "gpt2-medium-tiny", 0), merged(catalog.MERGE_QUANTIZED, "llama-3.2-1b-tiny", 0)]
+    real = merged(catalog.MERGE_QUANTIZED, "smollm2-135m", 1)
+    chosen, what = headline.merge_source([trained, *toys, real])
+    assert chosen == [real] and what.startswith("smollm2-135m, on held-out prose")
+    chosen, what = headline.merge_source([trained, *toys])
+    assert chosen == [trained] and what.startswith("llama-3.2-1b-tiny (trained on A)")
+    assert headline.merge_source(toys)[1].startswith("median over the matrix's random-weight configs of gpt2-medium-tiny, llama-3.2-1b-tiny")
+    assert "smollm2-135m, on held-out prose" in headline.merge_section([real], compact=True).notes[1]
 
 
 def test_the_merge_headline_says_when_the_models_logits_differ_in_spread():

@@ -18,10 +18,13 @@ what greedy decoding of the answer would produce.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..models import registry
 
 SPLIT_SEED = 20_241  # the held-out sets are fixed: the same problems and blocks for every seed and run
 HELD_OUT_PROBLEMS = 192  # 32 blocks of six problems: exact match in steps of 1/192
@@ -34,15 +37,34 @@ def reference_prose() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def prose_blocks(tokenizer: Any, seq_len: int, count: int) -> torch.Tensor:
-    """``count`` blocks of ``seq_len`` tokens of the prose, drawn without replacement by the fixed
-    split seed from all of it (tokenised once, concatenated, cut)."""
+def prose_blocks(tokenizer: Any, seq_len: int, count: int | None) -> torch.Tensor:
+    """``count`` blocks of ``seq_len`` tokens of the prose (all of them for ``None``), drawn without
+    replacement by the fixed split seed from all of it (tokenised once, concatenated, cut)."""
     ids: list[int] = []
     for text in reference_prose():
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     cut = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
     chosen = torch.randperm(len(cut), generator=torch.Generator().manual_seed(SPLIT_SEED))[:count]
     return cut[chosen.sort().values]
+
+
+def text_ids(model: Any, batch: int, seq_len: int, seed: int) -> torch.Tensor | None:
+    """``batch`` blocks of the prose as the model's tokenizer reads it, chosen by ``seed``: what a
+    merge or a served prompt is measured on when the model reads text (a checkpoint with a
+    tokenizer); ``None`` for a model without one, which is measured on random token ids."""
+    if model.kind != "checkpoint" or not registry.has_tokenizer(model.path):
+        return None
+    every = _all_prose_blocks(model.path, seq_len)
+    chosen = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:batch]
+    return every[chosen]
+
+
+@functools.lru_cache(maxsize=4)
+def _all_prose_blocks(path: str, seq_len: int) -> torch.Tensor:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return prose_blocks(tokenizer, seq_len, count=None)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,14 @@ def has_weights(directory: Path) -> bool:
     return any(any(directory.glob(pattern)) for pattern in patterns)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(directory: Path | str) -> bool:
+    """Whether a checkpoint directory holds a tokenizer: a model that can read text."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_config_dict(source: str | Path) -> dict[str, Any]:
     """A registry name, a config.json path or a directory holding one, as a plain dict.
 

@@ -149,14 +149,21 @@ def drop_empty_columns(header: list[str], rows: list[list[str]], text_columns: i
 
 
 def merge_source(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str] | None:
-    """The trained model's merges when the run made them (its logits mean something), else the
-    random-weight configs' medians."""
+    """The user's model first: the matrix's merges of a model that reads text, measured on
+    held-out prose (``text_inputs``); else the trained task model's merges (its logits mean
+    something); else the random-weight configs' medians. Each says which model it is."""
+    matrix = ok_records(records, catalog.MERGE_QUANTIZED) + ok_records(records, catalog.MERGE_FULL_PRECISION)
+    on_text = [record for record in matrix if record["metrics"].get("text_inputs") == 1]
+    if on_text:
+        models = ", ".join(sorted({record["model"] for record in on_text}))
+        return on_text, f"{models}, on held-out prose; median over its configs ({catalog.MERGE_QUANTIZED}, {catalog.MERGE_FULL_PRECISION})"
     trained = ok_records(records, catalog.MERGE_TRAINED)
     if trained:
         return trained, f"{trained[0]['model']}, LoRA-fine-tuned on a second task ({catalog.MERGE_TRAINED})"
-    matrix = ok_records(records, catalog.MERGE_QUANTIZED) + ok_records(records, catalog.MERGE_FULL_PRECISION)
     if matrix:
-        return matrix, f"median over the matrix's random-weight configs ({catalog.MERGE_QUANTIZED}, {catalog.MERGE_FULL_PRECISION})"
+        models = ", ".join(sorted({record["model"] for record in matrix}))
+        return matrix, (f"median over the matrix's random-weight configs of {models} "
+                        f"({catalog.MERGE_QUANTIZED}, {catalog.MERGE_FULL_PRECISION})")
     return None
 
 
@@ -207,7 +214,7 @@ def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
     notes = [f"{merge_verdict(errors)}",
              f"Against the unmerged adapter's logits: KL(unmerged || merged) and top-1 agreement; {what}."]
     if compact:
-        notes = [merge_verdict(errors), "KL [nats] and top-1 agreement against the unmerged adapter."]
+        notes = [merge_verdict(errors), f"KL [nats] and top-1 agreement against the unmerged adapter; {what}."]
     else:
         notes.extend(f"{name}: {description}." for name, (_, description) in STRATEGIES.items() if name in strategies)
     return Section("merge", "Merge fidelity", header, rows, 1, notes + logit_scale_notes(chosen))
