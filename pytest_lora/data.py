@@ -33,6 +33,18 @@ def pretrained_checkpoint(matrix: Matrix) -> Any:
     return None
 
 
+def experiment_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """The forgetting experiment's sizes and learning rates the user set (``--lora-forget-*``),
+    by the names ``measure.forgetting`` takes them; what is unset keeps the experiment's default."""
+    chosen: dict[str, Any] = {}
+    for option, name, parse in (("forget_steps", "steps", int), ("forget_batch", "batch", int), ("forget_block", "seq_len", int),
+                                ("forget_lr", "lora_lr", float),
+                                ("forget_full_lrs", "full_lrs", lambda text: tuple(float(part) for part in str(text).split(",")))):
+        if settings[option].value is not None:
+            chosen[name] = parse(settings[option].value)
+    return chosen
+
+
 def check(settings: dict[str, Any], matrix: Matrix) -> None:
     """The forget and learn files, read and tokenised as the experiment will: an empty, binary
     or too short file, or JSONL without ``text``, is a usage error before any test runs."""
@@ -42,10 +54,11 @@ def check(settings: dict[str, Any], matrix: Matrix) -> None:
     from .measure import forgetting
 
     forget, learn = settings["forget_data"], settings["learn_data"]
+    seq_len = experiment_options(settings).get("seq_len", forgetting.DATA_SEQ_LEN)
     try:
-        forgetting.data_blocks(found, forget.path(), learn.path())
+        forgetting.data_blocks(found, forget.path(), learn.path(), seq_len)
     except forgetting.DataProblem as problem:
         setting, need = (forget, "one block") if problem.path == forget.path() else \
             (learn, f"{forgetting.LEARN_BLOCKS} blocks (one held out, one to train on)")
         raise pytest.UsageError(f"{setting.describe()}: {setting.shown} {problem}; allowed: UTF-8 text or JSONL with a "
-                                f"\"text\" field, at least {need} of {forgetting.DATA_SEQ_LEN} tokens") from None
+                                f"\"text\" field, at least {need} of {seq_len} tokens") from None

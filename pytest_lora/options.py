@@ -98,6 +98,21 @@ def _peak(setting: Setting) -> str | None:
     return f"{setting.shown} is not a peak; allowed: auto, measure or TFLOP/s as a finite positive number"
 
 
+def _learning_rate(setting: Setting) -> str | None:
+    if setting.value is None or positive_float(setting.value):
+        return None
+    return f"{setting.shown} is not a learning rate; allowed: a finite positive number, e.g. 1e-3"
+
+
+def _two_learning_rates(setting: Setting) -> str | None:
+    if setting.value is None:
+        return None
+    rates = [part.strip() for part in str(setting.value).split(",")]
+    if len(rates) == 2 and all(positive_float(rate) for rate in rates) and float(rates[0]) > float(rates[1]):
+        return None
+    return f"{setting.shown} is not two learning rates; allowed: a higher and a lower finite positive number, e.g. 1e-4,1e-5"
+
+
 def _text_file(setting: Setting) -> str | None:
     if not setting.value or setting.path().is_file():
         return None
@@ -150,6 +165,14 @@ OPTIONS: tuple[Option, ...] = (
         check=count_of("a thread count", 1),
     ),
     Option("seeds", "seeds of the forgetting experiment (default 3).", metavar="N", default="3", check=count_of("a seed count", 1)),
+    Option("forget_steps", "training steps of each forgetting run (default 60; 30 on a pretrained model).", metavar="N",
+           check=count_of("a step count", 1)),
+    Option("forget_batch", "sequences a training step of the forgetting experiment (default 16; 8 on a pretrained model or your data).",
+           metavar="N", check=count_of("a batch size", 1)),
+    Option("forget_block", "tokens a sequence of the forgetting experiment (default 64).", metavar="N", check=count_of("a block length", 2)),
+    Option("forget_lr", "LoRA's learning rate in the forgetting experiment (default 1e-3).", metavar="LR", check=_learning_rate),
+    Option("forget_full_lrs", "full fine-tuning's two learning rates in the forgetting experiment, higher first (default 1e-3,1e-4; "
+           "1e-4,1e-5 on a pretrained model).", metavar="LR,LR", check=_two_learning_rates),
     Option("forget_data", "text or JSONL whose held-out loss measures forgetting (with a checkpoint in --lora-models).", metavar="PATH",
            check=_text_file),
     Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH",

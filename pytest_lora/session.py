@@ -121,6 +121,10 @@ class LoraSession:
         """The checkpoint the user's forget / learn data go with (``None`` for the synthetic tasks)."""
         return data.checkpoint(self.settings, self.matrix)
 
+    def forgetting_options(self) -> dict[str, Any]:
+        """The forgetting experiment's sizes and learning rates the user set (``--lora-forget-*``)."""
+        return data.experiment_options(self.settings)
+
     def pretrained_checkpoint(self) -> Any:
         """The matrix's first checkpoint with a tokenizer (a ``ModelSpec``), or ``None``."""
         return data.pretrained_checkpoint(self.matrix)

@@ -69,14 +69,17 @@ def forgetting_experiment(lora_session, lora_device: str, request):
     synthetic experiment on the trained task model."""
     from pytest_lora.measure import forgetting
 
+    options = lora_session.forgetting_options()  # --lora-forget-steps, -batch, -block, -lr, -full-lrs
+    sizes = {name: options[name] for name in ("batch", "seq_len") if name in options}
     checkpoint = lora_session.data_checkpoint()
+    pretrained = lora_session.pretrained_checkpoint()
     if checkpoint is not None:
         forget, learn = lora_session.path_setting("forget_data"), lora_session.path_setting("learn_data")
-        return forgetting.data_experiment(checkpoint, forget, learn, lora_device)
-    pretrained = lora_session.pretrained_checkpoint()
-    if pretrained is not None:  # a model that has learnt language: real text, not the synthetic languages
-        return forgetting.real_text_experiment(pretrained.path, lora_device, pretrained.id)
-    trained = request.getfixturevalue("trained_task_model")
-    experiment = forgetting.synthetic_experiment(trained.config, trained.state, trained.task_a, trained.task_b, lora_device)
-    experiment.name = trained.name
-    return experiment
+        experiment = forgetting.data_experiment(checkpoint, forget, learn, lora_device, **sizes)
+    elif pretrained is not None:  # a model that has learnt language: real text, not the synthetic languages
+        experiment = forgetting.real_text_experiment(pretrained.path, lora_device, pretrained.id, **sizes)
+    else:
+        trained = request.getfixturevalue("trained_task_model")
+        experiment = forgetting.synthetic_experiment(trained.config, trained.state, trained.task_a, trained.task_b, lora_device, **sizes)
+        experiment.name = trained.name
+    return forgetting.with_budget(experiment, **{name: options[name] for name in ("steps", "lora_lr", "full_lrs") if name in options})

@@ -16,7 +16,10 @@ The experiment, on one of three bases:
   fine-tuning also at 1e-4.
 
 LoRA runs for every rank and target set of the matrix, full fine-tuning at two learning rates,
-on a matched budget (the same steps, batches and optimizer, from the same base weights).
+on a matched budget (the same steps, batches and optimizer, from the same base weights). The
+budget and sizes are options: ``--lora-forget-steps``, ``--lora-forget-batch``,
+``--lora-forget-block`` (tokens a sequence), ``--lora-forget-lr`` (LoRA's) and
+``--lora-forget-full-lrs`` (full fine-tuning's two, higher first).
 
 What is recorded, per method, over ``--lora-seeds`` seeds (default 3; seeds change the batches
 and the adapter's initialisation), as mean and standard deviation:
@@ -110,6 +113,7 @@ def test_forgetting_lora(forgetting_experiment, lora_spec, full_finetuning, lora
     config = peft.LoraConfig(**lora_spec.peft_kwargs(), task_type="CAUSAL_LM")
     lora_bench.describe(model=experiment.name)
     lora_bench.record("fine_tune_lr", experiment.lora_lr, "lr")
+    lora_bench.record("fine_tune_steps", experiment.steps, "steps")
     runs = []
     with lora_session.progress("LoRA fine-tuning seed", len(seeds(lora_session))) as progress:
         for seed in seeds(lora_session):
@@ -141,4 +145,5 @@ def test_forgetting_full_finetuning(forgetting_experiment, full_finetuning, rate
     full = {"r": None, "alpha": None, "targets": "all parameters", "dropout": 0.0, "variant": f"full fine-tuning, lr {lr:g}", "bias": "all", "modules_to_save": []}
     lora_bench.describe(model=forgetting_experiment.name, lora=full)
     lora_bench.record("fine_tune_lr", lr, "lr")
+    lora_bench.record("fine_tune_steps", forgetting_experiment.steps, "steps")
     record_outcomes(lora_bench, full_finetuning[lr])

@@ -122,6 +122,26 @@ def own_checkpoint_and_data(tmp_path) -> tuple[str, ...]:
             "--lora-quant=fp32", "--lora-ranks=4", "--lora-targets=q_proj,v_proj", "--lora-seeds=1")
 
 
+def test_the_budget_and_sizes_are_options(pytester, forgetting_suite, own_checkpoint_and_data):
+    """--lora-forget-steps, -batch, -block, -lr and -full-lrs reach the runs and their records."""
+    result = pytester.runpytest("--lora-bench", *own_checkpoint_and_data, "--lora-forget-steps=3", "--lora-forget-batch=2",
+                                "--lora-forget-block=32", "--lora-forget-lr=2e-3", "--lora-forget-full-lrs=3e-4,3e-5")
+    result.assert_outcomes(passed=4)
+    by_test = {r["test"].split("::")[1]: r for r in records(pytester)}
+    [lora] = [r["metrics"] for name, r in by_test.items() if name.startswith("test_forgetting_lora")]
+    assert (lora["fine_tune_lr"], lora["fine_tune_steps"]) == (2e-3, 3)
+    assert [by_test[f"test_forgetting_full_finetuning[lr-{rate}]"]["metrics"]["fine_tune_lr"] for rate in ("higher", "lower")] == [3e-4, 3e-5]
+    from pytest_lora.data import experiment_options
+
+    class Setting:
+        def __init__(self, value):
+            self.value = value
+
+    chosen = experiment_options({"forget_steps": Setting("3"), "forget_batch": Setting(None), "forget_block": Setting("32"),
+                                 "forget_lr": Setting("2e-3"), "forget_full_lrs": Setting("3e-4, 3e-5")})
+    assert chosen == {"steps": 3, "seq_len": 32, "lora_lr": 2e-3, "full_lrs": (3e-4, 3e-5)}
+
+
 def test_own_checkpoint_and_data(pytester, forgetting_suite, own_checkpoint_and_data, monkeypatch):
     from pytest_lora.measure import forgetting
 
@@ -160,6 +180,12 @@ def test_the_suite_fails_when_the_adapter_cannot_be_switched_off(pytester, forge
         (["--lora-forget-data=old.txt", "--lora-learn-data=none.txt"], "--lora-learn-data: 'none.txt' does not exist; allowed: a text or JSONL file"),
         (["--lora-forget-data=old.txt", "--lora-learn-data=old.txt"], "--lora-forget-data: the data need one local checkpoint in --lora-models*found 0*"),
         (["--lora-seeds=0"], "--lora-seeds: '0' is not a seed count; allowed: an integer >= 1"),
+        (["--lora-forget-steps=0"], "--lora-forget-steps: '0' is not a step count; allowed: an integer >= 1"),
+        (["--lora-forget-block=1"], "--lora-forget-block: '1' is not a block length; allowed: an integer >= 2"),
+        (["--lora-forget-lr=-1e-3"], "--lora-forget-lr: '-1e-3' is not a learning rate; allowed: a finite positive number, e.g. 1e-3"),
+        (["--lora-forget-full-lrs=1e-5,1e-4"], "--lora-forget-full-lrs: '1e-5,1e-4' is not two learning rates; allowed: a higher and a "
+                                                "lower finite positive number, e.g. 1e-4,1e-5"),
+        (["--lora-forget-full-lrs=1e-4"], "--lora-forget-full-lrs: '1e-4' is not two learning rates*"),
     ],
 )
 def test_bad_data_options(pytester, args, message):

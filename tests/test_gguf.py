@@ -31,8 +31,9 @@ def llama_cpp_order(tensor, heads: int):
     return tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
 
 
-def write_gguf(path, config: dict, state: dict, architecture: str = "llama") -> None:
-    """A float32 GGUF file of a Llama ``state`` dict, with the metadata transformers reads."""
+def write_gguf(path, config: dict, state: dict, architecture: str = "llama", tokenizer: bool = False) -> None:
+    """A float32 GGUF file of a Llama ``state`` dict, with the metadata transformers reads; with
+    ``tokenizer``, a byte-level BPE tokenizer (GPT-2's byte alphabet, no merges) of 256 tokens."""
     names = gguf_package.get_tensor_name_map(gguf_package.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     writer = gguf_package.GGUFWriter(str(path), architecture)
     writer.add_name("tiny llama")
@@ -44,6 +45,15 @@ def write_gguf(path, config: dict, state: dict, architecture: str = "llama") -> 
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if tokenizer:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(list(bytes_to_unicode().values())[: config["vocab_size"]])
+        writer.add_token_types([1] * config["vocab_size"])
+        writer.add_token_scores([0.0] * config["vocab_size"])  # no merges: transformers derives none from single bytes
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(1)
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
@@ -124,3 +134,46 @@ def test_without_the_gguf_package_a_gguf_file_says_how_to_install_it(tiny_gguf, 
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
     with pytest.raises(MatrixError, match=r"reading one needs the gguf package: pip install gguf"):
         resolve_model(str(tiny_gguf[0]), "--lora-models")
+
+
+def test_a_conversion_that_loses_the_race_keeps_the_winner_s_and_a_half_done_one_is_an_error(tiny_gguf, cache, tmp_path):
+    """Two processes (xdist workers) may convert the same file at once: the rename of the second
+    finds the first's checkpoint and leaves it; a directory without the conversion's last file is
+    not taken for a checkpoint."""
+    path, _ = tiny_gguf
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / gguf.DONE).write_text("{}")
+    (done / "config.json").write_text("{}")
+    gguf.convert(path, done, "test", "x")  # lost the race: the winner's files stay
+    assert (done / "config.json").read_text() == "{}" and not list(tmp_path.glob(".converting-*"))
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    with pytest.raises(OSError):
+        gguf.convert(path, half, "test", "x")
+    assert not list(tmp_path.glob(".converting-*"))  # its temporary directory is removed either way
+
+
+def test_a_file_transformers_can_t_load_is_a_usage_error_naming_it(tiny_gguf, cache, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("tensor blk.0.attn_q.weight has an unknown type")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(MatrixError, match=r"could not be read by transformers' GGUF loader \(ValueError: tensor blk.0.attn_q.weight"):
+        resolve_model(str(tiny_gguf[0]), "--lora-models")
+
+
+def test_a_gguf_file_s_own_tokenizer_is_saved_with_its_weights(tiny_gguf, cache, tmp_path):
+    """A GGUF file that carries a tokenizer gives a checkpoint that reads text (measured on prose)."""
+    import transformers
+
+    _, state = tiny_gguf
+    path = tmp_path / "with-tokenizer.gguf"
+    write_gguf(path, registry.load_config_dict(TINY), state, tokenizer=True)
+    spec = resolve_model(str(path), "--lora-models")
+    assert registry.has_tokenizer(spec.path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path)
+    assert tokenizer.decode(tokenizer("07+25=032")["input_ids"]) == "07+25=032"

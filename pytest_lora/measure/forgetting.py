@@ -176,7 +176,15 @@ REAL_STEPS, REAL_BATCH, REAL_SEQ_LEN, REAL_PROSE_BLOCKS = 30, 8, 64, 16
 REAL_LORA_LR, REAL_FULL_LRS = 1e-3, (1e-4, 1e-5)
 
 
-def real_text_experiment(checkpoint: str, device: str, name: str) -> Experiment:
+def with_budget(experiment: Experiment, **budget: Any) -> Experiment:
+    """The experiment with the steps and learning rates the user chose (``steps``, ``lora_lr``,
+    ``full_lrs``); the rest as it was."""
+    for name, value in budget.items():
+        setattr(experiment, name, value)
+    return experiment
+
+
+def real_text_experiment(checkpoint: str, device: str, name: str, batch: int = REAL_BATCH, seq_len: int = REAL_SEQ_LEN) -> Experiment:
     """A pretrained checkpoint: the old skill is CPython's reference prose, the new one
     zero-padded addition (``measure.texts``), both tokenised with the checkpoint's tokenizer."""
     import transformers
@@ -185,8 +193,8 @@ def real_text_experiment(checkpoint: str, device: str, name: str) -> Experiment:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     addition = texts.Addition.for_tokenizer(tokenizer)
-    forget = texts.prose_blocks(tokenizer, REAL_SEQ_LEN, REAL_PROSE_BLOCKS).to(device)
-    learn_eval = addition.blocks(addition.held_out_pairs, REAL_SEQ_LEN).to(device)
+    forget = texts.prose_blocks(tokenizer, seq_len, REAL_PROSE_BLOCKS).to(device)
+    learn_eval = addition.blocks(addition.held_out_pairs, seq_len).to(device)
     config_dict = registry.load_config_dict(checkpoint)
     cls = build.model_class(config_dict)
 
@@ -196,7 +204,7 @@ def real_text_experiment(checkpoint: str, device: str, name: str) -> Experiment:
     vocab = config_dict.get("vocab_size") or len(tokenizer)
     facts = {"uniform_loss": math.log(vocab), "exact_match_chance": 0.0}
     return Experiment(f"{name}: Python's reference prose -> two-digit addition", make_base, forget, learn_eval,
-                      addition.sampler(REAL_BATCH, REAL_SEQ_LEN), facts, steps=REAL_STEPS, lora_lr=REAL_LORA_LR,
+                      addition.sampler(batch, seq_len), facts, steps=REAL_STEPS, lora_lr=REAL_LORA_LR,
                       full_lrs=REAL_FULL_LRS, exact_match=addition.exact_match)
 
 
