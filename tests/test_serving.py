@@ -153,6 +153,26 @@ def test_the_suite_fails_on_a_mixed_batch_that_routes_a_row_to_the_wrong_adapter
     result.stdout.fnmatch_lines(["*rows [[]0[]] of the mixed batch are nearer another adapter's output than their own*"])
 
 
+def test_a_mixed_batch_whose_noise_hides_misrouting_says_so(pytester, suite):
+    """LLM.int8 moves a row by as much as its adapters lie apart: the record warns that the check
+    is no finer than the routing (here the noise is planted)."""
+    pytester.makepyfile(planted_noise="""
+        import pytest
+        from pytest_lora.measure import serving
+
+        @pytest.fixture(autouse=True)
+        def planted(monkeypatch):
+            monkeypatch.setattr(serving, "batch_shape_noise", lambda *args: 50.0)
+        """)
+    pytester.syspathinsert()
+    suite((SUITES / "test_serving.py").read_text(), name="test_serving_copy.py")
+    result = pytester.runpytest("-p", "planted_noise", *SERVING_RUN, "--lora-quant=bf16", "-k", "mixed and 4-adapters")
+    result.assert_outcomes(passed=1)
+    [record] = [r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"] if "4-adapters" in r["test"]]
+    assert record["metrics"]["batch_shape_noise"] == 50.0
+    assert any("this mixed batch can't be checked finer" in warning for warning in record["warnings"])
+
+
 # --------------------------------------------------------------------------- the adapter's file
 
 
