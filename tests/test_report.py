@@ -596,6 +596,20 @@ def test_the_merge_headline_leads_with_the_model_measured_on_text_and_names_each
     assert "smollm2-135m, on held-out prose" in headline.merge_section([real], compact=True).notes[1]
 
 
+def test_the_full_tables_say_what_went_wrong_under_a_table_with_an_errored_row():
+    def row(status: str, error: str | None) -> dict:
+        return {"suite": "serving", "test": f"suites/test_serving.py::test_x[{status}]", "model": "smollm2-135m", "quant": "bf16",
+                "lora": None, "workload": None, "status": status, "metrics": {"n": 1}, "units": {"n": "n"}, "warnings": [], "samples": {},
+                "error": error}
+
+    records = [row("ok", None), row("error", "AssertionError: rows [2] of the mixed batch differ\nTraceback ..."), row("oom", "x" * 400)]
+    lines = markdown.full_tables(records)
+    assert "error: smollm2-135m bf16: AssertionError: rows [2] of the mixed batch differ" in lines
+    [oom] = [line for line in lines if line.startswith("oom: ")]
+    assert oom == "oom: smollm2-135m bf16: " + "x" * 297 + "..."
+    assert table.error_notes([row("ok", None)]) == []
+
+
 def test_the_merge_headline_says_when_the_models_logits_differ_in_spread():
     """T5's random output layer gives logits 47x a random Llama's: its KLs are not comparable with
     Llama's, and the merge section says so, naming each model's spread."""

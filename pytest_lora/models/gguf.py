@@ -130,13 +130,15 @@ def _no_progress_bars() -> Iterator[None]:
     import transformers
     from transformers import modeling_gguf_pytorch_utils as reader
 
-    bars, reader_bar = transformers.utils.logging.is_progress_bar_enabled(), reader.tqdm
+    bars, reader_bar = transformers.utils.logging.is_progress_bar_enabled(), getattr(reader, "tqdm", None)
     transformers.utils.logging.disable_progress_bar()
-    reader.tqdm = lambda iterable, *args, **kwargs: iterable
+    if reader_bar is not None:  # a transformers whose reader has no bar of its own has nothing to switch off
+        reader.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
         yield
     finally:
-        reader.tqdm = reader_bar
+        if reader_bar is not None:
+            reader.tqdm = reader_bar
         if bars:
             transformers.utils.logging.enable_progress_bar()
 

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable
 
 from . import catalog, grid, headline, plots
-from .table import REGRESSION_HEADER, by_suite, config_label, format_change, format_value, regression_row, row_notes, rows
+from .table import REGRESSION_HEADER, by_suite, config_label, format_change, format_value, regression_row, error_notes, row_notes, rows
 
 STATUS_ORDER = ("ok", "oom", "error", "skipped")
 
@@ -187,7 +187,7 @@ def full_tables(records: list[dict[str, Any]]) -> list[str]:
         out.extend([f"### {suite}", ""])
         out.extend(table(header, body, text_columns))
         out.append("")
-        out.extend(line for note in row_notes(suite_records) for line in (escape(note), ""))
+        out.extend(line for note in row_notes(suite_records) + error_notes(suite_records) for line in (escape(note), ""))
     return out
 
 

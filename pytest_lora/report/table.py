@@ -100,6 +100,22 @@ def row_notes(records: list[dict[str, Any]]) -> list[str]:
             "A random T5's output layer is drawn with std 1.0 (transformers' T5 _init_weights), a random Llama's with 0.02."]
 
 
+ERROR_NOTE_CHARS = 300  # an error's message under its table: its first line, shortened
+
+
+def error_notes(records: list[dict[str, Any]]) -> list[str]:
+    """What went wrong, under a table whose rows say ``error`` or ``oom``: each such record's
+    config and the first line of its message (the traceback stays in pytest's output)."""
+    notes = []
+    for record in records:
+        if record.get("status") in ("error", "oom") and record.get("error"):
+            first = str(record["error"]).strip().splitlines()[0]
+            if len(first) > ERROR_NOTE_CHARS:
+                first = first[: ERROR_NOTE_CHARS - 3] + "..."
+            notes.append(f"{record['status']}: {config_label(record)}: {first}")
+    return notes
+
+
 def config_label(record: dict[str, Any]) -> str:
     """A config in a few words: ``llama-3.2-1b-tiny nf4 r8 a16 all-linear 2x64``."""
     parts = [record.get("model"), record.get("quant")]
