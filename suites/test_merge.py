@@ -32,9 +32,12 @@ bit; a merged model saved and reloaded computes the same logits. Several adapter
 
 Random deep models are chaotic (quantizing a random Llama-3-8B shape to nf4 changed its logits
 by 94% on an H200), so the weight and layer checks are the proof and the logits are context.
-``test_merge_on_a_trained_model`` repeats the comparison on a small model trained on a synthetic
-language and fine-tuned with LoRA on another, where logits mean something: there the loss of
-each merged model on the fine-tuning task is recorded beside the unmerged one's.
+``test_merge_on_a_trained_model`` repeats the comparison where logits mean something: on the
+matrix's pretrained checkpoint, with an adapter fine-tuned on two-digit addition (once, on the
+float32 weights, then put on each format's base), else on a small model trained on a synthetic
+language and fine-tuned with LoRA on another on each format's base. The loss (and, on addition,
+the exact match) of each merged model on the fine-tuning task's held-out blocks is recorded beside
+the unmerged one's and the base's before fine-tuning.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.specs import LoraSpec, WorkloadSpec, full_precision
+from pytest_lora.specs import WorkloadSpec, full_precision
 
 from pytest_lora.lazy import lazy_import
 
@@ -235,38 +238,34 @@ def _check_layers_compute_alike(layers, dequantized_model, dtype, lora_bench) ->
         lora_bench.check(((actual - expected).abs() <= bound).all(), f"{name}: dequantize-then-merge differs beyond {dtype} rounding")
 
 
-FINE_TUNE_STEPS = 60
-
-
-def task_base(trained, quant_spec, device):
-    """The trained task model stored as ``quant_spec`` (quantized in place from the trained weights)."""
-    dtype = getattr(torch, quant_spec.dtype) if quant_spec.dtype else torch.float32
-    model = build.instantiate(trained.config, device, dtype)
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in trained.state.items()})
-    return quantize.quantize_model(model, quant_spec) if quant_spec.is_quantized else model
-
-
 @pytest.mark.usefixtures("quant_format")  # a format that cannot run here skips
-def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, lora_bench):
-    """A model that has learnt language A, fine-tuned with LoRA on language B, then merged."""
-    trained = trained_task_model
-    config = adapters.lora_config_for(LoraSpec(r=8, alpha=16, targets="all-linear"), trained.config, quant_spec)
-    lora_bench.describe(model=trained.name, lora=config)
-    model = peft.get_peft_model(task_base(trained, quant_spec, lora_device), config)
-    tasks.train(model, trained.task_b.sampler(16, 64), FINE_TUNE_STEPS, lr=1e-3, seed=1, device=lora_device)
+def test_merge_on_a_trained_model(merge_task, quant_spec, lora_device, lora_bench):
+    """A model whose logits mean something, LoRA-fine-tuned on a task it did not know, then merged.
+
+    On the matrix's pretrained checkpoint: an adapter that learnt two-digit addition, compared on
+    held-out problems (loss and exact match of each merge beside the unmerged adapter's). Else
+    the synthetic task model, fine-tuned on its second language on each format's base.
+    """
+    task = merge_task
+    config = adapters.lora_config_for(task.lora, task.config, quant_spec)
+    lora_bench.describe(model=task.name, lora=config)
+    model = task.adapted(task.base(quant_spec), config)
+    lora_bench.record("adapter_trained_on_this_base", float(task.trained_on_each_base), "bool")
     layers = merge.lora_layers(model)
     relative = max((merge.expected_delta(l, config).norm() / merge.dequantized(l.get_base_layer()).double().norm().cpu()).item() for l in layers.values())
     lora_bench.record("relative_update", relative, "||sBA||/||W||")
-    ids = trained.task_b.sample(16, 64, torch.Generator().manual_seed(7)).to(lora_device)
+    lora_bench.record("base_loss_b", task.base_loss, "nats")
+    if task.base_exact is not None:
+        lora_bench.record("base_exact_b", task.base_exact, "fraction")
+    ids = task.eval_ids
     model.eval()
     reference = logits_of(model, ids)
-    lora_bench.record("unmerged_loss_b", tasks.causal_loss(reference, ids).item(), "nats")
+    record_task(lora_bench, task, reference, "unmerged")
 
     candidates = {}
     if quant_spec.is_quantized:
-        original = task_base(trained, full_precision(quant_spec), lora_device)
-        candidates["_original"] = merge.merge_into(original, model, config, dequantize_base=False)
-        blank = build.instantiate(trained.config, lora_device, getattr(torch, quant_spec.dtype))
+        candidates["_original"] = merge.merge_into(task.base(full_precision(quant_spec)), model, config, dequantize_base=False)
+        blank = build.instantiate(task.config, lora_device, getattr(torch, quant_spec.dtype))
         candidates["_dequantize"] = merge.merge_into(blank, model, config, dequantize_base=True)
         suffix = "_requantize"
     else:
@@ -275,7 +274,15 @@ def test_merge_on_a_trained_model(trained_task_model, quant_spec, lora_device, l
     for name, candidate in candidates.items():
         logits = logits_of(candidate, ids)
         record_agreement(lora_bench, reference, logits, name)
-        lora_bench.record(f"merged_loss_b{name}", tasks.causal_loss(logits, ids).item(), "nats")
+        record_task(lora_bench, task, logits, f"merged{name}")
+
+
+def record_task(lora_bench, task, logits: torch.Tensor, prefix: str) -> None:
+    """The fine-tuning task read from ``logits``: its loss, and its exact match where it has answers."""
+    name, _, suffix = prefix.partition("_")
+    lora_bench.record(f"{name}_loss_b{'_' + suffix if suffix else ''}", tasks.causal_loss(logits, task.eval_ids).item(), "nats")
+    if task.exact_match is not None:
+        lora_bench.record(f"{name}_exact_b{'_' + suffix if suffix else ''}", task.exact_match(logits, task.eval_ids), "fraction")
 
 
 def first_lora(lora_matrix, model_spec, quant_spec):

@@ -174,3 +174,32 @@ def test_a_checkpoint_with_a_tokenizer_runs_the_real_text_experiment(pytester, t
     assert 0 <= lora["learn_exact_match_after"] <= 1
     full = [records[f"test_forgetting_full_finetuning[lr-{rate}]"]["metrics"]["fine_tune_lr"] for rate in ("higher", "lower")]
     assert tuple(full) == forgetting.REAL_FULL_LRS
+
+
+@pytest.mark.slow
+def test_the_trained_merge_on_a_checkpoint_that_reads_text_merges_an_adapter_that_learnt_addition(pytester, tmp_path):
+    """On a checkpoint with a tokenizer, the trained-model merge fine-tunes one adapter on
+    addition (on the float32 weights) and puts it on each format's base: there it has learnt (the
+    loss below the base's on both bases), a float32 merge computes what it computed, and each
+    merge's loss and exact match on the held-out problems are recorded."""
+    checkpoint = tmp_path / "reads-text"
+    save_with_character_tokenizer(checkpoint)
+    suites = Path(__file__).parents[1] / "suites"
+    (pytester.path / "suites").mkdir()
+    for name in ("conftest.py", "test_merge.py"):
+        (pytester.path / "suites" / name).write_text((suites / name).read_text())
+    result = pytester.runpytest("--lora-bench", "suites", f"--lora-models={checkpoint}", "--lora-quant=fp32,nf4",
+                                "-k", "test_merge_on_a_trained_model", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    records = {r["quant"]: r for r in json.loads((pytester.path / "results" / "latest.json").read_text())["records"]}
+    assert {r["model"] for r in records.values()} == {"reads-text (LoRA on addition)"}
+    fp32, nf4 = records["fp32"]["metrics"], records["nf4"]["metrics"]
+    assert fp32["adapter_trained_on_this_base"] == nf4["adapter_trained_on_this_base"] == 0
+    assert fp32["base_loss_b"] == nf4["base_loss_b"]  # one base before fine-tuning
+    assert fp32["base_exact_b"] == nf4["base_exact_b"] and 0 <= fp32["base_exact_b"] <= 1
+    for metrics in (fp32, nf4):  # the adapter loaded is the one that learnt: an untrained one scores the base's loss
+        assert metrics["unmerged_loss_b"] < metrics["base_loss_b"] - 0.1
+    assert fp32["merge_kl"] < 1e-6 and fp32["merged_loss_b"] == pytest.approx(fp32["unmerged_loss_b"], abs=1e-4)
+    assert fp32["merged_exact_b"] == fp32["unmerged_exact_b"]
+    assert nf4["merge_kl_dequantize"] < 1e-3 and nf4["merged_loss_b_original"] == pytest.approx(fp32["unmerged_loss_b"], abs=1e-3)
+    assert all(0 <= nf4[f"merged_exact_b_{s}"] <= 1 for s in ("original", "dequantize", "requantize"))

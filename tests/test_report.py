@@ -596,6 +596,26 @@ def test_the_merge_headline_leads_with_the_model_measured_on_text_and_names_each
     assert "smollm2-135m, on held-out prose" in headline.merge_section([real], compact=True).notes[1]
 
 
+def test_the_merge_headline_says_what_each_merge_keeps_of_a_fine_tune_that_has_answers():
+    """On a task with answers (addition on a pretrained checkpoint) the merge section says the
+    exact match of the unmerged adapter and of each strategy, per format in the matrix's order,
+    beside the base's before fine-tuning; a task without answers adds no note."""
+    def trained(quant: str, **exact: float) -> dict:
+        metrics = {"merge_kl_dequantize": 1e-3, "merge_top1_dequantize": 0.99, "base_exact_b": 0.026, **exact}
+        return {"suite": "merge", "test": f"suites/test_merge.py::{catalog.MERGE_TRAINED}[{quant}]", "model": "smollm2-135m (LoRA on addition)",
+                "quant": quant, "lora": None, "workload": None, "status": "ok", "metrics": metrics, "units": {}, "warnings": [], "samples": {}}
+
+    nf4 = trained("nf4", unmerged_exact_b=0.573, merged_exact_b_requantize=0.042, merged_exact_b_dequantize=0.573, merged_exact_b_original=0.615)
+    bf16 = trained("bf16", unmerged_exact_b=0.594, merged_exact_b=0.604)
+    [note] = headline.fine_tune_kept_notes([nf4, bf16])
+    assert note == ("What each merge keeps of a fine-tune (smollm2-135m (LoRA on addition), test_merge_on_a_trained_model): exact match on "
+                    "the task's held-out problems, 2.6% before fine-tuning; bf16 unmerged 59.4%, peft merge 60.4%; nf4 unmerged 57.3%, "
+                    "peft merge 4.2%, dequantized 57.3%, original 61.5%.")
+    assert note in headline.merge_section([nf4, bf16]).notes
+    without_answers = {**bf16, "metrics": {"merge_kl_dequantize": 1e-3, "merge_top1_dequantize": 0.99, "unmerged_loss_b": 1.2}}
+    assert headline.fine_tune_kept_notes([without_answers]) == []
+
+
 def test_the_full_tables_say_what_went_wrong_under_a_table_with_an_errored_row():
     def row(status: str, error: str | None) -> dict:
         return {"suite": "serving", "test": f"suites/test_serving.py::test_x[{status}]", "model": "smollm2-135m", "quant": "bf16",

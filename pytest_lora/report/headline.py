@@ -217,7 +217,26 @@ def merge_section(records: list[dict[str, Any]], compact: bool = False) -> Secti
         notes = [merge_verdict(errors), f"KL [nats] and top-1 agreement against the unmerged adapter; {what}."]
     else:
         notes.extend(f"{name}: {description}." for name, (_, description) in STRATEGIES.items() if name in strategies)
-    return Section("merge", "Merge fidelity", header, rows, 1, notes + logit_scale_notes(chosen))
+    return Section("merge", "Merge fidelity", header, rows, 1, notes + logit_scale_notes(chosen) + fine_tune_kept_notes(records))
+
+
+def fine_tune_kept_notes(records: list[dict[str, Any]]) -> list[str]:
+    """What each merge keeps of a fine-tune, read as answers: the trained-model merge's exact match
+    on the fine-tuning task's held-out problems, unmerged and per strategy, beside the base's
+    before fine-tuning (where the task has answers: addition on a pretrained checkpoint)."""
+    trained = [r for r in ok_records(records, catalog.MERGE_TRAINED) if r["metrics"].get("unmerged_exact_b") is not None]
+    if not trained:
+        return []
+    parts = []
+    for record in sorted(trained, key=lambda r: quant_order(r["quant"])):
+        metrics = record["metrics"]
+        merged = [(name, metrics.get(f"merged_exact_b{suffix}")) for name, (suffix, _) in STRATEGIES.items()]
+        merged = [(name, value) for name, value in merged if value is not None] or [("peft merge", metrics.get("merged_exact_b"))]
+        parts.append(f"{record['quant']} unmerged {format_pct(metrics['unmerged_exact_b'])}, "
+                     + ", ".join(f"{name} {format_pct(value)}" for name, value in merged))
+    before = trained[0]["metrics"].get("base_exact_b")
+    return [f"What each merge keeps of a fine-tune ({trained[0]['model']}, {catalog.MERGE_TRAINED}): exact match on the task's "
+            f"held-out problems{f', {format_pct(before)} before fine-tuning' if before is not None else ''}; " + "; ".join(parts) + "."]
 
 
 def logit_scale_notes(records: list[dict[str, Any]]) -> list[str]:
