@@ -44,14 +44,16 @@ bench: $(VENV)/.installed
 # results/published/ (the run's own files; latest.* would only repeat them). The run writes outside
 # the checkout, so that the commit it records is the checkout as committed (not dirty).
 # The pretrained model's run (`make publish-real`, the matrix of `make bench-real`) goes beside it,
-# under results/published/real/, and its headline leads the README.
+# under results/published/real/, and its headline leads the README. Its matrix is MATRIX, not ARGS:
+# `make publish-real ARGS=--durations=30` adds to the real matrix (make's command-line ARGS would
+# replace a target's `ARGS +=`, and the tiny matrix would be published as the real one).
 publish: PUBLISHED = results/published
 publish: WHICH = tiny
 publish-real: PUBLISHED = results/published/real
 publish-real: WHICH = real
-publish-real: ARGS += --lora-matrix=real --lora-seeds=2
+publish-real: MATRIX = --lora-matrix=real --lora-seeds=2
 publish publish-real: $(VENV)/.installed
-	out=$$(mktemp -d) && $(PY) -m pytest --lora-bench --lora-results=$$out/published $(ARGS) && \
+	out=$$(mktemp -d) && $(PY) -m pytest --lora-bench --lora-results=$$out/published $(MATRIX) $(ARGS) && \
 	mkdir -p $(PUBLISHED) && find $(PUBLISHED) -maxdepth 1 -type f -delete && mv $$out/published/* $(PUBLISHED)/ && rm -r $$out
 	rm -f $(PUBLISHED)/latest.*
 	$(PY) -c "import json, pathlib; from pytest_lora.report import markdown as m; \

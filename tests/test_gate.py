@@ -29,6 +29,7 @@ from pytest_lora.gate import rules
 ONE = ("--lora-models=llama-3.2-1b-tiny", "--lora-quant=bf16", "--lora-ranks=16", "--lora-targets=default", "--lora-optimizers=adamw")
 STEP_CONFIG = "test_step_time[llama-3.2-1b-tiny-bf16-r16-a32-default-d0.05-b2xs64-adamw]"
 STEP = "test_step_time and not overhead and not build"  # -k: the training step only
+MACHINE_LOAD_RULE = cpu.MachineLoad.busy  # before a test switches it off
 
 
 @pytest.fixture(scope="module")
@@ -203,16 +204,27 @@ def test_a_step_slowed_by_a_planted_sleep_fails(pytester, step_baseline, slow_st
         assert any(metric in line and config in line for line in verdict.stdout.splitlines()), (config, metric)
 
 
-def test_a_timing_change_inside_the_noise_does_not_fail(pytester, step_baseline, slow_steps):
-    """A sleep of 5% of a step: possibly significant, but not past the threshold."""
+def test_a_timing_change_inside_the_noise_does_not_fail(pytester, step_baseline, slow_steps, monkeypatch):
+    """A sleep of 5% of a step, with the default options: possibly significant, but not past the
+    threshold, so the run passes.
+
+    The run is timed under the machine-load rule a user has (``step_baseline`` switched it off for
+    the baseline only): this test shares 2 cores with another xdist worker, and one CI run's steps
+    took +109% (first run) and +124% (its rerun) while that worker ran beside them. A user's
+    gate on such a machine says the timing is not comparable instead of failing, and so must this
+    run; what it may not do is count the 5% or the neighbour as a regression.
+    """
     baseline = step_baseline
     step = json.loads(baseline.read_text())
     [median] = [r["metrics"]["step_time_median_s"] for r in step["records"] if r["test"].endswith(STEP_CONFIG)]
+    monkeypatch.setattr(cpu.MachineLoad, "busy", MACHINE_LOAD_RULE)
     slow_steps(median * 0.05)
-    # --lora-confirm: a first run that a rebuilt base made twice as slow (it happens: see below) is rerun
-    result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}", "--lora-confirm")
-    assert result.ret == 0, result.stdout.str()[-3000:]
-    gate = document(pytester)["run"]["gate"]
+    result = bench(pytester, "-k", STEP, f"--lora-compare={baseline}")
+    data = document(pytester)
+    [record] = [r for r in data["records"] if r["test"].endswith(STEP_CONFIG)]
+    load = {key: record["metrics"].get(key) for key in ("cpu_pressure", "other_cpu_load")}
+    assert result.ret == 0, (load, result.stdout.str()[-3000:])
+    gate = data["run"]["gate"]
     assert gate["regressions"] == [] and gate["checks"] >= 2  # the step time and tokens/s were judged
 
 
