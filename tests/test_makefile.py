@@ -1,4 +1,5 @@
-"""The Makefile on a GPU host: a Python that already has torch keeps its stack."""
+"""The Makefile: on a GPU host a Python that already has torch keeps its stack; the published runs
+run the matrix they are published as."""
 
 from __future__ import annotations
 
@@ -35,3 +36,18 @@ def test_a_host_python_without_torch_gets_a_venv_of_its_own(tmp_path):
     python.chmod(0o755)
     commands = dry_run(tmp_path, str(python))
     assert f"-m venv {tmp_path / 'venv'}" in commands and "--system-site-packages" not in commands
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("args", [(), ("ARGS=--durations=30",)], ids=["plain", "with-args"])
+def test_publish_real_runs_the_real_matrix_whatever_args_adds(tmp_path, args):
+    """A user's ARGS is added to the real matrix: a command-line ARGS once replaced it, and the
+    tiny matrix's run was written where the real model's belongs."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()  # up to date: make prints the run, not an install
+    done = subprocess.run(["make", "-n", "publish-real", f"VENV={venv}", *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    [run] = [line for line in done.stdout.splitlines() if "-m pytest --lora-bench" in line]
+    assert "--lora-matrix=real --lora-seeds=2" in run and "results/published/real" in done.stdout
+    assert all(arg.split("=", 1)[1] in run for arg in args)
