@@ -91,7 +91,7 @@ def forgetting_experiment(lora_session, lora_device: str, request):
 MERGE_LORA = {"r": 8, "alpha": 16, "targets": "all-linear"}
 MERGE_LR = 1e-3
 SYNTHETIC_MERGE_STEPS, SYNTHETIC_MERGE_BATCH = 60, (16, 64)  # on each format's base, as QLoRA trains
-PRETRAINED_MERGE_STEPS = 20  # once, on the checkpoint's float32 weights: 8 x 64 tokens a step, 1.3 s each here
+PRETRAINED_MERGE_STEPS, PRETRAINED_MERGE_BATCH = 20, 8  # once, on the checkpoint's float32 weights: 1.3 s a step here
 EVAL_BLOCKS = 16  # held-out blocks of the fine-tuning task the merges are compared on
 
 
@@ -169,7 +169,7 @@ def pretrained_merge_task(lora_session, pretrained: Any, device: str) -> MergeTa
 
     from pytest_lora.measure import forgetting, tasks
     from pytest_lora.models import adapters, build
-    experiment = forgetting.real_text_experiment(pretrained.path, device, pretrained.id)
+    experiment = forgetting.real_text_experiment(pretrained.path, device, pretrained.id, batch=PRETRAINED_MERGE_BATCH)
     ids = experiment.learn_eval[:EVAL_BLOCKS]
     model = experiment.make_base().eval()
     base_loss, _, base_exact = tasks.evaluate(model, ids, experiment.exact_match, with_exact=True)
