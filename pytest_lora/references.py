@@ -36,3 +36,9 @@ H200 = (
     StepFigure("llama-3.1-8b", "nf4", 2, False, 467, 8_770, 47.5, 5.53),
     StepFigure("llama-3.1-8b", "nf4", 2, True, 664, 6_169, 12.5, 5.53),
 )
+
+# The same host, one-off figures (the estimate of make gpu-check's wall time uses them).
+FIRST_STEP_S = 2.45  # the first training step of a process: library and allocator warm-up
+BUILD_S = 0.08 + 0.15  # the 8B shape in nf4: built in bf16 on the GPU, then each Linear weight quantized in place
+SAVE_PRETRAINED_S, SAVE_PRETRAINED_GIB = 4.2, 2.87  # save_pretrained of the 1B shape; its size not given there: its bf16 weights assumed
+FROM_PRETRAINED_S = 0.53  # from_pretrained of the 1B shape with BitsAndBytesConfig(load_in_4bit=True)
