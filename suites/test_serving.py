@@ -141,7 +141,9 @@ def test_mixed_adapter_batch(base_model, serving_lora, model_spec, serve_spec, a
             model.set_adapter(name)
             alone[name] = serving.last_logits(model, ids)
         mixed = serving.last_logits(model, ids, adapter_names=routed)
-        noise = serving.batch_shape_noise(model, ids, alone, routed)
+        shape_noise = serving.batch_shape_noise(model, ids, alone, routed)
+        path_noise = serving.mixed_path_noise(model, ids, alone, names)
+        noise = max(shape_noise, path_noise)  # the rounding a correct mixed batch may show
         warmup, rounds = lora_session.steps("warmup"), lora_session.steps("rounds")
         with cpu.recorded_conditions(lora_session.timing_threads(), lora_bench):
             model.set_adapter(names[0])
@@ -153,17 +155,18 @@ def test_mixed_adapter_batch(base_model, serving_lora, model_spec, serve_spec, a
     lora_bench.record("mixed_batch_rows", len(assignment), "rows")
     lora_bench.record("mixed_batch_max_abs_err", check.max_abs_err, "logit")
     lora_bench.record("adapter_separation", check.separation, "logit")
-    lora_bench.record("batch_shape_noise", noise, "logit")
+    lora_bench.record("batch_shape_noise", shape_noise, "logit")
+    lora_bench.record("mixed_path_noise", path_noise, "logit")
     record_latency_pair(lora_bench, single.prefill, together.prefill)
     lora_bench.record("resident_adapter_bytes", resident, "bytes")
     lora_bench.record("analytic_resident_adapter_bytes", adapter_count * per_adapter, "bytes")
     if serving.NOISE_FACTOR * noise >= check.separation:  # LLM.int8 picks its outlier columns over the whole batch
-        lora_bench.warn(f"the batch-shape noise ({noise:.3g} logits) is as large as the adapters lie apart ({check.separation:.3g}): "
+        lora_bench.warn(f"the batch-shape or mixed-path noise ({noise:.3g} logits) is as large as the adapters lie apart ({check.separation:.3g}): "
                         "beyond routing every row nearer its own adapter, this mixed batch can't be checked finer")
     lora_bench.check(not check.wrong_rows, f"rows {check.wrong_rows[:5]} of the mixed batch are nearer another adapter's output than their own")
     lora_bench.check(not check.beyond_rounding, f"rows {check.beyond_rounding[:5]} of the mixed batch differ from their adapter "
-                     f"alone by more than {serving.ROUNDING_ULPS} roundings of the logits and {serving.NOISE_FACTOR}x the batch-shape "
-                     f"noise {noise:.3g} (largest {check.max_abs_err:.3g})")
+                     f"alone by more than {serving.ROUNDING_ULPS} roundings of the logits and {serving.NOISE_FACTOR}x the noise of a "
+                     f"batch shape or of peft's mixed path, {noise:.3g} (largest {check.max_abs_err:.3g})")
     if lora_gpu is None:  # tensors summed: exact; a GPU's allocator rounds each block up
         lora_bench.check(resident == adapter_count * per_adapter, f"{resident:,d} B resident for {adapter_count} adapters, "
                          f"{adapter_count * per_adapter:,d} B expected")

@@ -130,6 +130,38 @@ def test_batch_shape_noise_runs_each_row_alone_with_its_adapter(monkeypatch):
     assert calls == [("a", [[0, 1]]), ("b", [[2, 3]]), ("a", [[4, 5]])]
 
 
+def test_peft_s_mixed_path_rounds_in_half_precision_and_its_noise_is_measured_with_no_routing():
+    """peft's mixed-batch path rounds each LoRA term to bf16 before adding it, a plain forward
+    adds it in float32: every row routed to one adapter already differs from that adapter alone
+    in bf16 (0 in float32), and ``mixed_path_noise`` is that difference, per adapter."""
+    import copy
+
+    import peft
+
+    from pytest_lora.models import build, registry
+
+    def noise(dtype):
+        torch.manual_seed(0)
+        base = build.instantiate(registry.load_config_dict("llama-3.2-1b-tiny"), "cpu", dtype).eval()
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(base, copy.deepcopy(config))
+        model.add_adapter("b", copy.deepcopy(config))
+        model.eval()
+        ids = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(1))
+        alone = {}
+        for name in ("default", "b"):
+            model.set_adapter(name)
+            alone[name] = serving.last_logits(model, ids)
+        measured = serving.mixed_path_noise(model, ids, alone, ["default", "b"])
+        model.set_adapter("b")
+        by_hand = (serving.last_logits(model, ids, adapter_names=["b"] * 4).float() - alone["b"].float()).abs().max().item()
+        return measured, by_hand
+
+    measured, by_hand = noise(torch.bfloat16)
+    assert measured >= by_hand > 0
+    assert noise(torch.float32)[0] < 1e-5
+
+
 def test_the_suite_fails_on_a_mixed_batch_that_routes_a_row_to_the_wrong_adapter(pytester, suite):
     pytester.makepyfile(planted_routing="""
         import peft
@@ -163,6 +195,7 @@ def test_a_mixed_batch_whose_noise_hides_misrouting_says_so(pytester, suite):
         @pytest.fixture(autouse=True)
         def planted(monkeypatch):
             monkeypatch.setattr(serving, "batch_shape_noise", lambda *args: 50.0)
+            monkeypatch.setattr(serving, "mixed_path_noise", lambda *args: 0.0)
         """)
     pytester.syspathinsert()
     suite((SUITES / "test_serving.py").read_text(), name="test_serving_copy.py")

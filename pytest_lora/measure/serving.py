@@ -193,6 +193,23 @@ def batch_shape_noise(model: nn.Module, ids: torch.Tensor, alone: dict[str, torc
     return noise
 
 
+def mixed_path_noise(model: nn.Module, ids: torch.Tensor, alone: dict[str, torch.Tensor], names: list[str]) -> float:
+    """The largest change of an adapter's logits when every row of the batch goes through peft's
+    mixed-batch path routed to that one adapter: what the mixed path computes differently with no
+    routing to get wrong. peft rounds each adapter's LoRA term to the result's dtype before adding
+    it there (``result[rows] += lora_output.to(torch_result_dtype)``, peft 0.21.2
+    tuners/lora/layer.py:883), where a plain forward adds the float32 term and rounds once
+    (``result = result + lora_B(lora_A(dropout(x))) * scaling``, line 1102): in bf16 through
+    SmolLM2's 30 layers that is 1.1 logits, while a batch of one matches the batch exactly on
+    some CPUs (``batch_shape_noise`` 0). Leaves the last of ``names`` active."""
+    noise = 0.0
+    for name in names:
+        model.set_adapter(name)
+        routed = last_logits(model, ids, adapter_names=[name] * len(ids)).float()
+        noise = max(noise, (routed - alone[name].float()).abs().max().item())
+    return noise
+
+
 def adapter_bytes(model: nn.Module, names: list[str]) -> int:
     """Bytes of the LoRA tensors of the named adapters held by ``model`` (each storage once)."""
     seen: dict[tuple[str, int], int] = {}
