@@ -26,17 +26,21 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import tomllib
 
 from .models.resolve import resolve_model
-from .specs import (BIAS_MODES, GROUP_SIZES, OPTIMIZERS, QUANTIZATIONS, TARGET_KEYWORDS, VARIANTS, LoraSpec, Matrix, MatrixError,
-                    QuantSpec, ServeSpec, WorkloadSpec)
+from .specs import (BIAS_MODES, GROUP_SIZES, INITS, LOFTQ_FORMATS, OPTIMIZERS, QUANTIZATIONS, TARGET_KEYWORDS, VARIANTS,
+                    FineTuneSpec, LoraSpec, Matrix, MatrixError, QuantSpec, ServeSpec, WorkloadSpec)
 
 DEFAULT_MATRIX_FILE = Path(__file__).with_name("default_matrix.toml")
+# Suites a matrix layer may hold a table of keys for (``[quality]``, ``[cpu.quality]`` in the
+# default): they replace the layer's keys for that suite's tests only. The quality suite
+# fine-tunes every config for seeds x steps: the defaults give it a slice of the formats.
+SUITE_TABLES = ("quality",)
 # Matrices shipped with the plugin, named by ``--lora-matrix=NAME`` where no file of that name exists
 EMBEDDED_MATRICES = {"real": Path(__file__).with_name("real_matrix.toml")}
 
@@ -60,6 +64,9 @@ MATRIX_KEYS = (
     "prompt_len",
     "new_tokens",
     "serve_batch",
+    "learning_rates",
+    "inits",
+    "full_learning_rates",
 )
 
 
@@ -82,11 +89,16 @@ class MatrixFile:
     where: str
     keys: dict[str, Any]
     gate: dict[str, Any]
+    suites: dict[str, dict[str, Any]] = field(default_factory=dict)  # a ``SUITE_TABLES`` table's keys
 
     @property
     def layer(self) -> dict[str, RawValue]:
         """Its keys as a layer of the matrix; its relative paths are relative to the file."""
         return mapping_layer(self.keys, f"{self.where} ({self.path.name})", base_dir=self.path.parent)
+
+    def suite_layer(self, suite: str) -> dict[str, RawValue]:
+        """Its ``[suite]`` table's keys as a layer (empty without one)."""
+        return mapping_layer(self.suites.get(suite, {}), f"{self.where} ({self.path.name}) [{suite}]", base_dir=self.path.parent)
 
 
 def read_file(path: Path, where: str) -> MatrixFile:
@@ -95,7 +107,9 @@ def read_file(path: Path, where: str) -> MatrixFile:
     gate = data.pop("gate", {})
     if not isinstance(gate, dict):
         raise MatrixError(f"{where} ({path.name})", gate, "is not a [gate] table", '[gate] fail = ["METRIC[:STAT]:THRESHOLD", ...]')
-    return MatrixFile(path, where, data.get("matrix", data), gate)
+    keys = dict(data.get("matrix", data))
+    suites = {suite: keys.pop(suite) for suite in SUITE_TABLES if isinstance(keys.get(suite), dict)}
+    return MatrixFile(path, where, keys, gate, suites)
 
 
 def load_toml(path: Path, where: str) -> dict[str, Any]:
@@ -108,10 +122,13 @@ def load_toml(path: Path, where: str) -> dict[str, Any]:
         raise MatrixError(where, str(path), f"is not valid TOML ({error})") from None
 
 
-def default_layer(device_kind: str) -> dict[str, RawValue]:
-    """The embedded default matrix for ``cpu`` or ``cuda``."""
+def default_layer(device_kind: str, suite: str | None = None) -> dict[str, RawValue]:
+    """The embedded default matrix for ``cpu`` or ``cuda`` (its ``[<device>.<suite>]`` table with a suite)."""
     data = tomllib.loads(DEFAULT_MATRIX_FILE.read_text(encoding="utf-8"))[device_kind]
-    return {key: RawValue(_as_tuple(value), f"default matrix [{device_kind}] {key}") for key, value in data.items()}
+    where = f"default matrix [{device_kind}]"
+    if suite is not None:
+        data, where = data.get(suite, {}), f"default matrix [{device_kind}.{suite}]"
+    return {key: RawValue(_as_tuple(value), f"{where} {key}") for key, value in data.items() if key not in SUITE_TABLES}
 
 
 def mapping_layer(data: dict[str, Any], where: str, base_dir: Path | None = None) -> dict[str, RawValue]:
@@ -153,10 +170,11 @@ def option_layer(options: dict[str, tuple[str, str, Path | None]]) -> dict[str, 
     return layer
 
 
-def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -> Matrix:
+def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None, device: str | None = None) -> Matrix:
     """Merge layers (later ones win key by key) and parse every value.
 
-    A relative model path is relative to its layer's directory, else to ``base_dir``.
+    A relative model path is relative to its layer's directory, else to ``base_dir``; ``device``
+    (``cpu`` or ``cuda``) is where the matrix will run, for what runs on one only.
     """
     merged: dict[str, RawValue] = {}
     for layer in layers:
@@ -196,7 +214,12 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None) -
     new_tokens = values("new_tokens", (4,), lambda v, where: _positive_int(v, where, "number of generated tokens"))
     serve_batches = values("serve_batch", (1,), lambda v, where: _positive_int(v, where, "serving batch size"))
     serving = _unique(ServeSpec(*s) for s in itertools.product(prompt_lens, new_tokens, serve_batches))
-    return Matrix(models, quants, loras, workloads, optimizers, serving)
+    lrs = values("learning_rates", (1e-3,), _parse_learning_rate)
+    inits = values("inits", ("default",), lambda v, where: _choice(v, where, INITS, "LoRA initialisation"))
+    _check_inits(inits, quants, merged.get("inits"), device)
+    fine_tunes = _unique(FineTuneSpec(lr, init) for lr, init in itertools.product(lrs, inits))
+    full = _unique(FineTuneSpec(lr, "full") for lr in values("full_learning_rates", (), _parse_learning_rate))
+    return Matrix(models, quants, loras, workloads, optimizers, serving, fine_tunes, full)
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -267,6 +290,30 @@ def _parse_alpha(value: Any, where: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise MatrixError(where, value, "is not a valid alpha", allowed)
     return lambda r, alpha=float(value): alpha
+
+
+def _parse_learning_rate(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise MatrixError(where, value, "is not a learning rate", "a finite positive number, e.g. 1e-3")
+    return number
+
+
+def _check_inits(inits: list[str], quants: tuple[QuantSpec, ...], raw: RawValue | None, device: str | None) -> None:
+    """An init no format of the matrix can take is an error before anything runs (LoftQ fits NF4
+    only); one that some formats take runs on those, and the others skip it saying why. peft's
+    LoftQ computes on a CUDA (or XPU) device whatever the model's device (``peft.utils.loftq_utils``:
+    ``compute_device = "cuda"``): on the CPU it is refused here rather than failing in every test."""
+    where = raw.where if raw else "inits"
+    if "loftq" in inits and device == "cpu":
+        raise MatrixError(where, "loftq", "runs on a GPU only (peft's LoftQ computes on CUDA)",
+                          ", ".join(i for i in INITS if i != "loftq") + " on the CPU")
+    if "loftq" in inits and not any(q.name in LOFTQ_FORMATS for q in quants):
+        raise MatrixError(where, "loftq", "needs a format LoftQ's quantizer fits, and the matrix has none "
+                          f"(quant: {', '.join(q.id for q in quants)})", "loftq with quant " + " or ".join(LOFTQ_FORMATS))
 
 
 def _parse_dropout(value: Any, where: str) -> float:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .specs import OPTIMIZERS, QUANTIZATIONS, shortened, shown, whole_number
+from .specs import INITS, OPTIMIZERS, QUANTIZATIONS, shortened, shown, whole_number
 
 DEVICES = ("auto", "cpu", "cuda")
 REPORTS = ("summary", "full")
@@ -113,6 +113,12 @@ def _two_learning_rates(setting: Setting) -> str | None:
     return f"{setting.shown} is not two learning rates; allowed: a higher and a lower finite positive number, e.g. 1e-4,1e-5"
 
 
+def _fraction(setting: Setting) -> str | None:
+    if setting.value is None or positive_float(setting.value) and float(setting.value) < 1:
+        return None
+    return f"{setting.shown} is not a fraction of the reference's improvement; allowed: a number in (0, 1), e.g. 0.75"
+
+
 def _text_file(setting: Setting) -> str | None:
     if not setting.value or setting.path().is_file():
         return None
@@ -177,6 +183,15 @@ OPTIONS: tuple[Option, ...] = (
            check=_text_file),
     Option("learn_data", "text or JSONL to fine-tune on in the forgetting experiment (with --lora-forget-data).", metavar="PATH",
            check=_text_file),
+    Option("learning_rates", "comma-separated LoRA learning rates of the quality suite (default 1e-3).", metavar="LR,..."),
+    Option("inits", "comma-separated adapter initialisations of the quality suite (peft's init_lora_weights): "
+           + ", ".join(INITS) + " (default: default).", metavar="INIT,..."),
+    Option("full_learning_rates", "comma-separated learning rates of the quality suite's full fine-tuning (default: none).",
+           metavar="LR,..."),
+    Option("quality_steps", "training steps of each quality run (default 30; 20 on a pretrained model).", metavar="N",
+           check=count_of("a step count", 2)),
+    Option("quality_target", "the quality suite's target: this fraction of the 16-bit LoRA's improvement of the held-out loss "
+           "(default 0.75).", metavar="FRACTION", check=_fraction),
     Option(
         "compare",
         "a results JSON, or a directory of earlier runs (the history), to compare this run with and gate on.",

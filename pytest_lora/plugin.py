@@ -36,12 +36,14 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
 )
 from .keys import RECORD_KEY, RECORDER_KEY, SESSION_KEY
 from .markers import suite_of
+from .matrix import SUITE_TABLES
 from .models import heap
 from .session import LoraSession
 
 MARKERS_KEY = pytest.StashKey[markers.SuiteMarkers]()
 DIMENSIONS = {"model_spec": "models", "quant_spec": "quants", "lora_spec": "loras", "workload_spec": "workloads",
-              "optimizer_spec": "optimizers", "serve_spec": "serving"}
+              "optimizer_spec": "optimizers", "serve_spec": "serving", "fine_tune_spec": "fine_tunes",
+              "full_fine_tune_spec": "full_fine_tunes"}
 SESSION_SCOPED = ("model_spec", "quant_spec")  # the base model's key: one build per value pair
 # Fixtures that build or measure on the device: before them, nothing of a failed test may be alive.
 LORA_FIXTURES = frozenset({"base_model", "lora_model", "lora_bench", "lora_gpu"})
@@ -98,6 +100,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
+        for suite in SUITE_TABLES:
+            lora.matrix_for(suite)
         data.check(lora.settings, lora.matrix)
 
 
@@ -137,9 +141,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     quantized = keys.pop("quantized", None)  # keep only quantized (True) or full-precision (False) bases
     if keys:
         where = f"lora_matrix marker of {metafunc.definition.nodeid}"
-        matrix = lora.build_matrix(keys, where=where, base_dir=metafunc.definition.path.parent)
+        matrix = lora.build_matrix(keys, where=where, base_dir=metafunc.definition.path.parent, suite=suite_of(metafunc.definition))
     else:
-        matrix = lora.matrix
+        matrix = lora.matrix_for(suite_of(metafunc.definition))
     for name in wanted:
         values = getattr(matrix, DIMENSIONS[name])
         if name == "quant_spec" and quantized is not None:

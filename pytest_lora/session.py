@@ -23,7 +23,7 @@ from .results import provenance
 from .run import Run
 from .specs import whole_number
 
-MATRIX_OPTIONS = ("models", "quant", "ranks", "targets", "optimizers")
+MATRIX_OPTIONS = ("models", "quant", "ranks", "targets", "optimizers", "learning_rates", "inits", "full_learning_rates")
 
 
 class LoraSession:
@@ -34,8 +34,9 @@ class LoraSession:
         self.settings = options.resolve(config)
         self.allocated_before_build: list[int] = []  # CUDA bytes allocated before each base build
         self._gpu: Any = "unresolved"
-        self._layers: list[dict[str, RawValue]] | None = None
+        self._layers: dict[str | None, list[dict[str, RawValue]]] = {}
         self._matrix: Matrix | None = None
+        self._suite_matrices: dict[str, Matrix] = {}
         self._peak: float | None | str = "unresolved"
         self.peak_source: str | None = None
         self.tests_total = 0  # selected tests, and how many have started: for the progress line
@@ -165,20 +166,25 @@ class LoraSession:
 
     # ----------------------------------------------------------------- matrix
 
-    def layers(self) -> list[dict[str, RawValue]]:
-        """Default matrix for the device, then the --lora-matrix file, then single options."""
-        if self._layers is None:
+    def layers(self, suite: str | None = None) -> list[dict[str, RawValue]]:
+        """Default matrix for the device, then the --lora-matrix file, then single options; for a
+        suite of ``matrix.SUITE_TABLES``, each layer's table for it right after that layer."""
+        if suite not in self._layers:
             layers = [matrix_module.default_layer(self.device_kind)]
+            if suite is not None:
+                layers.append(matrix_module.default_layer(self.device_kind, suite))
             if self.matrix_file is not None:
                 layers.append(self.matrix_file.layer)
+                if suite is not None:
+                    layers.append(self.matrix_file.suite_layer(suite))
             singles = {
                 name: (str(self.settings[name].value), self.settings[name].describe(), self.settings[name].base_dir)
                 for name in MATRIX_OPTIONS
                 if self.settings[name].is_set
             }
             layers.append(matrix_module.option_layer(singles))
-            self._layers = layers
-        return self._layers
+            self._layers[suite] = layers
+        return self._layers[suite]
 
     def _read_matrix_file(self) -> matrix_module.MatrixFile | None:
         """The ``--lora-matrix`` file, read once: the matrix's keys and the gate's rules."""
@@ -205,14 +211,24 @@ class LoraSession:
             self._matrix = self.build_matrix()
         return self._matrix
 
-    def build_matrix(self, overrides: dict[str, Any] | None = None, where: str = "", base_dir: Path | None = None) -> Matrix:
-        """The session's matrix, with some keys replaced (a test's ``lora_matrix`` marker, whose
-        relative paths are relative to the test's file: ``base_dir``)."""
+    def matrix_for(self, suite: str | None) -> Matrix:
+        """The matrix of one suite's tests: the session's, with the layers' tables for the suite
+        (``matrix.SUITE_TABLES``); a bad value is a ``pytest.UsageError``."""
+        if suite not in matrix_module.SUITE_TABLES:
+            return self.matrix
+        if suite not in self._suite_matrices:
+            self._suite_matrices[suite] = self.build_matrix(suite=suite)
+        return self._suite_matrices[suite]
+
+    def build_matrix(self, overrides: dict[str, Any] | None = None, where: str = "", base_dir: Path | None = None,
+                     suite: str | None = None) -> Matrix:
+        """The session's matrix (a suite's, with ``suite``), with some keys replaced (a test's
+        ``lora_matrix`` marker, whose relative paths are relative to the test's file: ``base_dir``)."""
         try:
-            layers = list(self.layers())
+            layers = list(self.layers(suite))
             if overrides:
                 layers.append(matrix_module.mapping_layer(overrides, where, base_dir))
-            return matrix_module.build(layers, base_dir=self.config.invocation_params.dir)
+            return matrix_module.build(layers, base_dir=self.config.invocation_params.dir, device=self.device_kind)
         except MatrixError as error:
             raise pytest.UsageError(str(error)) from None
 

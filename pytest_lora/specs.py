@@ -290,6 +290,45 @@ class ServeSpec:
         return asdict(self)
 
 
+# --------------------------------------------------------------------------- fine-tuning (the quality suite)
+
+# peft's ``init_lora_weights`` values the quality suite sweeps: ``default`` (peft's own: A
+# Kaiming-uniform, B zero), ``gaussian`` (A Gaussian, B zero), ``pissa`` and ``olora`` (the
+# adapter takes the weight's principal singular directions or its QR factors, and the base keeps
+# the residual), ``loftq`` (the adapter fits what 4-bit NF4 quantization loses, peft's
+# ``LoftQConfig``). peft's ``eva`` needs a data loader of activations at initialisation: not swept.
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+# Inits that change the base's weights (the base keeps W - scaling * B A): on a quantized format
+# the residual is what gets quantized (PiSSA's QPiSSA, LoftQ's recipe).
+RESIDUAL_INITS = ("pissa", "olora", "loftq")
+# LoftQ's quantizer in peft is NF4 with bitsandbytes' block size: the formats that store its Q as it fitted it.
+LOFTQ_FORMATS = ("nf4", "nf4-dq")
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    """How the quality suite fine-tunes: LoRA at learning rate ``lr`` from the adapter
+    initialisation ``init`` (one of ``INITS``), or full fine-tuning (``init`` is ``"full"``)."""
+
+    lr: float
+    init: str = "default"
+
+    @property
+    def full(self) -> bool:
+        return self.init == "full"
+
+    @property
+    def id(self) -> str:
+        return f"{'full' if self.full else self.init}-lr{self.lr:g}"
+
+    def takes(self, quant: "QuantSpec") -> bool:
+        """Whether a base stored as ``quant`` can start from this init (LoftQ fits NF4 only)."""
+        return self.init != "loftq" or quant.name in LOFTQ_FORMATS
+
+    def as_record(self) -> dict[str, Any]:
+        return {"lr": self.lr, "init": self.init}
+
+
 # --------------------------------------------------------------------------- the matrix
 
 
@@ -304,6 +343,8 @@ class Matrix:
     workloads: tuple[WorkloadSpec, ...]
     optimizers: tuple[OptimizerSpec, ...] = (OPTIMIZERS["adamw"],)
     serving: tuple[ServeSpec, ...] = (ServeSpec(16, 4, 1),)
+    fine_tunes: tuple[FineTuneSpec, ...] = (FineTuneSpec(1e-3),)  # the quality suite's LoRA runs
+    full_fine_tunes: tuple[FineTuneSpec, ...] = ()  # and its full fine-tuning runs (none by default)
 
     @property
     def size(self) -> int:

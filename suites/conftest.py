@@ -190,3 +190,44 @@ def pretrained_merge_task(lora_session, pretrained: Any, device: str) -> MergeTa
 
     return MergeTask(f"{pretrained.id} (LoRA on addition)", pretrained.config_dict(), merge_lora(), lambda quant: build.build_base(pretrained, quant, device),
                      adapted, ids, base_loss, False, experiment.exact_match, base_exact)
+
+
+# --------------------------------------------------------------------------- the quality suite
+
+QUALITY_STEPS = {"synthetic": 30, "pretrained": 20}  # the default budget of a quality run (--lora-quality-steps)
+QUALITY_BATCH = (8, 64)  # sequences x tokens of a step on the task model
+
+
+@dataclass(frozen=True)
+class QualityTask:
+    """What the quality suite fine-tunes: a model that has learnt something (its float32 weights
+    and config), its old skill and a new one (a ``forgetting.Experiment``: held-out sets and
+    training batches), and the budget of steps every config gets."""
+
+    name: str
+    config: dict[str, Any]
+    state: dict[str, Any]
+    experiment: Any
+    steps: int
+    batch: int
+    seq_len: int
+
+
+@pytest.fixture(scope="session")
+def quality_task(lora_session, lora_device: str, request) -> QualityTask:
+    """The matrix's first pretrained checkpoint (CPython's prose known, addition to learn), else
+    the task model trained on Markov language A, to learn its dialect B."""
+    from pytest_lora.measure import forgetting
+
+    steps = lora_session.settings["quality_steps"].value
+    pretrained = lora_session.pretrained_checkpoint()
+    if pretrained is not None:
+        experiment = forgetting.real_text_experiment(pretrained.path, lora_device, pretrained.id)
+        state = {key: value.detach().cpu().clone() for key, value in experiment.make_base().state_dict().items()}
+        return QualityTask(pretrained.id, pretrained.config_dict(), state, experiment, int(steps or QUALITY_STEPS["pretrained"]),
+                           forgetting.REAL_BATCH, forgetting.REAL_SEQ_LEN)
+    trained = request.getfixturevalue("trained_task_model")
+    experiment = forgetting.synthetic_experiment(trained.config, trained.state, trained.task_a, trained.task_b, lora_device,
+                                                 *QUALITY_BATCH)
+    return QualityTask(trained.name, trained.config, trained.state, experiment, int(steps or QUALITY_STEPS["synthetic"]),
+                       *QUALITY_BATCH)

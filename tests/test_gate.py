@@ -64,7 +64,8 @@ def test_an_identical_rerun_passes_the_default_gate(baseline, tmp_path):
              if value is not None and not getattr(rules.default_rule(metric, record["units"].get(metric), "cpu"), "off", True)]
     assert gate["checks"] == len(gated) > 300  # every gated metric of every config was judged: none lost its baseline pair
     kinds = {metric for record in data["records"] for metric in record["metrics"]}
-    assert {"trainable_params", "optimizer_state_bytes", "step_time_median_s", "merge_max_abs_err", "forgetting_delta_loss"} <= kinds
+    assert {"trainable_params", "optimizer_state_bytes", "step_time_median_s", "merge_max_abs_err", "forgetting_delta_loss",
+            "quality_loss", "base_loss_a"} <= kinds
 
 
 def bench(pytester, *args):

@@ -4,7 +4,7 @@ change must bring, whether ``--lora-confirm`` reruns it, and whether it is expor
 Counts repeat exactly and memory to the byte: a threshold is all the evidence they need. A
 timing is noise until shown otherwise: it must also be significant against the baseline's
 samples (Mann-Whitney) and outside the history's spread, and only a timing is worth a rerun. A
-result over seeds (forgetting) must move by more than twice the seeds' standard error.
+result over seeds (forgetting, quality) must move by more than twice the seeds' standard error.
 
 A new kind is one ``MetricKind`` in ``KINDS``, before the first kind that would take its metrics:
 ``kind_of`` returns the first that matches. Its evidence is one of ``EVIDENCE`` (``gate.compare``
@@ -38,6 +38,11 @@ CORRECTNESS_DEFAULTS = (
     (re.compile(r"^merge_kl"), "+100%&+1e-9"),
     (re.compile(r"^(forgetting_delta_loss|forgetting_minus_full)$"), "+0.05"),
     (re.compile(r"^(learning_delta_loss|learning_minus_full)$"), "-0.05"),
+    # The quality suite: a fine-tune's held-out loss over seeds, and a base's before training,
+    # which repeats exactly (one evaluation of fixed weights on fixed data): a small floor.
+    (re.compile(r"^(quality_loss|quality_minus_reference)$"), "+0.05"),
+    (re.compile(r"^(quality_accuracy|quality_exact_match)$"), "-0.05"),
+    (re.compile(r"^base_loss_a(_minus_full)?$"), "+0.01"),
 )
 MEMORY_DEFAULT = "+1%&+1KiB"
 
@@ -68,7 +73,7 @@ KINDS = (
     MetricKind("timing", lambda metric, unit: metric in TIMING_DEFAULTS or unit in ("s", "tokens/s", "steps/s"), _timing_default,
                evidence="samples", rerun=True, export=True),
     MetricKind("memory", lambda metric, unit: unit == "bytes", lambda metric, device: MEMORY_DEFAULT, export=True),
-    MetricKind("correctness", lambda metric, unit: unit in ("nats", "logit") or metric.startswith(("merge_", "forgetting", "learning")),
+    MetricKind("correctness", lambda metric, unit: unit in ("nats", "logit") or metric.startswith(("merge_", "forgetting", "learning", "quality_")),
                _correctness_default, evidence="seeds", export=True),
     MetricKind("other", lambda metric, unit: True, lambda metric, device: None),
 )
