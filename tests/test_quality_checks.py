@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import types
+from pathlib import Path
 
 import peft
 import pytest
@@ -205,3 +206,19 @@ def test_full_finetuning_trains_every_weight_and_gaussian_starts_where_the_defau
     gaussian = quality.adapted_base(config, state, QUANTIZATIONS["fp32"], lora, "gaussian", "cpu")
     assert quality.init_weight_error(gaussian, state, lora) == 0.0
     assert quality.peft_init("gaussian") == {"init_lora_weights": "gaussian"} and quality.peft_init("default") == {"init_lora_weights": True}
+
+
+SWEEPS = Path(__file__).parents[1] / "benchmarks" / "quality"
+
+
+@pytest.mark.parametrize("name, dimension, size", [("formats", "quants", 10), ("ranks", "loras", 5), ("learning-rates", "fine_tunes", 5),
+                                                   ("inits", "fine_tunes", 5)])
+def test_the_sweeps_are_matrices_that_run_as_they_are(name, dimension, size):
+    """Each claim's sweep file builds (on a GPU's device: LoftQ is one of the inits), its
+    pretrained model replaced by a tiny one so that the check needs no fetched model."""
+    from pytest_lora import matrix
+
+    found = matrix.read_file(SWEEPS / f"{name}.toml", "--lora-matrix")
+    layer = {**found.layer, "models": matrix.RawValue((TINY,), "test")}
+    built = matrix.build([matrix.default_layer("cuda"), matrix.default_layer("cuda", "quality"), layer], device="cuda")
+    assert len(getattr(built, dimension)) == size
