@@ -154,7 +154,8 @@ def test_the_report_opens_with_machine_versions_and_code_then_the_headline(repor
                  f"{2 * OPTIMIZED} skipped"):
         assert fact in head, fact
     headings = [s["heading"] for s in report if s.get("level") in (2, 3)]
-    assert headings[:8] == ["Headline", "Memory", "Speed", "Serving", "Merge fidelity", "Forgetting", "Trainable parameters", "Published counts"]
+    assert headings[:9] == ["Headline", "Memory", "Speed", "Serving", "Merge fidelity", "Forgetting", "Quality", "Trainable parameters",
+                            "Published counts"]
     assert "Every record" in headings
 
 
@@ -299,7 +300,7 @@ def test_parameter_counts_per_config_and_the_published_counts_reproduced(report,
 def test_every_plot_is_written_linked_and_captioned(report, bench_run):
     run_id = bench_run.document["run"]["id"]
     images = [image for s in report for image in s["images"]]
-    assert images == [f"{run_id}-{name}.png" for name in ("memory", "speed", "merge", "forgetting")]
+    assert images == [f"{run_id}-{name}.png" for name in ("memory", "speed", "merge", "forgetting", "quality")]
     for image in images:
         assert (bench_run.results / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     machine = bench_run.document["machine"]
@@ -402,7 +403,7 @@ def test_the_bench_runs_terminal_summary_fits_a_screen(bench_run):
     assert 20 < len(summary) < 80, "\n".join(summary)
     assert max(len(line) for line in summary) <= 120
     text = "\n".join(summary)
-    for title in ("Memory:", "Speed:", "Serving:", "Merge fidelity:", "Forgetting:", "Trainable parameters:", "Published counts:"):
+    for title in ("Memory:", "Speed:", "Serving:", "Merge fidelity:", "Forgetting:", "Quality:", "Trainable parameters:", "Published counts:"):
         assert title in text
     assert f"{ok_records(bench_run)} ok, {2 * OPTIMIZED} skipped" in text and "latest.json" in text
     assert "warnings summary" not in bench_run.stdout  # library noise the harness causes is filtered

@@ -39,6 +39,9 @@ FORGETTING_FULL = "test_forgetting_full_finetuning"
 SERVING_LATENCY = "test_serving_latency"
 MIXED_ADAPTER_BATCH = "test_mixed_adapter_batch"
 ADAPTER_FILE = "test_adapter_file"
+BASE_QUALITY = "test_base_quality"
+QUALITY_LORA = "test_quality_lora"
+QUALITY_FULL = "test_quality_full_finetuning"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,11 @@ SUITES = (
         SERVING_LATENCY: ("headline: serving",),
         MIXED_ADAPTER_BATCH: (),
         ADAPTER_FILE: (),
+    }),
+    Suite("lora_quality", "quality of the fine-tune per format, rank, learning rate and init", {
+        BASE_QUALITY: ("headline: quality",),
+        QUALITY_LORA: ("headline: quality", "plot: quality"),
+        QUALITY_FULL: ("headline: quality", "plot: quality"),
     }),
 )
 

@@ -1,9 +1,10 @@
-"""The headline of a run: the five answers a reader looks for, each a small table.
+"""The headline of a run: the answers a reader looks for, each a small table.
 
-What does quantization save (memory), what does it cost (speed), which merge to use (fidelity),
-how much does LoRA forget against full fine-tuning, and how many parameters does it train. Each
-section is built from the records alone, so the run's report and ``pytest-lora report`` on its
-JSON give the same tables. The markdown report shows the full sections (every config); the
+What does quantization save (memory), what does it cost (speed and serving), which merge to use
+(fidelity), how much does LoRA forget against full fine-tuning, does a quantized base fine-tune
+as well as a 16-bit one (quality: verdicts first, ``report.quality``), and how many parameters
+does it train. Each section is built from the records alone, so the run's report and
+``pytest-lora report`` on its JSON give the same tables. The markdown report shows the full sections (every config); the
 terminal shows the compact ones (one LoRA spec and workload per grid) that fit 120 columns.
 
 Reductions and changes are set against the full-precision base of the same model, LoRA spec and
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..gate.stats import median
-from . import catalog
+from . import catalog, quality
 from .grid import Configs, format_bytes, format_pct, format_rate, grid, in_matrix_order, of_test, ok_records, quant_order, status_cell, with_reference
 from .table import case_cell, format_change, format_value, function_name, logit_spreads, models_apart
 
@@ -401,6 +402,20 @@ def serving_section(records: list[dict[str, Any]], compact: bool = False) -> Sec
     return Section("serving", "Serving", header, rows, text, notes)
 
 
+# ----------------------------------------------------------------- quality
+
+
+def quality_section(records: list[dict[str, Any]], compact: bool = False) -> Section | None:
+    """The quality suite's verdicts, each a sentence with its evidence, then its final losses
+    (``report.quality``): full, every config; compact, the first model's formats at the 16-bit
+    reference's first spec and learning rate, default init."""
+    found = quality.section(records, compact)
+    if found is None:
+        return None
+    header, rows, text_columns, notes = found
+    return Section("quality", "Quality", header, rows, text_columns, notes)
+
+
 # ----------------------------------------------------------------- all
 
 def without_headline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -408,7 +423,8 @@ def without_headline(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if function_name(r) not in catalog.built_in_tests()]
 
 
-BUILDERS = (memory_section, speed_section, serving_section, merge_section, forgetting_section, parameter_section, published_section)
+BUILDERS = (memory_section, speed_section, serving_section, merge_section, forgetting_section, quality_section, parameter_section,
+            published_section)
 
 
 def sections(records: list[dict[str, Any]], compact: bool = False) -> list[Section]:

@@ -13,7 +13,10 @@ run in a caption, so a plot copied into a blog post still says where its numbers
   timed steps;
 - merge: KL of each merge strategy against the unmerged adapter, by quantization (log scale);
 - forgetting: the learning / forgetting plane of Biderman et al. 2024 ("LoRA Learns Less and
-  Forgets Less"): one point per method, with its spread over seeds.
+  Forgets Less"): one point per method, with its spread over seeds;
+- quality: learning curves, one panel per model: the held-out loss on the new skill at each
+  evaluation step, one line per format (LoRA, default init, the headline's spec and learning
+  rate) and one per full fine-tuning learning rate, the standard deviation over seeds shaded.
 
 Several runs side by side (``pytest-lora report A.json B.json``) get one plot: the tokens/s of
 each config that every run timed, one bar per run.
@@ -24,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import catalog, grid, headline
+from . import catalog, grid, headline, quality
 
 COMPONENTS = (  # (label, metrics summed, the test that records them)
     ("weights", ("weight_bytes",), catalog.WEIGHT_STORAGE),
@@ -111,9 +114,10 @@ TITLES = {
     "speed": "Training throughput by quantization",
     "merge": "Merge error by strategy",
     "forgetting": "Learning against forgetting",
+    "quality": "Learning curves: held-out loss on the new skill",
 }
 DATA: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
-    "memory": memory_bars, "speed": speed_bars, "merge": merge_bars, "forgetting": forgetting_points,
+    "memory": memory_bars, "speed": speed_bars, "merge": merge_bars, "forgetting": forgetting_points, "quality": quality.curves,
 }
 
 
@@ -272,7 +276,37 @@ def draw_forgetting(plt: Any, points: list[tuple[str, float, float, float, float
     return figure, []
 
 
-DRAW = {"memory": draw_memory, "speed": draw_speed, "merge": draw_merge, "forgetting": draw_forgetting}
+LINE_STYLES = ("-", "--", "-.", ":")  # with the colour, so the lines read apart in grey too
+
+
+def draw_quality(plt: Any, by_model: dict[str, tuple[str, list[quality.Curve]]], records: list[dict[str, Any]]) -> Any:
+    """Learning curves, one panel per model; a label keeps its colour and marker across panels."""
+    figure, axes = _panels(plt, len(by_model), width=6)
+    labels = list(dict.fromkeys(curve.label for _, drawn in by_model.values() for curve in drawn))
+    for axis, (model, (what, drawn)) in zip(axes, by_model.items()):
+        for curve in drawn:
+            index = labels.index(curve.label)
+            full = curve.label.startswith("full")
+            colour = f"C{index % 10}"
+            axis.plot(curve.steps, curve.mean, LINE_STYLES[1 if full else 0], color=colour, marker="s" if full else "o", markersize=4,
+                      linewidth=1.6, label=curve.label)
+            low = [m - s for m, s in zip(curve.mean, curve.std)]
+            high = [m + s for m, s in zip(curve.mean, curve.std)]
+            axis.fill_between(curve.steps, low, high, color=colour, alpha=0.2, linewidth=0)
+        axis.set_xlabel("training step")
+        axis.set_ylabel("held-out loss on the new skill (nats)")
+        axis.set_title(model + (f"\n{what}" if what else ""), fontsize=9)
+        axis.grid(alpha=0.3)
+    from matplotlib.patches import Patch
+
+    handles = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    return figure, [*handles.values(), Patch(color="0.5", alpha=0.25, label="± 1 std over seeds")]
+
+
+DRAW = {"memory": draw_memory, "speed": draw_speed, "merge": draw_merge, "forgetting": draw_forgetting, "quality": draw_quality}
 
 
 # ----------------------------------------------------------------- several runs
