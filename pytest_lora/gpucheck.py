@@ -478,7 +478,7 @@ def _merge_parts(plan, bases, workloads, configs):
     weights' count, embeddings included: an overcount), once more for a quantized base's
     re-quantization error; a merged model saved and loaded again."""
     if "trained_model" not in LEFT_OUT:
-        raise KeyError("no estimate for test_merge_on_a_trained_model (a task model trained 600 steps first)")
+        raise KeyError(f"no estimate for {catalog.MERGE_TRAINED} (a task model trained 600 steps first)")
     passes, saves, figures, tests = 0.0, 0.0, [FIGURES[name] for name in ("host_pass_s_per_g", "save_s_per_gib", "from_pretrained", "build")], 0
     for model, quant in bases:
         quantized = QUANTIZATIONS[quant].is_quantized

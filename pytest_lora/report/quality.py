@@ -345,7 +345,7 @@ def time_to_target(runs: Runs, spec: str, lr: float | None) -> list[str]:
     for record in found:
         steps, reached = metric(record, "steps_to_target"), metric(record, "target_reached")
         seeds = f" ({int(reached)} of {plural(seeds_of(record), 'seed')})" if reached is not None else ""
-        parts.append(f"{record['quant']} {'not reached' if steps is None else f'{steps:g}'}{seeds if steps is not None else ''}")
+        parts.append(f"{record['quant']} {'not reached' if steps is None else f'{steps:.3g}'}{seeds if steps is not None else ''}")
     where = "; ".join(part for part in (runs.config(spec, lr), "MLPerf's time to quality") if part)
     return [f"Steps to the target loss {loss(metric(found[0], 'target_loss'))} nats ({where}): " + ", ".join(parts) + "."]
 
@@ -397,7 +397,7 @@ def reference_cell(record: dict[str, Any]) -> str:
 def target_cell(record: dict[str, Any]) -> str:
     steps = metric(record, "steps_to_target")
     if steps is not None:
-        return f"{steps:g}"
+        return f"{steps:.3g}"  # a mean over seeds of evaluation steps
     return "not reached" if metric(record, "target_loss") is not None else "-"
 
 
