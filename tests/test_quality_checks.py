@@ -222,3 +222,13 @@ def test_the_sweeps_are_matrices_that_run_as_they_are(name, dimension, size):
     layer = {**found.layer, "models": matrix.RawValue((TINY,), "test")}
     built = matrix.build([matrix.default_layer("cuda"), matrix.default_layer("cuda", "quality"), layer], device="cuda")
     assert len(getattr(built, dimension)) == size
+
+
+def test_a_lora_run_starts_where_its_init_puts_it_and_leaves_its_base_alone(tiny):
+    """``quality.run`` on nf4 with PiSSA: its start is the residual's quantization error, the
+    base's storage the same after training, and no evaluation trained."""
+    config, state, experiment, lora = tiny
+    run = quality.run(config, state, QUANTIZATIONS["nf4"], lora, "pissa", experiment, 2, 1e-2, 0, "cpu")
+    default = quality.init_weight_error(quality.adapted_base(config, state, QUANTIZATIONS["nf4"], lora, "default", "cpu"), state, lora)
+    assert [p.step for p in run.curve] == [0, 1, 2] and run.evaluation_trains_nothing and run.storage_unchanged
+    assert 0 < run.init_weight_error < default and math.isfinite(run.init_loss_a)
