@@ -6,6 +6,7 @@ of quality caught by the gate while an identical rerun passes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import types
@@ -232,3 +233,12 @@ def test_a_lora_run_starts_where_its_init_puts_it_and_leaves_its_base_alone(tiny
     default = quality.init_weight_error(quality.adapted_base(config, state, QUANTIZATIONS["nf4"], lora, "default", "cpu"), state, lora)
     assert [p.step for p in run.curve] == [0, 1, 2] and run.evaluation_trains_nothing and run.storage_unchanged
     assert 0 < run.init_weight_error < default and math.isfinite(run.init_loss_a)
+
+
+def test_pissa_with_a_rank_wider_than_a_layer_says_which_layer(tiny):
+    """The tiny Llama's v_proj is 16 x 64 (one key-value head): PiSSA at r=32 can't fill it."""
+    config, state, _, lora = tiny
+    wide = copy.deepcopy(lora)
+    wide.r = 32
+    with pytest.raises(ValueError, match=r"init 'pissa' needs a rank of at most.*v_proj is \(16, 64\), rank 32"):
+        quality.adapted_base(config, state, QUANTIZATIONS["nf4"], wide, "pissa", "cpu")

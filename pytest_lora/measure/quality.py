@@ -120,6 +120,7 @@ def adapted_base(config: dict[str, Any], state: dict[str, torch.Tensor], quant: 
     if init not in ("pissa", "olora", "loftq"):
         return peft.get_peft_model(base_in_format(config, state, quant, device), config_with_init)
     full = peft.get_peft_model(base_in_format(config, state, _FLOAT32, device), config_with_init)
+    _check_rank_fits(full, lora_config.r, init)
     adapter = {key: value.detach().clone() for key, value in peft.get_peft_model_state_dict(full).items()}
     residual = {name.replace(".base_layer", ""): value.detach().cpu().clone()
                 for name, value in full.get_base_model().state_dict().items() if "lora_" not in name}
@@ -127,6 +128,17 @@ def adapted_base(config: dict[str, Any], state: dict[str, torch.Tensor], quant: 
     model = peft.get_peft_model(base_in_format(config, residual, quant, device), _with(lora_config, init_lora_weights=True))
     peft.set_peft_model_state_dict(model, adapter)
     return model
+
+
+def _check_rank_fits(model: nn.Module, rank: int, init: str) -> None:
+    """PiSSA and OLoRA factor each weight into ``rank`` directions: a layer with fewer (a GQA
+    model's k and v projections are narrow) gets a smaller adapter than the config's, which no
+    base of that config can load. Said here, naming the layer, rather than as a state-dict error."""
+    for name, layer in merge.lora_layers(model).items():
+        weight = layer.get_base_layer().weight
+        if min(weight.shape) < rank:
+            raise ValueError(f"init {init!r} needs a rank of at most the smaller side of every adapted layer: "
+                             f"{merge.adapted_module_name(name)} is {tuple(weight.shape)}, rank {rank}")
 
 
 class _Float32:
