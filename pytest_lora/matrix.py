@@ -37,10 +37,11 @@ from .specs import (BIAS_MODES, GROUP_SIZES, INITS, LOFTQ_FORMATS, OPTIMIZERS, Q
                     FineTuneSpec, LoraSpec, Matrix, MatrixError, QuantSpec, ServeSpec, WorkloadSpec)
 
 DEFAULT_MATRIX_FILE = Path(__file__).with_name("default_matrix.toml")
-# Suites a matrix layer may hold a table of keys for (``[quality]``, ``[cpu.quality]`` in the
-# default): they replace the layer's keys for that suite's tests only. The quality suite
-# fine-tunes every config for seeds x steps: the defaults give it a slice of the formats.
-SUITE_TABLES = ("quality",)
+# A matrix layer may hold a table of keys for one suite (``[quality]``, ``[cpu.quality]`` in the
+# default), named by the suite's marker without ``lora_``: its keys replace the layer's for that
+# suite's tests only. The quality suite fine-tunes every config for seeds x steps, so the defaults
+# give it a slice of the formats; the real model's matrix gives each suite the configs that answer
+# its question. Which names are suites is the catalog's to say (``check_suite_tables``).
 # Matrices shipped with the plugin, named by ``--lora-matrix=NAME`` where no file of that name exists
 EMBEDDED_MATRICES = {"real": Path(__file__).with_name("real_matrix.toml")}
 
@@ -89,7 +90,7 @@ class MatrixFile:
     where: str
     keys: dict[str, Any]
     gate: dict[str, Any]
-    suites: dict[str, dict[str, Any]] = field(default_factory=dict)  # a ``SUITE_TABLES`` table's keys
+    suites: dict[str, dict[str, Any]] = field(default_factory=dict)  # each suite table's keys, by suite
 
     @property
     def layer(self) -> dict[str, RawValue]:
@@ -108,8 +109,18 @@ def read_file(path: Path, where: str) -> MatrixFile:
     if not isinstance(gate, dict):
         raise MatrixError(f"{where} ({path.name})", gate, "is not a [gate] table", '[gate] fail = ["METRIC[:STAT]:THRESHOLD", ...]')
     keys = dict(data.get("matrix", data))
-    suites = {suite: keys.pop(suite) for suite in SUITE_TABLES if isinstance(keys.get(suite), dict)}
+    suites = {name: keys.pop(name) for name in list(keys) if isinstance(keys[name], dict)}
     return MatrixFile(path, where, keys, gate, suites)
+
+
+def check_suite_tables(found: MatrixFile, suites: Iterable[str]) -> None:
+    """A table of the file that names no suite is a ``MatrixError`` saying which are allowed (a
+    misspelt ``[servng]`` would otherwise be ignored, and its suite run the whole matrix)."""
+    allowed = sorted(suites)
+    for name in found.suites:
+        if name not in allowed:
+            raise MatrixError(f"{found.where} ({found.path.name})", f"[{name}]", "is neither a matrix key nor a suite's table",
+                              f"keys: {', '.join(MATRIX_KEYS)}; tables: {', '.join(f'[{suite}]' for suite in allowed)}, [gate]")
 
 
 def load_toml(path: Path, where: str) -> dict[str, Any]:
@@ -128,7 +139,7 @@ def default_layer(device_kind: str, suite: str | None = None) -> dict[str, RawVa
     where = f"default matrix [{device_kind}]"
     if suite is not None:
         data, where = data.get(suite, {}), f"default matrix [{device_kind}.{suite}]"
-    return {key: RawValue(_as_tuple(value), f"{where} {key}") for key, value in data.items() if key not in SUITE_TABLES}
+    return {key: RawValue(_as_tuple(value), f"{where} {key}") for key, value in data.items() if not isinstance(value, dict)}
 
 
 def mapping_layer(data: dict[str, Any], where: str, base_dir: Path | None = None) -> dict[str, RawValue]:

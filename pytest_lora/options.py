@@ -173,7 +173,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("seeds", "seeds of the forgetting experiment (default 3).", metavar="N", default="3", check=count_of("a seed count", 1)),
     Option("forget_steps", "training steps of each forgetting run (default 60; 20 on a pretrained model).", metavar="N",
            check=count_of("a step count", 1)),
-    Option("forget_batch", "sequences a training step of the forgetting experiment (default 16; 6 on a pretrained model, 8 on your data).",
+    Option("forget_batch", "sequences a training step of the forgetting experiment (default 16; 4 on a pretrained model, 8 on your data).",
            metavar="N", check=count_of("a batch size", 1)),
     Option("forget_block", "tokens a sequence of the forgetting experiment (default 64).", metavar="N", check=count_of("a block length", 2)),
     Option("forget_lr", "LoRA's learning rate in the forgetting experiment (default 1e-3).", metavar="LR", check=_learning_rate),

@@ -36,7 +36,6 @@ from .fixtures import (  # noqa: F401  (fixtures are found by pytest through thi
 )
 from .keys import RECORD_KEY, RECORDER_KEY, SESSION_KEY
 from .markers import suite_of
-from .matrix import SUITE_TABLES
 from .models import heap
 from .session import LoraSession
 
@@ -100,8 +99,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(shard.Sharding(*lora.shard), "lora-shard")
     if lora.configured:
         lora.matrix  # noqa: B018  (a bad value stops the run here, before collection: exit code 4)
-        for suite in SUITE_TABLES:
-            lora.matrix_for(suite)
+        for marker in markers.suite_markers():
+            lora.matrix_for(markers.short(marker))
         data.check(lora.settings, lora.matrix)
 
 

@@ -18,6 +18,7 @@ from . import budget, data, options
 from . import matrix as matrix_module
 from .dist import shard, workers
 from .gate.judge import Gate
+from .markers import short, suite_markers
 from .matrix import Matrix, MatrixError, RawValue
 from .results import provenance
 from .run import Run
@@ -168,7 +169,7 @@ class LoraSession:
 
     def layers(self, suite: str | None = None) -> list[dict[str, RawValue]]:
         """Default matrix for the device, then the --lora-matrix file, then single options; for a
-        suite of ``matrix.SUITE_TABLES``, each layer's table for it right after that layer."""
+        suite, each layer's table for it (``[quality]``) right after that layer."""
         if suite not in self._layers:
             layers = [matrix_module.default_layer(self.device_kind)]
             if suite is not None:
@@ -195,7 +196,9 @@ class LoraSession:
         if not path.exists() and str(setting.value) in matrix_module.EMBEDDED_MATRICES:  # --lora-matrix=real
             path = matrix_module.EMBEDDED_MATRICES[str(setting.value)]
         try:
-            return matrix_module.read_file(path, setting.describe())
+            found = matrix_module.read_file(path, setting.describe())
+            matrix_module.check_suite_tables(found, (short(marker) for marker in suite_markers()))
+            return found
         except MatrixError as error:
             raise pytest.UsageError(str(error)) from None
 
@@ -212,13 +215,18 @@ class LoraSession:
         return self._matrix
 
     def matrix_for(self, suite: str | None) -> Matrix:
-        """The matrix of one suite's tests: the session's, with the layers' tables for the suite
-        (``matrix.SUITE_TABLES``); a bad value is a ``pytest.UsageError``."""
-        if suite not in matrix_module.SUITE_TABLES:
+        """The matrix of one suite's tests: the session's, with the layers' tables for the suite;
+        a bad value is a ``pytest.UsageError``."""
+        if suite is None or not self.has_suite_table(suite):
             return self.matrix
         if suite not in self._suite_matrices:
             self._suite_matrices[suite] = self.build_matrix(suite=suite)
         return self._suite_matrices[suite]
+
+    def has_suite_table(self, suite: str) -> bool:
+        """Whether the default matrix or the ``--lora-matrix`` file gives ``suite`` keys of its own."""
+        in_file = self.matrix_file is not None and suite in self.matrix_file.suites
+        return in_file or bool(matrix_module.default_layer(self.device_kind, suite))
 
     def build_matrix(self, overrides: dict[str, Any] | None = None, where: str = "", base_dir: Path | None = None,
                      suite: str | None = None) -> Matrix:

@@ -6,7 +6,7 @@ The experiment, on one of three bases:
   user's checkpoint or GGUF file): its old skill is English prose about programming, CPython's
   own reference text (``pydoc_data``), its new one zero-padded two-digit addition, whose learning
   also reads as exact-match accuracy on 192 held-out problems (``measure.texts``); 20 steps of
-  6 x 64 tokens, LoRA at 1e-3, full fine-tuning at 1e-4 and 1e-5;
+  4 x 64 tokens, LoRA at 1e-3, full fine-tuning at 1e-4 and 1e-5;
 * the user's own data (``--lora-forget-data``, ``--lora-learn-data``) on their checkpoint;
 * otherwise, a small model of a registry architecture trained on language A until it has learnt
   it: a first-order Markov chain over 256 tokens with four successors per token (probabilities

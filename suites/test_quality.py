@@ -6,7 +6,7 @@ pretrained checkpoint (the registry's ``smollm2-135m``, a user's checkpoint or G
 old skill is CPython's reference prose and whose new one is zero-padded two-digit addition (exact
 match on 192 held-out problems); otherwise the task model trained on Markov language A, whose new
 skill is A's dialect B. Every config gets the same budget (``--lora-quality-steps``: 30 steps of
-8 x 64 tokens on the task model, 20 of 6 x 64 on a pretrained one), the same batches per seed,
+8 x 64 tokens on the task model, 20 of 4 x 64 on a pretrained one), the same batches per seed,
 and AdamW at its learning rate. The default matrices give the suite a slice of their own
 (``[cpu.quality]``: QLoRA's formats against bf16 at one LoRA spec).
 

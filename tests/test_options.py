@@ -71,6 +71,22 @@ def test_matrix_file_sets_keys_the_options_leave_alone(pytester, tmp_path):
     assert sum("test_q[" in line for line in result.outlines) == 1
 
 
+def test_a_suite_table_replaces_keys_for_that_suite_only_and_a_stray_table_is_an_error(pytester, tmp_path):
+    """``[serving]`` narrows the serving suite's tests; the params suite keeps the file's keys; a
+    table that names no suite (``[servng]``) stops the run before collection (exit 4)."""
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('models = ["gpt2-medium-tiny"]\nranks = [2, 4]\ntargets = ["c_attn"]\n\n[serving]\nranks = [4]\n')
+    pytester.makepyfile(test_q="import pytest\n\n@pytest.mark.lora_serving\ndef test_s(lora_spec):\n    pass\n\n"
+                                "@pytest.mark.lora_params\ndef test_p(lora_spec):\n    pass\n")
+    result = pytester.runpytest("--collect-only", f"--lora-matrix={matrix}")
+    assert sum("test_s[" in line for line in result.outlines) == 1 and sum("test_p[" in line for line in result.outlines) == 2
+    result.stdout.fnmatch_lines(["*test_s[[]r4-a8-c_attn-d0.05[]]*"])
+    matrix.write_text('ranks = [2]\n\n[servng]\nranks = [4]\n')
+    result = pytester.runpytest("--collect-only", f"--lora-matrix={matrix}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*'[[]servng[]]' is neither a matrix key nor a suite's table; allowed: keys: models,*tables: *[[]serving[]]*"])
+
+
 # --------------------------------------------------------------------------- usage errors
 
 BAD_VALUES = [

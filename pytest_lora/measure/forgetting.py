@@ -169,12 +169,13 @@ def synthetic_experiment(config: dict[str, Any], state: dict[str, torch.Tensor],
 # A pretrained model on real text (``measure.texts``): SmolLM2-135M's LoRA step of 8 x 64 tokens
 # takes 1.3 to 1.5 s on 2 CPU cores and its full step 2.1 s; 30 of them a run made eight runs (two
 # LoRA specs and two learning rates of full fine-tuning, two seeds each) take nine minutes, and
-# `make bench-real` 23. 20 steps of 6 x 64 tokens halve that, and LoRA still learns addition
-# (exact match from 3% to the tens of percent). A
+# `make bench-real` 23. 20 steps of 6 x 64 tokens halved that on a 2-core Xeon; a 2-core EPYC
+# takes twice as long, and 4 x 64 tokens keep the eight runs near six minutes there, while LoRA
+# still learns addition (exact match from 3% to the tens of percent). A
 # pretrained model takes lower learning rates than a model trained from scratch: full
 # fine-tuning at 1e-3 wrecked SmolLM2 (learning -0.05, forgetting 2.3 nats); LoRA's best rate is
 # about ten times full fine-tuning's (Schulman et al., "LoRA Without Regret", 2025).
-REAL_STEPS, REAL_BATCH, REAL_SEQ_LEN, REAL_PROSE_BLOCKS = 20, 6, 64, 16
+REAL_STEPS, REAL_BATCH, REAL_SEQ_LEN, REAL_PROSE_BLOCKS = 20, 4, 64, 16
 REAL_LORA_LR, REAL_FULL_LRS = 1e-3, (1e-4, 1e-5)
 
 
