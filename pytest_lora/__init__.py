@@ -1,7 +1,7 @@
 """pytest-lora: a pytest plugin and benchmark harness for LoRA and QLoRA fine-tuning.
 
-``count_parameters`` and ``ParamCount`` are loaded on first use: importing the plugin (which
-pytest does in every project where it is installed) must not import torch.
+``count_parameters``, ``ParamCount`` and ``estimate_memory`` are loaded on first use: importing
+the plugin (which pytest does in every project where it is installed) must not import torch.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from .quiet import silence_library_logs
 
 silence_library_logs()
 __version__ = "0.1.0"
-__all__ = ["ParamCount", "count_parameters", "__version__"]
+__all__ = ["ParamCount", "count_parameters", "estimate_memory", "__version__"]
 
 if TYPE_CHECKING:
+    from .estimate import estimate_memory
     from .measure.params import ParamCount, count_parameters
 
 
@@ -26,4 +27,8 @@ def __getattr__(name: str) -> Any:
             from .measure import params
 
         return getattr(params, name)
+    if name == "estimate_memory":  # imports torch only when the step model is not cached
+        from .estimate import estimate_memory
+
+        return estimate_memory
     raise AttributeError(f"module 'pytest_lora' has no attribute {name!r}")

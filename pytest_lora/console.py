@@ -1,5 +1,7 @@
 """The ``pytest-lora`` console script: ``fetch`` gets a model onto this machine (``fetch``);
-every other command reads results files (``cli``), which imports nothing that builds a model."""
+``estimate`` says what a fine-tune's step holds, from the architecture on the meta device
+(``estimate``); every other command reads results files (``cli``), which imports nothing that
+builds a model."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .fetch import main as fetch
 
         return fetch(arguments[1:])
+    if arguments[:1] == ["estimate"]:
+        from .estimate import main as estimate
+
+        return estimate(arguments[1:])
     from .cli import main as results
 
     return results(arguments)

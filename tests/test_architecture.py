@@ -43,7 +43,7 @@ def copy_of_the_package(tmp_path: Path) -> Path:
     return tmp_path
 
 
-CONTRACTS = 8
+CONTRACTS = 9
 
 
 def contract_verdicts(report: str) -> dict[str, str]:

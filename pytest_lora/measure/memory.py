@@ -31,6 +31,7 @@ Modelled (``analytic_*``), from the architecture on the meta device and the quan
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -41,6 +42,7 @@ from transformers.pytorch_utils import Conv1D
 from ..specs import OPTIMIZERS, OptimizerSpec, QuantSpec, WorkloadSpec
 from ..models import build, formats, quantize
 from . import optimizers
+from .step import ACTIVATION_FAMILIES, ActivationTerms, StepEstimate, StepModel, TrainingState  # noqa: F401  (the step's terms, named here too)
 from .gpu import error_chain, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -66,11 +68,12 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 # --------------------------------------------------------------------------- analytic weights
 
 
-def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec) -> int:
+def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec, meta: nn.Module | None = None) -> int:
     """Weight bytes of the architecture stored as ``quant``, from shapes and the format alone
-    (``Format.tensor_bytes`` for each weight the format quantizes)."""
-    dtype = build.weight_dtype(quant, config_dict)
-    meta = build.instantiate(config_dict, "meta", dtype)
+    (``Format.tensor_bytes`` for each weight the format quantizes). ``meta``: the architecture
+    already built on the meta device in the format's dtype (building an 8B model twice costs time)."""
+    if meta is None:
+        meta = build.instantiate(config_dict, "meta", build.weight_dtype(quant, config_dict))
     quantized = {} if not quant.is_quantized else _quantized_weights(meta)
     found = formats.of(quant)
     total = 0
@@ -94,19 +97,6 @@ def _quantized_weights(meta: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- adapter and optimizer
-
-
-@dataclass(frozen=True)
-class TrainingState:
-    """Bytes of the trainable parameters, their gradients and the optimizer's state."""
-
-    parameters: int
-    gradients: int
-    optimizer: int
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer
 
 
 def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
@@ -146,73 +136,83 @@ def saved_activations(model: nn.Module) -> Iterator[dict[tuple[str, int], int]]:
         yield saved
 
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+_FROZEN_INPUT = re.compile(r"\.layers\.0\.self_attn\.[qkv]_proj$")
+"""Adapted layers whose input needs no gradient: the first layer's attention projections read the
+frozen embeddings through a frozen norm, so their dropout keeps no mask (autograd saves it only
+where a gradient flows back through the dropout)."""
+
+DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
+"""What LoRA's dropout keeps per input element: on a GPU ``native_dropout``'s bool mask; on the
+CPU, where torch has no fused kernel, the fp32 noise it multiplies by (``at::_dropout_impl``)."""
+
+
+def activation_terms(config_dict: dict[str, Any], adapted: dict[str, tuple[int, int]], r_of: dict[str, int], dropout: float,
+                     dtype_bytes: int, dora: bool = False, device: str = "cuda") -> ActivationTerms | None:
+    """The per-token terms of the step's activations; ``None`` for an architecture outside
+    ``ACTIVATION_FAMILIES``, which has no model here yet (an estimate says so instead of guessing).
+
+    Per adapted layer, peft casts the input to the fp32 adapter dtype and LoRA keeps it (4 x in;
+    with dropout, the fp32 dropout output and its mask, ``DROPOUT_MASK_BYTES``) and the fp32 rank-r
+    output of A (4 r). DoRA also keeps three fp32 tensors of the layer's width for the magnitude's
+    gradient (the base output, the LoRA output and their scaled sum: 12 x out). The mask is kept
+    only where a gradient flows back through the dropout (``_FROZEN_INPUT``). The frozen
+    layers are ``_layer_bytes``. The head keeps fp32 log-probabilities for the loss (4 V) and the
+    labels (8 bytes a token); the frozen output layer keeps nothing more that autograd reports.
+    """
+    if config_dict["model_type"] not in ACTIVATION_FAMILIES:
+        return None
+    shape = _Shape.of(config_dict)
+    mask = DROPOUT_MASK_BYTES[device] if dropout > 0 else 0
+    lora = sum((4 + (0 if _FROZEN_INPUT.search(name) else mask)) * fan_in + 4 * r_of[name] + (12 * fan_out if dora else 0)
+               for name, (fan_in, fan_out) in adapted.items())
+    layer = _layer_bytes(shape, dtype_bytes) + lora / shape.layers
+    vocab = config_dict["vocab_size"]
+    return ActivationTerms(shape.layers, layer, dtype_bytes * shape.hidden, 4 * vocab + 8, (4 + 2 * dtype_bytes) * vocab)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A decoder layer's widths under one set of names: hidden, MLP, query and key/value widths."""
+
+    layers: int
+    hidden: int
+    inner: int
+    heads: int
+    q: int
+    kv: int
+
+    @classmethod
+    def of(cls, config_dict: dict[str, Any]) -> _Shape:
+        h, heads = config_dict["hidden_size"], config_dict["num_attention_heads"]
+        head_dim = config_dict.get("head_dim") or h // heads
+        kv = config_dict.get("num_key_value_heads") or heads
+        return cls(config_dict["num_hidden_layers"], h, config_dict["intermediate_size"], heads, heads * head_dim, kv * head_dim)
+
+
+def _layer_bytes(shape: _Shape, p: int) -> float:
+    """What one frozen Llama-family layer keeps per token, ``p`` bytes an activation: two RMSNorms
+    keep their fp32 input and an fp32 reciprocal norm (4h + 4 each); attention keeps the rotated
+    queries, keys and values and its output (p x (2 q + 2 kv)) and an fp32 log-sum-exp per head;
+    the gated MLP keeps gate, up and SiLU(gate) (3 p I)."""
+    return 2 * (4 * shape.hidden + 4) + p * (2 * shape.q + 2 * shape.kv) + 4 * shape.heads + 3 * p * shape.inner
 
 
 def analytic_activation_bytes(config_dict: dict[str, Any], adapted: dict[str, tuple[int, int]], r_of: dict[str, int],
-                              workload: WorkloadSpec, dropout: float, dtype_bytes: int, dora: bool = False) -> int | None:
-    """What a Llama-family decoder step keeps for backward, per token, summed over the batch.
-
-    Per decoder layer, with ``p`` bytes per activation of the compute dtype:
-    two RMSNorms keep their fp32 input and an fp32 reciprocal norm (4h + 4 each); attention keeps
-    the rotated queries, keys and values and its output (p x (2 q + 2 kv)) and an fp32
-    log-sum-exp per head; the gated MLP keeps gate, up and SiLU(gate) (3 p I).
-    Per adapted layer, peft casts the input to the fp32 adapter dtype and LoRA keeps it (4 x in;
-    with dropout, the fp32 dropout output and its 1-byte mask, 5 x in) and the fp32 rank-r
-    output of A (4 r). DoRA also keeps three fp32 tensors of the layer's width for the magnitude's
-    gradient (the base output, the LoRA output and their scaled sum: 12 x out).
-    The head keeps fp32 log-probabilities for the loss (4 V) and the labels (8 bytes a token);
-    the frozen output layer and the final norm keep nothing more that autograd reports.
-    With gradient checkpointing each layer keeps only its input (p h); one layer's activations
-    are rebuilt at a time during backward.
-
-    ``None`` for architectures outside the Llama family, which have no model here yet.
-    """
-    if config_dict["model_type"] not in LLAMA_FAMILY:
-        return None
-    h, inter, layers = config_dict["hidden_size"], config_dict["intermediate_size"], config_dict["num_hidden_layers"]
-    heads = config_dict["num_attention_heads"]
-    head_dim = config_dict.get("head_dim") or h // heads
-    q, kv = heads * head_dim, config_dict.get("num_key_value_heads", heads) * head_dim
-    block = 2 * (4 * h + 4) + dtype_bytes * (2 * q + 2 * kv) + 4 * heads + 3 * dtype_bytes * inter
-    per_input = 5 if dropout > 0 else 4
-    lora = {name: per_input * fan_in + 4 * r_of[name] + (12 * fan_out if dora else 0) for name, (fan_in, fan_out) in adapted.items()}
-    lora_per_layer = sum(lora.values()) / layers
-    head = 4 * config_dict["vocab_size"] + 8
-    per_layer = block + lora_per_layer
-    if workload.grad_ckpt:
-        per_token = layers * dtype_bytes * h + per_layer + head
-    else:
-        per_token = layers * per_layer + head
-    return int(per_token * workload.batch * workload.seq_len)
+                              workload: WorkloadSpec, dropout: float, dtype_bytes: int, dora: bool = False, device: str = "cuda") -> int | None:
+    """What the step keeps for backward, summed over the batch (``ActivationTerms.kept``); with
+    gradient checkpointing each layer keeps only its input, and one layer is rebuilt at a time."""
+    terms = activation_terms(config_dict, adapted, r_of, dropout, dtype_bytes, dora, device)
+    return None if terms is None else int(terms.kept(workload.grad_ckpt) * workload.tokens)
 
 
 # --------------------------------------------------------------------------- the whole step
 
 
-@dataclass(frozen=True)
-class StepEstimate:
-    """The analytic memory of one training step, term by term (bytes)."""
-
-    weights: int
-    training: TrainingState
-    activations: int | None
-    backward_transient: int | None
-
-    @property
-    def total(self) -> int | None:
-        """Everything at once: weights, adapter with gradients and AdamW state, saved activations,
-        and what exists beside them at the start of backward: the returned logits and their fp32
-        and 16-bit gradients."""
-        if self.activations is None or self.backward_transient is None:
-            return None
-        return self.weights + self.training.total + self.activations + self.backward_transient
-
-
-def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, workload: WorkloadSpec,
-                  optimizer: OptimizerSpec | None = None) -> StepEstimate:
-    """The step's memory from the architecture, the quantization, the LoRA config, the workload
-    and the optimizer (AdamW by default)."""
+def analytic_step_model(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, optimizer: OptimizerSpec | None = None,
+                        device: str = "cuda") -> StepModel:
+    """The step's memory from the architecture (on the meta device), the quantization, the LoRA
+    config and the optimizer (AdamW by default), for any workload, on a GPU (``device="cpu"``:
+    as the CPU runs it, whose dropout keeps more)."""
     from .params import adapted_layers, rank_of, trainable_tensor_sizes
 
     dtype = build.weight_dtype(quant, config_dict)
@@ -221,11 +221,15 @@ def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, work
     training = analytic_training_state(trainable_tensor_sizes(meta, lora), optimizer)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     ranks = {name: rank_of(name, lora) for name in adapted}
-    activations = analytic_activation_bytes(config_dict, adapted, ranks, workload, lora.lora_dropout, dtype_bytes, lora.use_dora)
-    transient = None
-    if activations is not None:
-        transient = (4 + 2 * dtype_bytes) * config_dict["vocab_size"] * workload.batch * workload.seq_len
-    return StepEstimate(analytic_weight_bytes(config_dict, quant), training, activations, transient)
+    terms = activation_terms(config_dict, adapted, ranks, lora.lora_dropout, dtype_bytes, lora.use_dora, device)
+    return StepModel(analytic_weight_bytes(config_dict, quant, meta), training, terms)
+
+
+def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, workload: WorkloadSpec,
+                  optimizer: OptimizerSpec | None = None, device: str = "cuda") -> StepEstimate:
+    """The step's memory from the architecture, the quantization, the LoRA config, the workload,
+    the optimizer (AdamW by default) and the device that runs it."""
+    return analytic_step_model(config_dict, quant, lora, optimizer, device).at(workload)
 
 
 # --------------------------------------------------------------------------- GPU
