@@ -98,7 +98,9 @@ def test_step_memory_with_an_8bit_state(model_spec, quant_spec, lora_spec, workl
 
 def step_memory(lora_model, lora_config, lora_batch, model_spec, quant_spec, workload_spec, optimizer_spec, lora_device, lora_bench) -> None:
     config = model_spec.config_dict()
-    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec, optimizer_spec)
+    # as this device runs it: the CPU's dropout keeps fp32 noise where a GPU keeps a bool mask
+    device_type = "cpu" if str(lora_device).startswith("cpu") else "cuda"
+    estimate = memory.analytic_step(config, quant_spec, lora_config, workload_spec, optimizer_spec, device=device_type)
     batch = lora_batch
     step = train.TrainStep(lora_model, optimizer=optimizer_spec)
     try:
