@@ -119,7 +119,8 @@ def _analytic(item: pytest.Item, lora: Any) -> int | None:
 
     workload = params.get("workload_spec") or lora.matrix.workloads[0]
     config = params["model_spec"].config_dict()
-    return memory.analytic_step(config, params["quant_spec"], peft.LoraConfig(**params["lora_spec"].peft_kwargs()), workload).total
+    lora_config = peft.LoraConfig(**params["lora_spec"].peft_kwargs())
+    return memory.analytic_step(config, params["quant_spec"], lora_config, workload, device=lora.device_kind).total
 
 
 def _gib(value: int) -> str:

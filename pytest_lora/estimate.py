@@ -449,7 +449,7 @@ def against_lines(path: Path) -> list[str]:
         raise EstimateError(str(error)) from None
     weights, configs = _measured_configs(document["records"])
     if not configs:
-        raise EstimateError(f"--against: {str(path)!r} holds no memory-suite step (test_step_memory, test_step_peak_memory); "
+        raise EstimateError(f"--against: {str(path)!r} holds no training step measured by the memory suite; "
                             "allowed: the results of a run with the memory suite")
     lines = []
     for (model, quant, _, _), metrics in configs.items():

@@ -210,17 +210,14 @@ def failed(checks):
 @pytest.mark.slow
 def test_gpu_check_passes_on_a_healthy_fake_gpu(pytester, monkeypatch):
     checks = gpu_check(pytester, monkeypatch)
-    # At width 64 the checkpointed step's analytic model overestimates by more than its 15% (0.83
-    # here; 0.88 on the 8B shape against the H200 figure, test_memory_accounting): the one
-    # check that does not carry over from the real shapes to the tiny ones.
-    tiny_ckpt = [c for c in checks if c.name == "peak vs analytic step" and c.subject.endswith(" ckpt")]
-    assert len(tiny_ckpt) == 1 and 0.75 <= float(tiny_ckpt[0].value.split()[0]) <= 1.0
-    checks = [c for c in checks if c not in tiny_ckpt]
+    # The checkpointed step too: its peak is the larger of the head's and a rebuilt layer's, not
+    # their sum (0.83x here while it summed them; 1.11x now, where the fake GPU's dropout keeps the
+    # CPU's fp32 noise and the model counts a GPU's 1-byte mask).
     assert failed(checks) == []
     names = {c.name for c in checks}
     assert {"base ready", "harness overhead", "peak vs analytic step", "CUDA events vs host clock", "released after the config",
             "no growth between bases", "NVML >= reserved >= allocated", "phase peaks cover their phase"} <= names
-    assert sum(c.name == "peak vs analytic step" for c in checks) == 3
+    assert sum(c.name == "peak vs analytic step" for c in checks) == 4
     text = gpucheck.render(checks)
     assert text.splitlines()[-1].startswith("gpu-check: ") and text.splitlines()[-1].endswith(" passed, 0 failed")
 
