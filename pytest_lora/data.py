@@ -24,6 +24,20 @@ def checkpoint(settings: dict[str, Any], matrix: Matrix) -> str | None:
     return checkpoints[0].path
 
 
+# The forgetting and quality suites' task model without a pretrained checkpoint: a registry
+# architecture small enough to train to competence in seconds, tiny on the CPU, the real OPT-125M
+# shape on a GPU.
+TASK_MODELS = {"cpu": "llama-3.2-1b-tiny", "cuda": "opt-125m"}
+
+
+def quality_model(matrix: Matrix, device_kind: str) -> Any:
+    """The model the quality suite fine-tunes (a ``ModelSpec``): the matrix's first pretrained
+    checkpoint, else the task model's architecture."""
+    from .models.resolve import resolve_model
+
+    return pretrained_checkpoint(matrix) or resolve_model(TASK_MODELS[device_kind], "the quality suite's task model")
+
+
 def pretrained_checkpoint(matrix: Matrix) -> Any:
     """The first checkpoint of the matrix that has a tokenizer: a model that can read real text
     (the forgetting suite's old and new skills, ``measure.texts``), or ``None``."""

@@ -204,11 +204,15 @@ def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
 
 def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
     """Every (model, LoRA spec) that will run must name modules the model has: exit code 4 if not."""
-    pairs = {}
+    pairs: dict[tuple[Any, Any], set[str]] = {}  # (model, LoRA spec) -> the quality suite's inits of it
+    quality_model = None
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if "model_spec" in params and "lora_spec" in params:
-            pairs[(params["model_spec"], params["lora_spec"])] = None
+        if "lora_spec" in params and "fine_tune_spec" in params:  # the quality suite: its model is not a dimension
+            quality_model = quality_model or data.quality_model(lora.matrix, lora.device_kind)
+            pairs.setdefault((quality_model, params["lora_spec"]), set()).add(params["fine_tune_spec"].init)
+        elif "model_spec" in params and "lora_spec" in params:
+            pairs.setdefault((params["model_spec"], params["lora_spec"]), set())
     if not pairs:
         return
     from .models import validate
@@ -219,10 +223,11 @@ def _check_targets(lora: LoraSession, items: list[pytest.Item]) -> None:
         lora.targets_unchecked = True  # a listing doesn't import transformers to build the models
         return
     architectures = {model: _architecture(lora, validate, model, cache) for model in models}  # once per model
-    found = [problem for model, spec in pairs for problem in validate.problems(model, spec, architectures[model])]
+    found = [problem for (model, spec), inits in pairs.items()
+             for problem in validate.problems(model, spec, architectures[model], tuple(sorted(inits)))]
     by_source: dict[str, list[str]] = {}  # each problem under the option or file that set its key
     for problem in dict.fromkeys(found):
-        key = "modules_to_save" if problem.startswith("modules_to_save ") else "targets"
+        key = "modules_to_save" if problem.startswith("modules_to_save ") else "inits" if problem.startswith("init ") else "targets"
         by_source.setdefault(lora.where_of(key), []).append(problem)
     if by_source:
         raise pytest.UsageError("\n".join(f"{where}: " + "\n  ".join(problems) for where, problems in by_source.items()))

@@ -10,9 +10,8 @@ from typing import Any, Callable
 
 import pytest
 
-# A registry architecture small enough to train to competence in seconds: tiny on the CPU, the
-# real OPT-125M shape on a GPU.
-TASK_MODELS = {"cpu": "llama-3.2-1b-tiny", "cuda": "opt-125m"}
+from pytest_lora.data import TASK_MODELS
+
 TASK_VOCAB = 256
 PRETRAIN_STEPS = {"cpu": 300, "cuda": 600}
 

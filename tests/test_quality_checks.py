@@ -139,6 +139,10 @@ def test_the_suite_records_the_claims_of_its_configs(bench_run):
         (["--lora-full-learning-rates=-1"], "--lora-full-learning-rates: '-1' is not a learning rate*"),
         (["--lora-quality-target=1.5"], "--lora-quality-target: '1.5' is not a fraction of the reference's improvement; allowed: a number in (0, 1)*"),
         (["--lora-quality-steps=1"], "--lora-quality-steps: '1' is not a step count; allowed: an integer >= 2"),
+        # the tiny Llama's k and v projections are 16 x 64 (one key-value head): PiSSA can take 16 directions from them
+        (["-m", "lora_quality", "--lora-models=llama-3.2-1b-tiny", "--lora-inits=default,pissa", "--lora-ranks=32", "--lora-targets=all-linear"],
+         "--lora-inits: init pissa at rank 32: model.layers.0.self_attn.k_proj of llama-3.2-1b-tiny has 16 on its smaller side, and this "
+         "init takes rank directions from every adapted layer; allowed: a rank of at most 16 for targets all-linear, or init default or gaussian"),
     ],
 )
 def test_bad_values_of_the_quality_dimensions(pytester, args, message):

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from ..specs import LoraSpec, ModelSpec, shown
-from .layers import is_adaptable, name_matches
+from ..specs import RESIDUAL_INITS, LoraSpec, ModelSpec, shown
+from .layers import all_linear_names, is_adaptable, is_linear, name_matches
 
-CACHE_PREFIX = "pytest_lora/architecture/"
+CACHE_PREFIX = "pytest_lora/architecture-2/"  # -2: with the Linear layers' sides and peft's default targets
 
 # The sizes of a model's tensors and layer counts, under the names the shipped families use: each
 # must be a whole number >= 1. transformers checks some of them (types, heads dividing the hidden
@@ -53,18 +53,31 @@ def size_problems(config: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class Architecture:
-    """What the checks need of a model: (name, adaptable?) for every module, and whether peft
-    has default target modules for its ``model_type``."""
+    """What the checks need of a model: (name, adaptable?) for every module, whether peft has
+    default target modules for its ``model_type`` (and which), and (name, smaller side, adapted by
+    ``all-linear``?) for every linear layer: the most directions a residual init can take from it."""
 
     modules: tuple[tuple[str, bool], ...]
     peft_defaults: bool
+    linear_sides: tuple[tuple[str, int, bool], ...] = ()
+    default_targets: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
-        return {"modules": [list(module) for module in self.modules], "peft_defaults": self.peft_defaults}
+        return {"modules": [list(module) for module in self.modules], "peft_defaults": self.peft_defaults,
+                "linear_sides": [list(side) for side in self.linear_sides], "default_targets": list(self.default_targets)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Architecture:
-        return cls(tuple((str(name), bool(ok)) for name, ok in data["modules"]), bool(data["peft_defaults"]))
+        return cls(tuple((str(name), bool(ok)) for name, ok in data["modules"]), bool(data["peft_defaults"]),
+                   tuple((str(name), int(side), bool(all_linear)) for name, side, all_linear in data["linear_sides"]),
+                   tuple(str(name) for name in data["default_targets"]))
+
+    def adapted_sides(self, lora: LoraSpec) -> list[tuple[str, int]]:
+        """(name, smaller side) of each linear layer ``lora`` adapts, by peft's matching rules."""
+        if lora.targets == "all-linear":
+            return [(name, side) for name, side, all_linear in self.linear_sides if all_linear]
+        targets = self.default_targets if lora.targets == "default" else lora.targets
+        return [(name, side) for name, side, _ in self.linear_sides if name_matches(name, tuple(targets))]
 
 
 def architecture(model: ModelSpec, cache: Any = None) -> Architecture:
@@ -107,12 +120,15 @@ def inspect_architecture(model: ModelSpec) -> Architecture:
         raise ConfigProblem("; ".join(found) + "; allowed: a whole number >= 1")
     meta = build.build_meta(model.config_dict())
     modules = tuple((name, is_adaptable(module)) for name, module in meta.named_modules() if name)
-    return Architecture(modules, model.config_dict()["model_type"] in defaults)
+    all_linear = set(all_linear_names(meta))
+    sides = tuple((name, min(module.weight.shape), name in all_linear) for name, module in meta.named_modules() if is_linear(module))
+    model_type = model.config_dict()["model_type"]
+    return Architecture(modules, model_type in defaults, sides, tuple(defaults.get(model_type, ())))
 
 
-def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture) -> list[str]:
-    """What is wrong with applying ``lora`` to ``model`` (whose ``architecture`` is ``arch``), as
-    sentences; empty when nothing is."""
+def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture, inits: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with applying ``lora`` to ``model`` (whose ``architecture`` is ``arch``), from
+    each of the quality suite's ``inits``, as sentences; empty when nothing is."""
     found = []
     names = arch.modules
     adaptable = sorted({name.rsplit(".", 1)[-1] for name, ok in names if ok})
@@ -126,4 +142,18 @@ def problems(model: ModelSpec, lora: LoraSpec, arch: Architecture) -> list[str]:
     for module in lora.modules_to_save:
         if not any(name_matches(name, (module,)) for name, _ in names):
             found.append(f"modules_to_save {shown(module)} matches no module of {model.id}")
-    return found
+    return found + rank_problems(model, lora, arch, inits)
+
+
+def rank_problems(model: ModelSpec, lora: LoraSpec, arch: Architecture, inits: tuple[str, ...]) -> list[str]:
+    """PiSSA, OLoRA and LoftQ factor each adapted weight into ``r`` directions: a layer with fewer
+    (a grouped-query model's k and v projections are narrow) would get a smaller adapter than the
+    config's, which no base of that config loads. Said before the run, naming the layer."""
+    residual = [init for init in inits if init in RESIDUAL_INITS]
+    narrow = [(name, side) for name, side in arch.adapted_sides(lora) if side < lora.r]
+    if not residual or not narrow:
+        return []
+    name, side = min(narrow, key=lambda layer: layer[1])
+    return [f"init {residual[0]} at rank {lora.r}: {name} of {model.id} has {side} on its smaller side, and this init takes "
+            f"rank directions from every adapted layer; allowed: a rank of at most {side} for targets {lora.targets_id}, or "
+            "init default or gaussian"]
