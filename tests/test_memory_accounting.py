@@ -100,23 +100,6 @@ def test_training_state_is_sixteen_bytes_a_parameter_and_four_a_tensor(quant, do
     assert estimate.training == measured
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
-@pytest.mark.parametrize("name", ["llama-3.1-8b-tiny", "qwen2.5-7b-tiny"])
-def test_activation_model_against_what_autograd_saves(name, targets):
-    """Without dropout, every tensor the model names is one autograd keeps: they agree to 5%."""
-    spec = resolve_model(name, "test")
-    base = build.build_base(spec, QUANTIZATIONS["bf16"], "cpu")
-    lora = peft.LoraConfig(r=8, target_modules=targets, lora_dropout=0.0)
-    workload = WorkloadSpec(seq_len=32, batch=2)
-    with adapters.attached(base, lora) as model:
-        step = TrainStep(model)
-        with memory.saved_activations(model) as saved:
-            step.forward(synthetic_batch(256, workload, "cpu", 0))
-        step.close()
-    estimate = memory.analytic_step(spec.config_dict(), QUANTIZATIONS["bf16"], lora, workload)
-    assert sum(saved.values()) == pytest.approx(estimate.activations, rel=0.05)
-
-
 def test_activation_model_scales_with_tokens_and_checkpointing_cuts_it():
     config = registry.load_config_dict("llama-3.1-8b")
     lora = peft.LoraConfig(r=16, target_modules="all-linear")
