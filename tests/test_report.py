@@ -375,6 +375,8 @@ def test_report_command_sets_several_runs_side_by_side(bench_run, tmp_path):
     for record in other["records"]:
         if record["metrics"].get("tokens_per_s"):
             record["metrics"]["tokens_per_s"] *= 2
+        if record["metrics"].get("quality_loss"):
+            record["metrics"]["quality_loss"] += 0.5
     (tmp_path / "gpu.json").write_text(json.dumps(other))
     assert cli.main(["report", str(bench_run.latest), str(tmp_path / "gpu.json"), "-o", str(tmp_path)]) == 0
     written = tmp_path / f"runs-{bench_run.document['run']['id']}-20990101-000000-ffffff.md"
@@ -390,6 +392,10 @@ def test_report_command_sets_several_runs_side_by_side(bench_run, tmp_path):
     weights = next(r for r in records_of(bench_run.document, "test_weight_storage") if (r["model"], r["quant"]) == (step["model"], step["quant"]))
     measured = weights["metrics"]["weight_bytes"] + sum(step["metrics"][m] for m in ("adapter_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes"))
     assert sections[2]["heading"].startswith("step memory in bytes") and number(memory[0][header[1]]) == measured and memory[0]["change"] == "="
+    quality = as_dicts(section(sections, "held-out loss after fine-tuning (nats), LoRA")["tables"][0])
+    lora = next(r for r in records_of(bench_run.document, "test_quality_lora") if r["status"] == "ok")
+    assert number(quality[0][header[1]]) == pytest.approx(lora["metrics"]["quality_loss"], abs=1e-3)
+    assert number(quality[0][header[2]]) == pytest.approx(lora["metrics"]["quality_loss"] + 0.5, abs=1e-3)
     plot = written.with_name(written.stem + "-speed.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sections[0]["images"] + sections[1]["images"] == [plot.name]
     assert plots.runs_speed([bench_run.document, other])[rows[0]["config"]] == [first["metrics"]["tokens_per_s"], 2 * first["metrics"]["tokens_per_s"]]

@@ -94,8 +94,8 @@ SUITES = (
         ADAPTER_FILE: (),
     }),
     Suite("lora_quality", "quality of the fine-tune per format, rank, learning rate and init", {
-        BASE_QUALITY: ("headline: quality",),
-        QUALITY_LORA: ("headline: quality", "plot: quality"),
+        BASE_QUALITY: ("headline: quality", "side by side"),
+        QUALITY_LORA: ("headline: quality", "plot: quality", "side by side"),
         QUALITY_FULL: ("headline: quality", "plot: quality"),
     }),
 )

@@ -218,6 +218,9 @@ SIDE_BY_SIDE = (  # (what, each config's value in one run's records)
     ("merge KL (nats), trained model, peft's merge into a quantized base", metric_of(catalog.MERGE_TRAINED, "merge_kl_requantize")),
     ("forgetting (nats), LoRA", metric_of(catalog.FORGETTING_LORA, "forgetting_delta_loss")),
     ("forgetting (nats), full fine-tuning", metric_of(catalog.FORGETTING_FULL, "forgetting_delta_loss")),
+    ("held-out loss on the old skill before training (nats), per format", metric_of(catalog.BASE_QUALITY, "base_loss_a")),
+    ("held-out loss after fine-tuning (nats), LoRA", metric_of(catalog.QUALITY_LORA, "quality_loss")),
+    ("held-out loss after fine-tuning minus 16-bit LoRA's (nats)", metric_of(catalog.QUALITY_LORA, "quality_minus_reference")),
     ("trainable parameters", metric_of(catalog.TRAINABLE_PARAMETERS, "trainable_params")),
 )
 
