@@ -159,6 +159,7 @@ def test_nothing_fits_when_one_sequence_is_over_the_budget(capsys):
 @pytest.mark.parametrize("argv, says", [
     (["no-such-model"], "MODEL: 'no-such-model' is neither a registry model nor an existing path; allowed: a registry name"),
     (["llama-3.1-8b", "--budget", "24XB"], "--budget: '24XB'"),
+    (["llama-3.1-8b", "--budget", "lots"], "--budget: 'lots' is not a size; allowed: e.g. 24GiB, 80GB, 512MiB"),
     (["llama-3.1-8b", "--rank", "-1"], "--rank: '-1' is not a whole number >= 1; allowed:"),
     (["llama-3.1-8b", "--seq", "0"], "--seq: '0' is not a whole number >= 1; allowed:"),
     (["llama-3.1-8b", "--quant", "nf3"], "--quant: 'nf3' is not a quantization; allowed: none, fp32"),
@@ -238,7 +239,7 @@ def test_against_a_file_without_memory_steps_is_a_usage_error(tmp_path, capsys):
     run_file = tmp_path / "run.json"
     run_file.write_text(json.dumps({**json.loads(PUBLISHED.read_text()), "records": []}))
     code, _, err = run(capsys, "--against", str(run_file))
-    assert code == 4 and "holds no memory-suite step" in err
+    assert code == 4 and "holds no training step measured by the memory suite" in err
     code, _, err = run(capsys, "--against", str(tmp_path / "missing.json"))
     assert code == 4 and "Traceback" not in err
 

@@ -166,9 +166,16 @@ def _size(body: str, text: str, where: str) -> float:
     return _number(number, text, where) * SIZES.get(unit.lower(), 1)
 
 
+SIZE = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?[a-z]*", re.IGNORECASE)  # a number and a unit, if any
+
+
 def size_in_bytes(text: str, where: str) -> int:
-    """``24GiB``, ``24 GiB``, ``1.5e9`` or ``512MB`` as bytes; a ``RuleError`` naming ``where`` if not."""
-    size = _size(str(text).replace(" ", ""), str(text), where)
+    """``24GiB``, ``24 GiB``, ``1.5e9`` or ``512MB`` as bytes; a ``RuleError`` naming ``where`` if not
+    (saying what a size is: a threshold's allowed forms would mislead here)."""
+    body = str(text).replace(" ", "")
+    if not SIZE.fullmatch(body):
+        raise RuleError(f"{where}: {shown(text)} is not a size; allowed: e.g. 24GiB, 80GB, 512MiB")
+    size = _size(body, str(text), where)
     if size <= 0:
         raise RuleError(f"{where}: {shown(text)} is not a positive size; allowed: e.g. 24GiB, 80GB, 512MiB")
     return int(size)
