@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -335,3 +336,18 @@ def test_the_catalog_lists_the_parts_that_read_the_quality_tests():
     assert catalog.readers(catalog.QUALITY_LORA) == ("headline: quality", "plot: quality")
     assert catalog.readers(catalog.QUALITY_FULL) == ("headline: quality", "plot: quality")
     assert quality.curves in plots.DATA.values() and headline.quality_section in headline.BUILDERS
+
+
+SWEEP_RUNS = sorted((Path(__file__).parents[1] / "results" / "published" / "real" / "quality").glob("*/*.json"))
+
+
+@pytest.mark.parametrize("published", SWEEP_RUNS, ids=[path.parent.name for path in SWEEP_RUNS])
+def test_each_committed_sweep_is_a_clean_run_of_its_matrix_file_with_its_report(published):
+    """results/published/real/quality/<sweep>/ holds one run of benchmarks/quality/<sweep>.toml,
+    made from a committed tree, with the report the run wrote: the verdicts quoted in the README
+    come from it."""
+    document = json.loads(published.read_text())
+    assert f"--lora-matrix=benchmarks/quality/{published.parent.name}.toml" in document["run"]["argv"]
+    assert document["run"]["status"] == "passed" and not document["run"]["git"]["dirty"]
+    assert {record["suite"] for record in document["records"]} == {"quality"}
+    assert published.with_suffix(".md").read_text(encoding="utf-8") == markdown.render_run(document)
