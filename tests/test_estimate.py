@@ -112,6 +112,15 @@ def test_a_cached_step_model_answers_without_torch(tmp_path):
     assert first.stdout.splitlines()[:-1] == second.stdout.splitlines()[:-1]
 
 
+def test_a_stored_step_model_reads_back_as_it_was_built(tmp_path, monkeypatch):
+    """The cache's JSON is the step model: an estimate read from it equals the one built."""
+    built = qlora_8b()
+    assert len(list((tmp_path / "cache" / "estimate").glob("*.json"))) == 1  # own_cache's directory
+    estimate._step_model.cache_clear()  # the file stays: the next estimate reads it, building nothing
+    monkeypatch.setattr(estimate, "_built_step_model", lambda *args: pytest.fail("built again"))
+    assert qlora_8b() == built
+
+
 def test_estimate_memory_is_exported_lazily():
     assert pytest_lora.estimate_memory is estimate_memory
     assert "estimate_memory" in pytest_lora.__all__

@@ -332,8 +332,8 @@ def test_a_curve_without_its_samples_is_not_drawn():
 
 
 def test_the_catalog_lists_the_parts_that_read_the_quality_tests():
-    assert catalog.readers(catalog.BASE_QUALITY) == ("headline: quality",)
-    assert catalog.readers(catalog.QUALITY_LORA) == ("headline: quality", "plot: quality")
+    assert catalog.readers(catalog.BASE_QUALITY) == ("headline: quality", "side by side")
+    assert catalog.readers(catalog.QUALITY_LORA) == ("headline: quality", "plot: quality", "side by side")
     assert catalog.readers(catalog.QUALITY_FULL) == ("headline: quality", "plot: quality")
     assert quality.curves in plots.DATA.values() and headline.quality_section in headline.BUILDERS
 

@@ -24,8 +24,8 @@ Modelled (``analytic_*``), from the architecture on the meta device and the quan
 * the adapter: LoRA (and DoRA) parameters in fp32 (peft upcasts adapters of 16-bit bases), their
   fp32 gradients, AdamW's two fp32 moments and a step counter per tensor: 16 bytes per trainable
   parameter (ZeRO §3.1 counts the same for mixed-precision Adam) plus 4 per tensor.
-* activations: ``analytic_activation_bytes``, a per-layer count of what a decoder-only
-  transformer step keeps for backward (see its docstring); ``None`` where no model exists yet.
+* activations: ``activation_terms``, a per-layer count of what a decoder-only transformer step
+  keeps for backward, per token (see its docstring); ``None`` where no model exists yet.
 """
 
 from __future__ import annotations
@@ -195,14 +195,6 @@ def _layer_bytes(shape: _Shape, p: int) -> float:
     queries, keys and values and its output (p x (2 q + 2 kv)) and an fp32 log-sum-exp per head;
     the gated MLP keeps gate, up and SiLU(gate) (3 p I)."""
     return 2 * (4 * shape.hidden + 4) + p * (2 * shape.q + 2 * shape.kv) + 4 * shape.heads + 3 * p * shape.inner
-
-
-def analytic_activation_bytes(config_dict: dict[str, Any], adapted: dict[str, tuple[int, int]], r_of: dict[str, int],
-                              workload: WorkloadSpec, dropout: float, dtype_bytes: int, dora: bool = False, device: str = "cuda") -> int | None:
-    """What the step keeps for backward, summed over the batch (``ActivationTerms.kept``); with
-    gradient checkpointing each layer keeps only its input, and one layer is rebuilt at a time."""
-    terms = activation_terms(config_dict, adapted, r_of, dropout, dtype_bytes, dora, device)
-    return None if terms is None else int(terms.kept(workload.grad_ckpt) * workload.tokens)
 
 
 # --------------------------------------------------------------------------- the whole step
