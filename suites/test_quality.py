@@ -138,8 +138,11 @@ def record_outcome(lora_bench, runs: list) -> None:
 
 def record_target(lora_bench, runs: list, reference: list, fraction: float) -> None:
     """Steps and training seconds to the target loss, over the seeds that reached it."""
-    target = quality.target_loss(quality.summary([r.curve[0].loss for r in reference])[0],
-                                 quality.summary([r.final.loss for r in reference])[0], fraction)
+    before, after = quality.summary([r.curve[0].loss for r in reference])[0], quality.summary([r.final.loss for r in reference])[0]
+    target = quality.target_loss(before, after, fraction)
+    if target is None:
+        lora_bench.warn(f"no target loss: the 16-bit reference did not improve ({before:.4f} -> {after:.4f} nats)")
+        return
     lora_bench.record("target_loss", target, "nats")
     reached = [point for point in (quality.time_to_target(run.curve, target) for run in runs) if point is not None]
     lora_bench.record("target_reached", len(reached), "runs")

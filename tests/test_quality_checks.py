@@ -27,6 +27,7 @@ def test_evaluation_points_targets_and_time_to_target_by_hand():
     assert quality.eval_steps(60) == [0, 10, 20, 30, 40, 50, 60] and quality.eval_steps(60, 5) == [0, 15, 30, 45, 60]
     assert quality.eval_steps(2) == [0, 1, 2]  # fewer steps than points: each step once
     assert quality.target_loss(3.0, 1.0, 0.9) == pytest.approx(1.2)
+    assert quality.target_loss(1.86, 2.15, 0.75) is None  # a diverged reference sets no target
     curve = tuple(quality.Point(step, step / 10, loss, 0.0) for step, loss in ((0, 3.0), (15, 1.5), (30, 1.19), (45, 1.1)))
     assert quality.time_to_target(curve, 1.2) == curve[2]
     assert quality.time_to_target(curve, 1.0) is None

@@ -72,8 +72,12 @@ def eval_steps(steps: int, points: int = EVAL_POINTS) -> list[int]:
     return sorted({round(steps * k / (points - 1)) for k in range(points)})
 
 
-def target_loss(before: float, after: float, fraction: float = TARGET_FRACTION) -> float:
-    """The held-out loss a run must reach: ``fraction`` of the reference's improvement from ``before`` to ``after``."""
+def target_loss(before: float, after: float, fraction: float = TARGET_FRACTION) -> float | None:
+    """The held-out loss a run must reach: ``fraction`` of the reference's improvement from
+    ``before`` to ``after``; ``None`` when the reference did not improve (a diverged reference
+    would set a target above the start, "reached" before the first step)."""
+    if after >= before:
+        return None
     return before - fraction * (before - after)
 
 
