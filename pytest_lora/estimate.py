@@ -1,10 +1,12 @@
 """``pytest-lora estimate MODEL``: will this fine-tune fit, what takes the memory, how sure are we.
 
-The memory suite's analytic step (``measure.memory.analytic_step_model``) on the meta device: no
-weight is built, so an 8B or a 70B model is estimated in about a second. It prints the step's
-memory by component (base weights in their format, the adapter, its gradients, the optimizer's
-state, the saved activations, the logits with their gradients, the workspace a GPU adds), the
-total, and how well the model has held for that architecture, against what.
+The memory suite's analytic step (``measure.step``) over the model's layout (``models.layout``:
+shipped for the registry's models, read once on the meta device for any other): no weight is
+built and, for a registry model, torch is not even imported, so an 8B or a 70B model is
+estimated in a fraction of a second. It prints the step's memory by component (base weights in
+their format, the adapter, its gradients, the optimizer's state, the saved activations, the
+logits with their gradients, the workspace a GPU adds), the total, and how well the model has
+held for that architecture, against what.
 
 * several values of an option (``--quant bf16,nf4 --seq 2048,8192``) give one table of every
   combination;
@@ -175,123 +177,52 @@ def estimate(model: str, setup: Setup) -> MemoryEstimate:
 
 @functools.lru_cache(maxsize=64)
 def _step_model(model: str, quant: str, rank: int, targets: str | tuple[str, ...], optimizer: str, variant: str, dropout: float) -> tuple[str, Any]:
-    """(model_type, ``measure.step.StepModel``) of a model and adapter, for any workload: from the
-    cache when it holds it (``_cache_path``), else built on the meta device and stored there."""
-    from .measure.step import StepModel
+    """(model_type, ``measure.step.StepModel``) of a model and adapter, for any workload: plain
+    arithmetic over the model's layout (``models.layout.of``: shipped for the registry's models,
+    else cached after its first build on the meta device), without torch unless the layout has
+    to be built or an 8-bit optimizer's constants read."""
+    from .measure import step
+    from .models import layout
 
-    config = _config(model)
-    path = _cache_path(config, [quant, rank, targets, optimizer, variant, dropout])
-    stored = _read_json(path)
-    if stored is not None:
-        return config["model_type"], StepModel.from_json(stored)
-    step = _built_step_model(model, config, quant, rank, targets, optimizer, variant, dropout)
-    _write_json(path, step.as_json())
-    return config["model_type"], step
+    config, name = _config(model)
+    lora = _lora_config(rank, targets, variant, dropout)
+    spec = OPTIMIZERS[optimizer]
+    try:
+        model_step = step.step_model(layout.of(config, name), config, QUANTIZATIONS[quant], lora, spec, eight_bit=_eight_bit(spec))
+    except (KeyError, ValueError, NotImplementedError) as error:  # an architecture transformers doesn't know, no default targets, ...
+        raise EstimateError(f"MODEL: {model}: cannot be estimated ({error}); allowed: an architecture transformers knows, "
+                            "targets it has") from None
+    if not model_step.training.parameters:
+        shown_targets = targets if isinstance(targets, str) else ",".join(targets)
+        raise EstimateError(f"--targets: {shown_targets} adapt no layer of {model}; allowed: all-linear, default or the names "
+                            "of its Linear layers, such as q_proj,v_proj")
+    return config["model_type"], model_step
 
 
-def _config(model: str) -> dict[str, Any]:
-    """The model's config.json as a dict, checked for sizes that are not sizes."""
+def _eight_bit(spec: Any) -> tuple[int, int] | None:
+    """The installed bitsandbytes' constants for an 8-bit optimizer (imports it), else nothing."""
+    if spec.bits != 8:
+        return None
+    from .measure import optimizers
+
+    return optimizers.eight_bit_constants(spec)
+
+
+def _config(model: str) -> tuple[dict[str, Any], str | None]:
+    """The model's config.json as a dict, checked for sizes that are not sizes, and its registry
+    name (``None`` for a file)."""
     from .models import resolve, validate
 
     try:
-        config = resolve.resolve_model(model, "MODEL").config_dict()
+        spec = resolve.resolve_model(model, "MODEL")
+        config = spec.config_dict()
     except MatrixError as error:
         raise EstimateError(str(error)) from None
     problems = validate.size_problems(config)
     if problems:
         raise EstimateError(f"MODEL: {model}: its config.json has fields that are not sizes: {'; '.join(problems)}; "
                             "allowed: whole numbers >= 1")
-    return config
-
-
-def _built_step_model(model: str, config: dict[str, Any], quant: str, rank: int, targets: str | tuple[str, ...], optimizer: str,
-                      variant: str, dropout: float) -> Any:
-    """The step model from the architecture built on the meta device (transformers: seconds to import)."""
-    from .measure import memory
-    from .quiet import library_warnings_silenced
-
-    lora = _lora_config(rank, targets, variant, dropout)
-    with library_warnings_silenced():
-        try:
-            step = memory.analytic_step_model(config, QUANTIZATIONS[quant], lora, OPTIMIZERS[optimizer])
-        except (KeyError, ValueError, NotImplementedError) as error:  # an architecture transformers doesn't know, no default targets, ...
-            raise EstimateError(f"MODEL: {model}: cannot be estimated ({error}); allowed: an architecture transformers knows, "
-                                "targets it has") from None
-    if not step.training.parameters:
-        shown_targets = targets if isinstance(targets, str) else ",".join(targets)
-        raise EstimateError(f"--targets: {shown_targets} adapt no layer of {model}; allowed: all-linear, default or the names "
-                            "of its Linear layers, such as q_proj,v_proj")
-    return step
-
-
-# What decides a stored step model besides the config and the setup: the libraries that decide
-# module shapes and formats' bytes, and the source of the arithmetic itself.
-CACHE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
-CACHE_SOURCES = ("measure/memory.py", "measure/step.py", "measure/params.py", "measure/optimizers.py", "models/build.py",
-                 "models/quantize.py", "models/formats")
-
-
-def _cache_path(config: dict[str, Any], setup: list[Any]) -> Path:
-    """Where the step model of a config and setup is kept: the cache of ``models.gguf``, keyed by
-    both, the libraries' versions and a digest of the arithmetic's source."""
-    import hashlib
-    import json
-
-    from .models import gguf
-
-    text = json.dumps([config, setup, _versions(), _source_digest()], sort_keys=True, default=str)
-    return gguf.cache_root() / "estimate" / (hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
-
-
-@functools.lru_cache(maxsize=None)
-def _versions() -> list[str | None]:
-    from importlib import metadata
-
-    found = []
-    for name in CACHE_LIBRARIES:
-        try:
-            found.append(metadata.version(name))
-        except metadata.PackageNotFoundError:
-            found.append(None)
-    return found
-
-
-@functools.lru_cache(maxsize=None)
-def _source_digest() -> str:
-    import hashlib
-
-    root = Path(__file__).parent
-    digest = hashlib.sha256()
-    for part in CACHE_SOURCES:
-        for path in sorted((root / part).rglob("*.py")) if (root / part).is_dir() else [root / part]:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A stored step model, or ``None`` when absent or unreadable (then it is built again)."""
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Store it, renamed into place when whole; a cache that can't be written only costs time."""
-    import json
-    import os
-    import tempfile
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream)
-        os.replace(temporary, path)
-    except OSError:
-        pass
+    return config, spec.name if spec.kind == "registry" else None
 
 
 def _lora_config(rank: int, targets: str | tuple[str, ...], variant: str, dropout: float) -> Any:

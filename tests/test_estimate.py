@@ -1,6 +1,6 @@
 """``pytest-lora estimate`` and ``pytest_lora.estimate_memory``: the step model against the H200's
 peaks and the QLoRA paper's figures, --budget checked one step beyond its answer, the matrix
-table, --against on a results file, the cache that answers without torch, and bad input (exit 4,
+table, --against on a results file, the answers without torch, and bad input (exit 4,
 no traceback)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MB = 10**6
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
-    """Each test's step models in its own cache directory."""
+    """Each test's built layouts in its own cache directory."""
     monkeypatch.setenv("PYTEST_LORA_CACHE", str(tmp_path / "cache"))
     estimate._step_model.cache_clear()
 
@@ -100,25 +100,34 @@ def test_several_values_give_one_table(capsys):
     assert rows[-1].split()[-1] == f"{total:,.2f}"
 
 
-def test_a_cached_step_model_answers_without_torch(tmp_path):
-    """The first estimate builds on the meta device; the next reads the cache and imports no torch."""
+def test_a_registry_model_is_estimated_without_torch_from_the_first_run(tmp_path):
+    """The registry's models ship their layouts: even the first estimate imports no torch, no
+    transformers (the 2-second budget of the Done-when: importing torch alone takes about that)."""
+    command = ("import sys; from pytest_lora.console import main; code = main(['estimate', 'llama-3.1-8b', '--quant', 'nf4', "
+               "'--seq', '2048', '--batch', '2']); print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules))); sys.exit(code)")
+    env = {"PYTEST_LORA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[-1] == "[]"
+    assert f"total (peak allocated on a GPU)  {qlora_8b().total / GIB:,.2f} GiB" in run.stdout
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing cached
+
+
+def test_another_model_is_built_once_then_estimated_without_torch(tmp_path):
+    """A config.json outside the registry: the first estimate reads its layout on the meta device
+    and caches it; the next reads the cache and imports no torch, and says the same."""
+    config = tmp_path / "model" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({**json.loads((ROOT / "pytest_lora/models/configs/llama-3.2-1b.json").read_text()), "num_hidden_layers": 3}))
     command = ("import sys; from pytest_lora.console import main; "
-               "code = main(['estimate', 'llama-3.2-1b', '--batch', '4']); print('torch' in sys.modules); sys.exit(code)")
+               f"code = main(['estimate', {str(config)!r}, '--batch', '4']); print('torch' in sys.modules); sys.exit(code)")
     env = {"PYTEST_LORA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     first = subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, text=True)
     second = subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, text=True)
     assert first.returncode == second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
     assert first.stdout.splitlines()[-1] == "True" and second.stdout.splitlines()[-1] == "False"
     assert first.stdout.splitlines()[:-1] == second.stdout.splitlines()[:-1]
-
-
-def test_a_stored_step_model_reads_back_as_it_was_built(tmp_path, monkeypatch):
-    """The cache's JSON is the step model: an estimate read from it equals the one built."""
-    built = qlora_8b()
-    assert len(list((tmp_path / "cache" / "estimate").glob("*.json"))) == 1  # own_cache's directory
-    estimate._step_model.cache_clear()  # the file stays: the next estimate reads it, building nothing
-    monkeypatch.setattr(estimate, "_built_step_model", lambda *args: pytest.fail("built again"))
-    assert qlora_8b() == built
+    assert len(list((tmp_path / "cache" / "layouts").glob("*.json"))) == 1
 
 
 def test_estimate_memory_is_exported_lazily():
@@ -195,6 +204,15 @@ def test_a_config_with_sizes_that_are_not_sizes(tmp_path, capsys):
     path.write_text(json.dumps({**config, "hidden_size": -64}))
     code, _, err = run(capsys, str(path))
     assert code == 4 and "hidden_size: -64 is not a size" in err
+
+
+def test_an_architecture_transformers_does_not_know(tmp_path, capsys):
+    config = json.loads((ROOT / "pytest_lora" / "models" / "configs" / "llama-3.2-1b.json").read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**config, "model_type": "nonesuch", "architectures": ["NonesuchForCausalLM"]}))
+    code, _, err = run(capsys, str(path))
+    assert code == 4 and "cannot be estimated" in err and "allowed: an architecture transformers knows" in err
+    assert "Traceback" not in err
 
 
 def test_an_architecture_without_an_activation_model_says_so(capsys):

@@ -16,7 +16,7 @@ from pytest_lora import references
 from pytest_lora.models.resolve import resolve_model
 from pytest_lora.specs import QUANTIZATIONS, WorkloadSpec
 from pytest_lora.measure import memory
-from pytest_lora.models.formats import bnb as bnb_format
+from pytest_lora.models import storage
 from pytest_lora.measure.train import TrainStep, synthetic_batch
 from pytest_lora.models import adapters, build, registry
 
@@ -60,8 +60,8 @@ def test_four_bit_constants_cost_what_qlora_says(quant, bits):
     """QLoRA §3: 32/64 = 0.5 bits per weight for the block absmax; 0.127 with double quantization."""
     spec = QUANTIZATIONS[quant]
     weights = 4096 * 4096
-    tables = 4 * bnb_format.CODE_4BIT + ((4 * bnb_format.CODE_NESTED + 4) if spec.double_quant else 0)
-    extra = bnb_format.four_bit_bytes(weights, spec) - weights // 2 - tables
+    tables = 4 * storage.CODE_4BIT + ((4 * storage.CODE_NESTED + 4) if spec.double_quant else 0)
+    extra = storage.four_bit_bytes(weights, spec) - weights // 2 - tables
     assert extra * 8 / weights == pytest.approx(bits, rel=1e-12)
 
 

@@ -15,7 +15,8 @@ Measured on a GPU only (``step_phase_memory``, through ``gpu.Gpu``): torch's all
 reserved bytes with per-phase peaks, and NVML's used bytes for the whole device (the CUDA context included, which torch
 doesn't see; peft #779 and #1469 are users confusing the three).
 
-Modelled (``analytic_*``), from the architecture on the meta device and the quantization format:
+Modelled (``analytic_*``; the arithmetic is ``measure.step``'s, torch-free), from the architecture's
+layout (``models.layout``: read on the meta device) and the quantization format:
 
 * weights: each quantized weight costs what its format says (``Format.tensor_bytes``: the
   format's docstring gives the arithmetic, e.g. 4.5 bits a weight for nf4, QLoRA §3). Everything
@@ -31,18 +32,16 @@ Modelled (``analytic_*``), from the architecture on the meta device and the quan
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..specs import OPTIMIZERS, OptimizerSpec, QuantSpec, WorkloadSpec
-from ..models import build, formats, quantize
-from . import optimizers
-from .step import ACTIVATION_FAMILIES, ActivationTerms, StepEstimate, StepModel, TrainingState  # noqa: F401  (the step's terms, named here too)
+from ..models import build, formats, layout, storage
+from . import optimizers, step
+from .step import ACTIVATION_FAMILIES, DROPOUT_MASK_BYTES, ActivationTerms, StepEstimate, StepModel, TrainingState, activation_terms  # noqa: F401  (the step's terms, named here too)
 from .gpu import error_chain, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -68,32 +67,12 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 # --------------------------------------------------------------------------- analytic weights
 
 
-def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec, meta: nn.Module | None = None) -> int:
+def analytic_weight_bytes(config_dict: dict[str, Any], quant: QuantSpec) -> int:
     """Weight bytes of the architecture stored as ``quant``, from shapes and the format alone
-    (``Format.tensor_bytes`` for each weight the format quantizes). ``meta``: the architecture
-    already built on the meta device in the format's dtype (building an 8B model twice costs time)."""
-    if meta is None:
-        meta = build.instantiate(config_dict, "meta", build.weight_dtype(quant, config_dict))
-    quantized = {} if not quant.is_quantized else _quantized_weights(meta)
-    found = formats.of(quant)
-    total = 0
-    for name, parameter in meta.named_parameters():
-        if name in quantized:
-            total += found.tensor_bytes(*quantized[name], quant)
-        else:
-            total += parameter.numel() * parameter.element_size()
-    total += sum(buffer.numel() * buffer.element_size() for buffer in meta.buffers())
-    return total
-
-
-def _quantized_weights(meta: nn.Module) -> dict[str, tuple[int, int]]:
-    """Parameter name -> (out, in) of every weight that a quantized base stores quantized."""
-    found = {}
-    for name in quantize.quantizable_names(meta):
-        module = meta.get_submodule(name)
-        rows, columns = module.weight.shape
-        found[f"{name}.weight"] = (columns, rows) if isinstance(module, Conv1D) else (rows, columns)
-    return found
+    (``models.layout.Layout.weight_bytes``: ``Format.tensor_bytes`` for each weight the format
+    quantizes, every other tensor in its dtype)."""
+    element_bytes = storage.DTYPE_BYTES[storage.build_dtype(quant, config_dict)]
+    return layout.built(config_dict).weight_bytes(quant, element_bytes, formats.of(quant).tensor_bytes)
 
 
 # --------------------------------------------------------------------------- adapter and optimizer
@@ -106,14 +85,6 @@ def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | No
     parameters = sum(p.numel() * p.element_size() for p in trainable)
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
     return TrainingState(parameters, gradients, optimizers.state_bytes(optimizer) if optimizer is not None else 0)
-
-
-def analytic_training_state(tensor_sizes: list[int], optimizer: OptimizerSpec | None = None) -> TrainingState:
-    """fp32 adapter, fp32 gradients, and the optimizer's state in closed form
-    (``optimizers.analytic_state_bytes``; AdamW: two fp32 moments and a 4-byte step per tensor)."""
-    trainable = sum(tensor_sizes)
-    state = optimizers.analytic_state_bytes(optimizer or OPTIMIZERS["adamw"], tensor_sizes)
-    return TrainingState(4 * trainable, 4 * trainable, state)
 
 
 # --------------------------------------------------------------------------- activations
@@ -136,85 +107,17 @@ def saved_activations(model: nn.Module) -> Iterator[dict[tuple[str, int], int]]:
         yield saved
 
 
-_FROZEN_INPUT = re.compile(r"\.layers\.0\.self_attn\.[qkv]_proj$")
-"""Adapted layers whose input needs no gradient: the first layer's attention projections read the
-frozen embeddings through a frozen norm, so their dropout keeps no mask (autograd saves it only
-where a gradient flows back through the dropout)."""
-
-DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
-"""What LoRA's dropout keeps per input element: on a GPU ``native_dropout``'s bool mask; on the
-CPU, where torch has no fused kernel, the fp32 noise it multiplies by (``at::_dropout_impl``)."""
-
-
-def activation_terms(config_dict: dict[str, Any], adapted: dict[str, tuple[int, int]], r_of: dict[str, int], dropout: float,
-                     dtype_bytes: int, dora: bool = False, device: str = "cuda") -> ActivationTerms | None:
-    """The per-token terms of the step's activations; ``None`` for an architecture outside
-    ``ACTIVATION_FAMILIES``, which has no model here yet (an estimate says so instead of guessing).
-
-    Per adapted layer, peft casts the input to the fp32 adapter dtype and LoRA keeps it (4 x in;
-    with dropout, the fp32 dropout output and its mask, ``DROPOUT_MASK_BYTES``) and the fp32 rank-r
-    output of A (4 r). DoRA also keeps three fp32 tensors of the layer's width for the magnitude's
-    gradient (the base output, the LoRA output and their scaled sum: 12 x out). The mask is kept
-    only where a gradient flows back through the dropout (``_FROZEN_INPUT``). The frozen
-    layers are ``_layer_bytes``. The head keeps fp32 log-probabilities for the loss (4 V) and the
-    labels (8 bytes a token); the frozen output layer keeps nothing more that autograd reports.
-    """
-    if config_dict["model_type"] not in ACTIVATION_FAMILIES:
-        return None
-    shape = _Shape.of(config_dict)
-    mask = DROPOUT_MASK_BYTES[device] if dropout > 0 else 0
-    lora = sum((4 + (0 if _FROZEN_INPUT.search(name) else mask)) * fan_in + 4 * r_of[name] + (12 * fan_out if dora else 0)
-               for name, (fan_in, fan_out) in adapted.items())
-    layer = _layer_bytes(shape, dtype_bytes) + lora / shape.layers
-    vocab = config_dict["vocab_size"]
-    return ActivationTerms(shape.layers, layer, dtype_bytes * shape.hidden, 4 * vocab + 8, (4 + 2 * dtype_bytes) * vocab)
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """A decoder layer's widths under one set of names: hidden, MLP, query and key/value widths."""
-
-    layers: int
-    hidden: int
-    inner: int
-    heads: int
-    q: int
-    kv: int
-
-    @classmethod
-    def of(cls, config_dict: dict[str, Any]) -> _Shape:
-        h, heads = config_dict["hidden_size"], config_dict["num_attention_heads"]
-        head_dim = config_dict.get("head_dim") or h // heads
-        kv = config_dict.get("num_key_value_heads") or heads
-        return cls(config_dict["num_hidden_layers"], h, config_dict["intermediate_size"], heads, heads * head_dim, kv * head_dim)
-
-
-def _layer_bytes(shape: _Shape, p: int) -> float:
-    """What one frozen Llama-family layer keeps per token, ``p`` bytes an activation: two RMSNorms
-    keep their fp32 input and an fp32 reciprocal norm (4h + 4 each); attention keeps the rotated
-    queries, keys and values and its output (p x (2 q + 2 kv)) and an fp32 log-sum-exp per head;
-    the gated MLP keeps gate, up and SiLU(gate) (3 p I)."""
-    return 2 * (4 * shape.hidden + 4) + p * (2 * shape.q + 2 * shape.kv) + 4 * shape.heads + 3 * p * shape.inner
-
-
 # --------------------------------------------------------------------------- the whole step
 
 
 def analytic_step_model(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, optimizer: OptimizerSpec | None = None,
                         device: str = "cuda") -> StepModel:
-    """The step's memory from the architecture (on the meta device), the quantization, the LoRA
-    config and the optimizer (AdamW by default), for any workload, on a GPU (``device="cpu"``:
-    as the CPU runs it, whose dropout keeps more)."""
-    from .params import adapted_layers, rank_of, trainable_tensor_sizes
-
-    dtype = build.weight_dtype(quant, config_dict)
-    meta = build.instantiate(config_dict, "meta", dtype)
-    adapted = adapted_layers(meta, lora, config_dict["model_type"])
-    training = analytic_training_state(trainable_tensor_sizes(meta, lora), optimizer)
-    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
-    ranks = {name: rank_of(name, lora) for name in adapted}
-    terms = activation_terms(config_dict, adapted, ranks, lora.lora_dropout, dtype_bytes, lora.use_dora, device)
-    return StepModel(analytic_weight_bytes(config_dict, quant, meta), training, terms)
+    """The step's memory from the architecture (its layout, read on the meta device), the
+    quantization, the LoRA config and the optimizer (AdamW by default), for any workload, on a
+    GPU (``device="cpu"``: as the CPU runs it, whose dropout keeps more)."""
+    spec = optimizer or OPTIMIZERS["adamw"]
+    return step.step_model(layout.built(config_dict), config_dict, quant, lora, spec, device, optimizers.eight_bit_constants(spec),
+                           formats.of(quant).tensor_bytes)
 
 
 def analytic_step(config_dict: dict[str, Any], quant: QuantSpec, lora: Any, workload: WorkloadSpec,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -26,9 +25,9 @@ from typing import Iterable, Iterator
 import torch
 
 from ..specs import OptimizerSpec
+from . import step
 
 BNB_CLASSES = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
-MAP_ENTRIES = 256  # the dynamic quantization maps: one entry per uint8 code
 PAGED_MIN_ELEMENTS = 100_000  # bitsandbytes pages only moments at least this large
 
 
@@ -120,22 +119,15 @@ def min_8bit_size() -> int:
 
 
 def analytic_state_bytes(spec: OptimizerSpec, tensor_sizes: Iterable[int]) -> int:
-    """The optimizer state for trainable tensors of ``tensor_sizes`` elements, in closed form.
+    """The optimizer state for trainable tensors of ``tensor_sizes`` elements, in closed form
+    (``step.optimizer_state_bytes``, with the installed bitsandbytes' constants)."""
+    return step.optimizer_state_bytes(spec, tensor_sizes, eight_bit_constants(spec))
 
-    AdamW (torch): 8 bytes per parameter and a 4-byte step per tensor. bitsandbytes 32-bit: 8 bytes
-    per parameter. bitsandbytes 8-bit: a tensor under ``min_8bit_size`` as 32-bit; any other 2 bytes
-    per parameter and 2 x 4 bytes per block; and the two 256-entry fp32 maps once.
-    """
-    sizes = list(tensor_sizes)
-    if spec.library == "torch":
-        return sum(8 * n + 4 for n in sizes)
-    if spec.bits == 32:
-        return sum(8 * n for n in sizes)
-    threshold, block = min_8bit_size(), block_size()
-    small = [n for n in sizes if n < threshold]
-    large = [n for n in sizes if n >= threshold]
-    maps = 2 * MAP_ENTRIES * 4 if large else 0
-    return sum(8 * n for n in small) + sum(2 * n + 8 * math.ceil(n / block) for n in large) + maps
+
+def eight_bit_constants(spec: OptimizerSpec) -> tuple[int, int] | None:
+    """(``min_8bit_size``, block size) of the installed bitsandbytes for an 8-bit optimizer
+    (read off the library: imports it), ``None`` for any other."""
+    return (min_8bit_size(), block_size()) if spec.bits == 8 else None
 
 
 def analytic_paged_bytes(spec: OptimizerSpec, tensor_sizes: Iterable[int], device: str) -> int:

@@ -18,7 +18,6 @@ so does HQQ's ``W_q`` (which peft does not unpack). ``count_model`` asks each la
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any, Mapping
@@ -27,11 +26,10 @@ import peft
 import torch
 import transformers
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..quiet import library_warnings_silenced
-from ..models import build, formats, registry
-from ..models.layers import all_linear_names, is_adaptable, name_matches
+from ..models import build, formats, layout, registry
+from ..models.layers import all_linear_names, is_adaptable, layer_shape, name_matches, rank_of  # noqa: F401  (layer_shape, rank_of: read here too)
 
 
 @dataclass(frozen=True)
@@ -107,11 +105,8 @@ def count_model(model: nn.Module) -> ParamCount:
 # --------------------------------------------------------------------------- closed form
 
 
-class ClosedFormUnsupported(NotImplementedError):
-    """The LoRA config uses an option the closed form does not model."""
-
-
-_UNMODELLED = ("layers_to_transform", "exclude_modules", "target_parameters", "alpha_pattern")
+ClosedFormUnsupported = layout.Unmodelled
+"""The LoRA config uses an option the closed form does not model."""
 
 
 def closed_form(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> ParamCount:
@@ -120,7 +115,7 @@ def closed_form(base: nn.Module, lora: peft.LoraConfig, model_type: str | None =
     ``base`` may be any ``nn.Module``; ``model_type`` is needed only for peft's default targets
     of a module that has no transformers config.
     """
-    _refuse_unmodelled(lora)
+    layout.refuse_unmodelled(lora)
     adapted = adapted_layers(base, lora, model_type)
     added = adapter_weights(base, lora, model_type)
     saved = _modules_to_save_weights(base, lora)
@@ -148,7 +143,7 @@ def trainable_tensor_sizes(base: nn.Module, lora: peft.LoraConfig, model_type: s
     B (fan_out x r) and DoRA's magnitude (fan_out) per adapted layer, the biases it trains, the
     modules it saves. An 8-bit optimizer quantizes each tensor on its own, so its state depends
     on these sizes, not only on their sum."""
-    _refuse_unmodelled(lora)
+    layout.refuse_unmodelled(lora)
     adapted = adapted_layers(base, lora, model_type)
     sizes = []
     for name, (fan_in, fan_out) in adapted.items():
@@ -162,12 +157,6 @@ def trainable_tensor_sizes(base: nn.Module, lora: peft.LoraConfig, model_type: s
     names = set(lora.modules_to_save or ())
     sizes += [p.numel() for n, m in modules.items() if n and name_matches(n, names) for p in m.parameters()]
     return sizes
-
-
-def _refuse_unmodelled(lora: peft.LoraConfig) -> None:
-    for option in _UNMODELLED:
-        if getattr(lora, option, None):
-            raise ClosedFormUnsupported(f"the closed form does not model LoraConfig.{option}")
 
 
 def adapted_layers(base: nn.Module, lora: peft.LoraConfig, model_type: str | None = None) -> dict[str, tuple[int, int]]:
@@ -198,23 +187,6 @@ def target_matcher(base: nn.Module, targets: Any, model_type: str | None = None)
         names = set(all_linear_names(base))
         return lambda name, module: name in names
     return lambda name, module: name_matches(name, targets) and is_adaptable(module)
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """(fan_in, fan_out) of a Linear, a Conv1D or an Embedding (LoRA's A is r x fan_in)."""
-    if isinstance(module, Conv1D):
-        return module.nx, module.nf
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    return module.in_features, module.out_features
-
-
-def rank_of(name: str, lora: peft.LoraConfig) -> int:
-    """The rank of one layer: ``rank_pattern`` keys match the name's tail, else ``r``."""
-    for pattern, rank in (lora.rank_pattern or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return rank
-    return lora.r
 
 
 def _trainable_biases(base: nn.Module, lora: peft.LoraConfig, adapted: dict[str, tuple[int, int]]) -> int:

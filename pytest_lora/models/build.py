@@ -19,7 +19,7 @@ import transformers
 from torch import nn
 
 from ..specs import ModelSpec, QuantSpec, full_precision, without_group
-from . import formats, placement, quantize
+from . import formats, placement, quantize, storage
 
 # peft task types by the head a published config names; others get peft's generic PeftModel.
 _TASK_TYPES = {
@@ -73,13 +73,12 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def config_dtype(config_dict: dict[str, Any]) -> torch.dtype:
     """The dtype the published checkpoint is stored in (float32 when the config doesn't say)."""
-    name = config_dict.get("torch_dtype") or config_dict.get("dtype") or "float32"
-    return getattr(torch, name)
+    return getattr(torch, storage.config_dtype(config_dict))
 
 
 def weight_dtype(quant: QuantSpec, config_dict: dict[str, Any]) -> torch.dtype:
     """The dtype a base is built in: the quantization's (its compute dtype), else the model's own."""
-    return getattr(torch, quant.dtype) if quant.dtype else config_dtype(config_dict)
+    return getattr(torch, storage.build_dtype(quant, config_dict))
 
 
 def instantiate(config_dict: dict[str, Any], device: str | torch.device, dtype: torch.dtype) -> nn.Module:

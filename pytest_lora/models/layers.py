@@ -37,3 +37,23 @@ def name_matches(name: str, targets: Any) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def layer_shape(module: Any) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Linear, a Conv1D or an Embedding (LoRA's A is r x fan_in)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.in_features, module.out_features
+
+
+def rank_of(name: str, lora: Any) -> int:
+    """The rank of one layer: ``rank_pattern`` keys match the name's tail, else ``r``."""
+    for pattern, rank in (lora.rank_pattern or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return rank
+    return lora.r

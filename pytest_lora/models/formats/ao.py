@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ...specs import QuantSpec
+from .. import storage
 from .base import Format, plain_parts
 
-INT4_PADDING = (8, 1024)  # tinygemm pads (out, in) to these multiples
 INT4_FORMAT = "tile_packed_to_4d"
 
 
@@ -107,12 +107,7 @@ class Torchao(Format):
     # ----------------------------------------------------------------- the memory model
 
     def tensor_bytes(self, rows: int, columns: int, quant: QuantSpec) -> int:
-        if quant.scheme == "int8":
-            return rows * columns + (4 + 1) * rows  # qdata, fp32 scale and int8 zero point per row
-        padded_rows = -(-rows // INT4_PADDING[0]) * INT4_PADDING[0]
-        padded_columns = -(-columns // INT4_PADDING[1]) * INT4_PADDING[1]
-        groups = padded_columns // quant.group_size
-        return padded_rows * padded_columns // 2 + 4 * padded_rows * groups
+        return storage.torchao_bytes(rows, columns, quant)
 
 
 FORMAT = Torchao()

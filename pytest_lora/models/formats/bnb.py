@@ -20,7 +20,6 @@ stores a byte per weight and an fp32 scale per output row.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import bitsandbytes as bnb
@@ -28,10 +27,9 @@ import torch
 from torch import nn
 
 from ...specs import QuantSpec
+from .. import storage
 from .base import Format
 
-NESTED_BLOCK = 256  # double quantization's blocksize over the absmax values
-CODE_4BIT, CODE_NESTED = 16, 256  # entries of the fp32 code tables
 
 
 class Bitsandbytes(Format):
@@ -174,19 +172,7 @@ class Bitsandbytes(Format):
     # ----------------------------------------------------------------- the memory model
 
     def tensor_bytes(self, rows: int, columns: int, quant: QuantSpec) -> int:
-        if quant.scheme == "int8":
-            return rows * columns + 4 * rows
-        return four_bit_bytes(rows * columns, quant)
-
-
-def four_bit_bytes(weights: int, quant: QuantSpec) -> int:
-    """Bytes of ``weights`` 4-bit weights: packed data, block absmax and code tables."""
-    blocks = math.ceil(weights / quant.group_size)
-    packed = math.ceil(weights / 2)
-    if not quant.double_quant:
-        return packed + 4 * blocks + 4 * CODE_4BIT
-    nested_blocks = math.ceil(blocks / NESTED_BLOCK)
-    return packed + blocks + 4 * nested_blocks + 4 * CODE_NESTED + 4 * CODE_4BIT + 4
+        return storage.bitsandbytes_bytes(rows, columns, quant)
 
 
 def _int8_scales_of(module: nn.Module) -> torch.Tensor | None:

@@ -17,20 +17,14 @@ weights along each row, each in the compute dtype (HQQ's defaults keep them unqu
 
 from __future__ import annotations
 
-import math
-
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from torch import nn
 
 from ...specs import QuantSpec
+from .. import storage
 from .base import Format
 
-
-
-def bits_of(quant: QuantSpec) -> int:
-    """The bit width a scheme names (``4bit``: 4)."""
-    return int(quant.scheme.removesuffix("bit"))
 
 
 class Hqq(Format):
@@ -44,7 +38,7 @@ class Hqq(Format):
         return "HqqLoraLinear"
 
     def config(self, quant: QuantSpec) -> dict:
-        return BaseQuantizeConfig(nbits=bits_of(quant), group_size=quant.group_size)
+        return BaseQuantizeConfig(nbits=storage.hqq_bits(quant), group_size=quant.group_size)
 
     # ----------------------------------------------------------------- building
 
@@ -60,7 +54,7 @@ class Hqq(Format):
     def pretrained_config(self, quant: QuantSpec) -> object:
         import transformers
 
-        return transformers.HqqConfig(nbits=bits_of(quant), group_size=quant.group_size)
+        return transformers.HqqConfig(nbits=storage.hqq_bits(quant), group_size=quant.group_size)
 
     def mark_model(self, model: nn.Module, quant: QuantSpec) -> None:
         model.is_quantized = True
@@ -91,10 +85,7 @@ class Hqq(Format):
     # ----------------------------------------------------------------- the memory model
 
     def tensor_bytes(self, rows: int, columns: int, quant: QuantSpec) -> int:
-        weights = rows * columns
-        groups = math.ceil(weights / quant.group_size)
-        compute_bytes = getattr(torch, quant.dtype).itemsize
-        return weights * bits_of(quant) // 8 + 2 * groups * compute_bytes
+        return storage.hqq_bytes(rows, columns, quant)
 
 
 FORMAT = Hqq()
