@@ -104,8 +104,6 @@ class Layout:
             targets = list(self.default_targets)
         if targets == "all-linear":
             return {layer.name: (layer.fan_in, layer.fan_out) for layer in self.layers if layer.all_linear}
-        if not isinstance(targets, str):
-            targets = list(targets)
         return {layer.name: (layer.fan_in, layer.fan_out) for layer in self.layers if name_matches(layer.name, targets)}
 
     def trainable_sizes(self, lora: Any) -> list[int]:
