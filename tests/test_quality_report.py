@@ -307,7 +307,9 @@ def test_the_markdown_shows_the_section_and_its_plot_and_the_terminal_its_compac
 
 
 def test_the_learning_curves_are_one_line_per_format_and_per_full_fine_tuning_rate(tmp_path):
-    records = [*a_whole_run(), lora("bf16", 1.5, model="task model (A -> B)"), full(1e-3, 1.4, model="task model (A -> B)")]
+    formats = [record for record in a_whole_run() if record["test"].endswith("-default-lr0.001]") and record["lora"]["r"] == 16]
+    records = [*formats, full(1e-4, 1.15), full(1e-5, 1.40), lora("bf16", 1.5, model="task model (A -> B)"),
+               full(1e-3, 1.4, model="task model (A -> B)")]
     drawn = quality.curves(records)
     what, found = drawn[MODEL]
     assert what == "LoRA r16 a32 all-linear, lr 0.001, default init"
@@ -320,6 +322,39 @@ def test_the_learning_curves_are_one_line_per_format_and_per_full_fine_tuning_ra
     written = plots.write(document(records), tmp_path)
     assert [path.name for path in written] == ["20261206-000000-abcdef-quality.png"]
     assert plots.available([base("fp32", 0.0)]) == []  # no curve: no plot
+
+
+def test_a_sweep_draws_every_config_it_swept_labelled_by_what_differs():
+    """Ranks and inits: one panel, a line per config (its spec or init named); learning rates over
+    two target sets: a panel per target set, a line per learning rate, full fine-tuning in each."""
+    ranks = quality.curves([lora("bf16", 1.3, r=1), lora("nf4", 1.31, r=1), lora("bf16", 1.2, r=64), full(1e-5, 1.4)])
+    assert list(ranks) == [MODEL] and ranks[MODEL][0] == "LoRA lr 0.001, default init"
+    assert [c.label for c in ranks[MODEL][1]] == ["LoRA r1 a2 all-linear bf16", "LoRA r1 a2 all-linear nf4", "LoRA r64 a128 all-linear bf16",
+                                                 "full fine-tuning, lr 1e-05"]
+    inits = quality.curves([lora("nf4", 1.3, init="pissa"), lora("nf4", 1.2), REFERENCE])
+    assert [c.label for c in inits[MODEL][1]] == ["LoRA bf16 default init", "LoRA nf4 default init", "LoRA nf4 pissa init"]
+    swept = [lora("bf16", loss, lr=lr) for lr, loss in ((1e-3, 1.2), (1e-4, 1.4))]
+    swept += [{**lora("bf16", loss, lr=lr), "lora": lora_spec(targets="q_proj,v_proj")} for lr, loss in ((1e-3, 1.3), (1e-4, 1.5))]
+    panels = quality.curves([*swept, full(3e-5, 1.1)])
+    assert list(panels) == [MODEL, f"{MODEL} (2)"]
+    assert [panel[0] for panel in panels.values()] == ["LoRA r16 a32 all-linear, default init", "LoRA r16 a32 q_proj,v_proj, default init"]
+    assert [c.label for c in panels[f"{MODEL} (2)"][1]] == ["LoRA bf16 lr 0.0001", "LoRA bf16 lr 0.001", "full fine-tuning, lr 3e-05"]
+
+
+def test_the_legend_fits_its_labels_and_a_diverged_run_leaves_the_axis():
+    """Long labels (a rank sweep's) take fewer columns than short ones; a run that diverged is
+    drawn off the top of its axis, which keeps the others' differences readable."""
+    assert plots.legend_shape(7.0, ["LoRA r64 a128 q_proj,v_proj bf16"] * 11) == (2, 6)
+    assert plots.legend_shape(7.0, ["LoRA bf16", "LoRA nf4", "LoRA fp4"]) == (3, 1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [lora("bf16", 1.2, lr=1e-3), lora("bf16", 9.0, lr=1e-2)]
+    figure, _ = plots.draw_quality(plt, quality.curves(records), records)
+    assert figure.axes[0].get_ylim()[1] == pytest.approx(plots.DIVERGED * BEFORE)
+    plt.close(figure)
 
 
 def test_a_curve_without_its_samples_is_not_drawn():

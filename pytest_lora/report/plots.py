@@ -14,9 +14,11 @@ run in a caption, so a plot copied into a blog post still says where its numbers
 - merge: KL of each merge strategy against the unmerged adapter, by quantization (log scale);
 - forgetting: the learning / forgetting plane of Biderman et al. 2024 ("LoRA Learns Less and
   Forgets Less"): one point per method, with its spread over seeds;
-- quality: learning curves, one panel per model: the held-out loss on the new skill at each
-  evaluation step, one line per format (LoRA, default init, the headline's spec and learning
-  rate) and one per full fine-tuning learning rate, the standard deviation over seeds shaded.
+- quality: learning curves, one panel per model (and per LoRA spec when a run swept learning
+  rates over several): the held-out loss on the new skill at each evaluation step, one line per
+  LoRA config (its format and what else it varies: rank, learning rate, init) and one per full
+  fine-tuning learning rate, the standard deviation over seeds shaded; a diverged run leaves the
+  top of the axis.
 
 Several runs side by side (``pytest-lora report A.json B.json``) get one plot: the tokens/s of
 each config that every run timed, one bar per run.
@@ -153,16 +155,30 @@ def write(document: dict[str, Any], directory: Path) -> list[Path]:
         figure.suptitle(TITLES[name])
         figure.text(0.01, 0.005, caption(document), fontsize=7, color="0.35", va="bottom")
         bottom = 0.04
-        if handles:  # one legend for all panels, under them
-            columns = min(len(handles), 4)
+        if handles:  # one legend for all panels, under them, as many columns as its labels fit
+            columns, rows = legend_shape(figure.get_figwidth(), [handle.get_label() for handle in handles])
+            height = figure.get_figheight()
+            figure.set_figheight(height + LEGEND_ROW_IN * rows)
             figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.03))
-            bottom += 0.055 * -(-len(handles) // columns)
+            bottom = (0.04 * height + LEGEND_ROW_IN * rows + 0.15) / figure.get_figheight()
         figure.tight_layout(rect=(0, bottom, 1, 1))
         path = directory / file_name(document["run"]["id"], name)
         _save(figure, path)
         plt.close(figure)
         written.append(path)
     return written
+
+
+LEGEND_ROW_IN = 0.22  # a legend row at 8 points, in inches
+LEGEND_CHAR_IN, LEGEND_HANDLE_IN = 0.065, 0.7  # a character of a label at 8 points; the line, marker and padding beside it
+
+
+def legend_shape(width: float, labels: list[str]) -> tuple[int, int]:
+    """(columns, rows) of a legend of ``labels`` under a figure ``width`` inches wide: as many
+    columns (at most 4) as the longest label leaves room for, so none runs off the figure."""
+    column = LEGEND_CHAR_IN * max(len(label) for label in labels) + LEGEND_HANDLE_IN
+    columns = max(1, min(len(labels), 4, int(width // column)))
+    return columns, -(-len(labels) // columns)
 
 
 def _save(figure: Any, path: Path) -> None:
@@ -279,6 +295,9 @@ def draw_forgetting(plt: Any, points: list[tuple[str, float, float, float, float
 LINE_STYLES = ("-", "--", "-.", ":")  # with the colour, so the lines read apart in grey too
 
 
+DIVERGED = 1.25  # a learning curve's axis ends at this many times the loss before training; a diverged run leaves it
+
+
 def draw_quality(plt: Any, by_model: dict[str, tuple[str, list[quality.Curve]]], records: list[dict[str, Any]]) -> Any:
     """Learning curves, one panel per model; a label keeps its colour and marker across panels."""
     figure, axes = _panels(plt, len(by_model), width=6)
@@ -293,6 +312,9 @@ def draw_quality(plt: Any, by_model: dict[str, tuple[str, list[quality.Curve]]],
             low = [m - s for m, s in zip(curve.mean, curve.std)]
             high = [m + s for m, s in zip(curve.mean, curve.std)]
             axis.fill_between(curve.steps, low, high, color=colour, alpha=0.2, linewidth=0)
+        start, lowest = max(curve.mean[0] for curve in drawn), min(min(curve.mean) for curve in drawn)
+        if max(max(curve.mean) for curve in drawn) > DIVERGED * start:  # a diverged run (and its band) would flatten the others
+            axis.set_ylim(lowest - 0.05 * (DIVERGED * start - lowest), DIVERGED * start)
         axis.set_xlabel("training step")
         axis.set_ylabel("held-out loss on the new skill (nats)")
         axis.set_title(model + (f"\n{what}" if what else ""), fontsize=9)

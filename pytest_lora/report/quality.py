@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..specs import INITS
 from . import catalog
@@ -484,20 +484,46 @@ def curve_of(record: dict[str, Any], label: str) -> Curve | None:
 
 
 def curves(records: list[dict[str, Any]]) -> dict[str, tuple[str, list[Curve]]]:
-    """model -> (the LoRA config drawn, its curves): one per format (LoRA, default init, the
-    headline's spec and learning rate) and one per full fine-tuning learning rate."""
+    """Panel title -> (what its LoRA lines share, its curves): a panel per model, one per LoRA
+    spec as well when a run swept learning rates over several specs (a learning-rate sweep: the
+    attention-only and all-linear grids side by side). A line per LoRA config, its label naming
+    the format and whatever else differs within the panel (spec, learning rate, init); a line per
+    full fine-tuning learning rate in each of the model's panels."""
     found: dict[str, tuple[str, list[Curve]]] = {}
     for runs in runs_by_model(records):
-        drawn, what = [], ""
-        configs = runs.configs()
-        if configs:
-            spec, lr = configs[0]
-            chosen = sorted((r for r in runs.lora if (spec_key(r), lr_of(r), init_of(r)) == (spec, lr, "default")), key=lambda r: quant_order(r["quant"]))
-            drawn += [curve_of(r, f"LoRA {r['quant']}") for r in chosen]
-            what = f"LoRA {spec_label(chosen[0])}, lr {lr:g}, default init"
-        drawn += [curve_of(r, f"full fine-tuning, lr {lr_of(r):g}") for r in sorted(runs.full, key=lambda r: lr_of(r) or 0.0)]
-        drawn = [curve for curve in drawn if curve is not None]
-        if drawn:
-            found[runs.model] = (what, drawn)
+        full = [curve_of(r, f"full fine-tuning, lr {lr_of(r):g}") for r in sorted(runs.full, key=lambda r: lr_of(r) or 0.0)]
+        for index, group in enumerate(_panels(runs.lora)):
+            what, drawn = _lines(group)
+            drawn = [curve for curve in drawn + full if curve is not None]
+            if drawn:
+                found[runs.model if index == 0 else f"{runs.model} ({index + 1})"] = (what, drawn)
     return found
 
+
+def _panels(lora: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The LoRA records in drawing order (spec, learning rate, init, format), split by spec when
+    both the spec and the learning rate vary; one empty group when there are none."""
+    specs = list(dict.fromkeys(spec_key(r) for r in lora))
+    inits = list(dict.fromkeys(["default", *(init_of(r) for r in lora)]))
+    ordered = sorted(lora, key=lambda r: (specs.index(spec_key(r)), lr_of(r) or 0.0, inits.index(init_of(r)), quant_order(r["quant"])))
+    if len(specs) > 1 and len({lr_of(r) for r in lora}) > 1:
+        return [[r for r in ordered if spec_key(r) == spec] for spec in specs]
+    return [ordered]
+
+
+LINE_PARTS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "spec": spec_label, "lr": lambda r: f"lr {lr_of(r):g}", "init": lambda r: f"{init_of(r)} init"}
+
+
+def _lines(group: list[dict[str, Any]]) -> tuple[str, list[Curve | None]]:
+    """(what the group's configs share, a curve per config labelled with its format and what differs)."""
+    if not group:
+        return "", []
+    varying = [name for name, part in LINE_PARTS.items() if len({part(r) for r in group}) > 1]
+    shared = [part(group[0]) for name, part in LINE_PARTS.items() if name not in varying]
+
+    def label(record: dict[str, Any]) -> str:
+        before = [LINE_PARTS["spec"](record)] if "spec" in varying else []
+        return " ".join(["LoRA", *before, record["quant"], *(LINE_PARTS[name](record) for name in varying if name != "spec")])
+
+    return "LoRA " + ", ".join(shared) if shared else "", [curve_of(r, label(r)) for r in group]
