@@ -311,7 +311,9 @@ def ranks(runs: Runs) -> list[str]:
 
 def inits(runs: Runs) -> list[str]:
     """Each non-default init on a quantized format: the share of the quantization gap it closes,
-    and where it starts (its initial weight error against the default init's)."""
+    its difference from the default init judged against the seeds' spread (a share of a gap
+    smaller than that spread is noise), and where it starts (its initial weight error against
+    the default init's)."""
     lines = []
     for record in sorted((r for r in runs.lora if init_of(r) != "default" and quantized(r["quant"])),
                          key=lambda r: (INITS.index(init_of(r)) if init_of(r) in INITS else len(INITS), quant_order(r["quant"]))):
@@ -328,6 +330,9 @@ def inits(runs: Runs) -> list[str]:
         else:
             text = f"closes {share:.0%} of the quantization gap ({losses}"
             text += f"; a gap of {ld - lb:.2g} nats, under the {TOLERANCE_NATS:g}-nat tolerance: the share is noise)" if ld - lb <= TOLERANCE_NATS else ")"
+        seeds = min(seeds_of(record), seeds_of(default))
+        verdict = judge(li - ld, unpaired_standard_error(metric(record, "quality_loss_std"), metric(default, "quality_loss_std"), seeds))
+        text += f"; against the default init: {verdict.answer} ({li - ld:+.2g} nats, {verdict.reason})"
         error, default_error = metric(record, "init_weight_error"), metric(default, "init_weight_error")
         if error is not None and default_error is not None:
             text += f"; initial weight error {error:.2g} against the default init's {default_error:.2g}"
