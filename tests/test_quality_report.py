@@ -384,9 +384,10 @@ SWEEP_RUNS = sorted((Path(__file__).parents[1] / "results" / "published" / "real
 
 @pytest.mark.parametrize("published", SWEEP_RUNS, ids=[path.parent.name for path in SWEEP_RUNS])
 def test_each_committed_sweep_is_a_clean_run_of_its_matrix_file_with_its_report(published):
-    """results/published/real/quality/<sweep>/ holds one run of benchmarks/quality/<sweep>.toml,
-    made from a committed tree, with the report the run wrote: the verdicts quoted in the README
-    come from it."""
+    """results/published/real/quality/<sweep>/ holds runs of benchmarks/quality/<sweep>.toml,
+    made from a committed tree, each with its report as this code renders it (the run's own, or
+    rendered again from its JSON by ``pytest-lora report`` after the verdicts' wording changed):
+    the verdicts quoted in the README come from it."""
     document = json.loads(published.read_text())
     assert f"--lora-matrix=benchmarks/quality/{published.parent.name}.toml" in document["run"]["argv"]
     assert document["run"]["status"] == "passed" and not document["run"]["git"]["dirty"]
