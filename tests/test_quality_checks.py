@@ -240,6 +240,21 @@ def test_a_lora_run_starts_where_its_init_puts_it_and_leaves_its_base_alone(tiny
     assert 0 < run.init_weight_error < default and math.isfinite(run.init_loss_a)
 
 
+def test_a_base_of_tensor_subclasses_is_checked_unchanged_by_their_plain_parts(tiny):
+    """torchao's ``Int8Tensor`` has no ``torch.equal``: the check compares the plain tensors that
+    hold its data, and still sees one int8 code changed."""
+    config, state, experiment, lora = tiny
+    run = quality.run(config, state, QUANTIZATIONS["torchao-int8"], lora, "default", experiment, 1, 1e-2, 0, "cpu")
+    assert run.storage_unchanged and run.evaluation_trains_nothing
+    model = quality.adapted_base(config, state, QUANTIZATIONS["torchao-int8"], lora, "default", "cpu")
+    before = list(quality.stored_tensors(model).values())
+    after = list(quality.stored_tensors(model).values())
+    assert quality._same(before, after)
+    subclass = next(tensor for tensor in after if type(tensor) is not torch.Tensor)
+    subclass.qdata.view(-1)[0] += 1
+    assert not quality._same(before, after)
+
+
 def test_pissa_with_a_rank_wider_than_a_layer_says_which_layer(tiny):
     """The tiny Llama's v_proj is 16 x 64 (one key-value head): PiSSA at r=32 can't fill it."""
     config, state, _, lora = tiny

@@ -31,7 +31,7 @@ import peft
 import torch
 from torch import nn
 
-from ..models import build, quantize
+from ..models import build, formats, quantize
 from . import merge, tasks
 
 EVAL_POINTS = 7  # evaluations of a curve, the first before any step and the last after the budget
@@ -221,7 +221,13 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    """Bitwise equal, tensor by tensor; a tensor subclass (torchao's ``Int8Tensor``, which has no
+    ``torch.equal``) by the plain tensors that hold its data (``formats.plain_parts``)."""
+    def parts(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [part for tensor in tensors for part in formats.plain_parts(tensor)]
+
+    x, y = parts(a), parts(b)
+    return len(a) == len(b) and len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y))
 
 
 def run(config: dict[str, Any], state: dict[str, torch.Tensor], quant: Any, lora_config: peft.LoraConfig, init: str, task: Any,
