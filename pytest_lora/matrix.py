@@ -227,7 +227,7 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None, d
     serving = _unique(ServeSpec(*s) for s in itertools.product(prompt_lens, new_tokens, serve_batches))
     lrs = values("learning_rates", (1e-3,), _parse_learning_rate)
     inits = values("inits", ("default",), lambda v, where: _choice(v, where, INITS, "LoRA initialisation"))
-    _check_inits(inits, quants, merged.get("inits"), device)
+    _check_inits(inits, quants, merged.get("inits"))
     fine_tunes = _unique(FineTuneSpec(lr, init) for lr, init in itertools.product(lrs, inits))
     full = _unique(FineTuneSpec(lr, "full") for lr in values("full_learning_rates", (), _parse_learning_rate))
     return Matrix(models, quants, loras, workloads, optimizers, serving, fine_tunes, full)
@@ -313,15 +313,10 @@ def _parse_learning_rate(value: Any, where: str) -> float:
     return number
 
 
-def _check_inits(inits: list[str], quants: tuple[QuantSpec, ...], raw: RawValue | None, device: str | None) -> None:
+def _check_inits(inits: list[str], quants: tuple[QuantSpec, ...], raw: RawValue | None) -> None:
     """An init no format of the matrix can take is an error before anything runs (LoftQ fits NF4
-    only); one that some formats take runs on those, and the others skip it saying why. peft's
-    LoftQ computes on a CUDA (or XPU) device whatever the model's device (``peft.utils.loftq_utils``:
-    ``compute_device = "cuda"``): on the CPU it is refused here rather than failing in every test."""
+    only); one that some formats take runs on those, and the others skip it saying why."""
     where = raw.where if raw else "inits"
-    if "loftq" in inits and device == "cpu":
-        raise MatrixError(where, "loftq", "runs on a GPU only (peft's LoftQ computes on CUDA)",
-                          ", ".join(i for i in INITS if i != "loftq") + " on the CPU")
     if "loftq" in inits and not any(q.name in LOFTQ_FORMATS for q in quants):
         raise MatrixError(where, "loftq", "needs a format LoftQ's quantizer fits, and the matrix has none "
                           f"(quant: {', '.join(q.id for q in quants)})", "loftq with quant " + " or ".join(LOFTQ_FORMATS))

@@ -135,7 +135,8 @@ def test_the_suite_records_the_claims_of_its_configs(bench_run):
     "args, message",
     [
         (["--lora-inits=svd"], "--lora-inits: 'svd' is not a LoRA initialisation; allowed: default, gaussian, pissa, olora, loftq"),
-        (["--lora-inits=loftq"], "--lora-inits: 'loftq' runs on a GPU only*; allowed: default, gaussian, pissa, olora on the CPU"),
+        (["--lora-inits=loftq", "--lora-quant=bf16,int8"],
+         "--lora-inits: 'loftq' needs a format LoftQ's quantizer fits, and the matrix has none (quant: bf16, int8); allowed: loftq with quant nf4 or nf4-dq"),
         (["--lora-learning-rates=1e-3,0"], "--lora-learning-rates: '0' is not a learning rate; allowed: a finite positive number, e.g. 1e-3"),
         (["--lora-full-learning-rates=-1"], "--lora-full-learning-rates: '-1' is not a learning rate*"),
         (["--lora-quality-target=1.5"], "--lora-quality-target: '1.5' is not a fraction of the reference's improvement; allowed: a number in (0, 1)*"),
@@ -158,10 +159,51 @@ def test_loftq_needs_an_nf4_base_in_the_matrix():
 
     layer = matrix.mapping_layer({"models": [TINY], "quant": ["bf16", "int8"], "ranks": [4], "inits": ["loftq"]}, "m.toml")
     with pytest.raises(MatrixError, match="loftq.*needs a format LoftQ's quantizer fits.*allowed: loftq with quant nf4 or nf4-dq"):
-        matrix.build([layer], device="cuda")
+        matrix.build([layer], device="cpu")
     layer["quant"] = matrix.RawValue(("bf16", "nf4"), "m.toml")
-    built = matrix.build([layer], device="cuda")
+    built = matrix.build([layer], device="cpu")
     assert [(f.init, f.takes(q)) for f in built.fine_tunes for q in built.quants] == [("loftq", False), ("loftq", True)]
+
+
+def test_loftq_is_peft_s_own_on_the_cpu_and_starts_at_the_residual_s_best_rank_r_fit(tiny):
+    """LoftQ (one iteration) quantizes ``W`` to ``Q`` with bitsandbytes' NF4 and starts the adapter
+    at the best rank-r approximation of ``W - Q`` (Eckart-Young, by SVD here): the initial error is,
+    in closed form, the residual's tail singular values, sum_{i>r} s_i^2 over ||W||^2 (up to the
+    base storing ``Q`` as the loader stores any weight: through bfloat16, as LoftQ's saved model
+    is loaded). peft's own adapter, not divided by the scaling, would start at ``lora_alpha = 2 r``
+    as far from ``W`` as ``Q`` alone. On the CPU this is peft's code with its moves to CUDA redirected."""
+    import bitsandbytes as bnb
+    from pytest_lora.measure import merge
+
+    config, state, _, lora = tiny
+    loftq = quality.adapted_base(config, state, QUANTIZATIONS["nf4"], lora, "loftq", "cpu")
+    tail = norm = 0.0
+    for name, layer in merge.lora_layers(loftq).items():
+        weight = state[merge.adapted_module_name(name) + ".weight"]
+        stored = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=False, quant_type="nf4")._quantize("cpu")
+        u, s, vh = torch.linalg.svd(weight.double() - bnb.functional.dequantize_4bit(stored.data, stored.quant_state).double())
+        best = u[:, :lora.r] @ torch.diag(s[:lora.r]) @ vh[:lora.r]
+        assert (merge.expected_delta(layer, lora).double() - best).norm() < 1e-4 * best.norm()
+        tail += s[lora.r:].pow(2).sum().item()
+        norm += weight.double().pow(2).sum().item()
+    default = quality.init_weight_error(quality.adapted_base(config, state, QUANTIZATIONS["nf4"], lora, "default", "cpu"), state, lora)
+    error = quality.init_weight_error(loftq, state, lora)
+    assert error == pytest.approx(tail / norm, rel=1e-3) and error < 0.8 * default
+    for layer in merge.lora_layers(loftq).values():  # undo the division: peft's adapter as it made it
+        layer.lora_A["default"].weight.data *= math.sqrt(layer.scaling["default"])
+        layer.lora_B["default"].weight.data *= math.sqrt(layer.scaling["default"])
+    assert quality.init_weight_error(loftq, state, lora) == pytest.approx(default, rel=2e-2)
+
+
+def test_loftq_computes_where_peft_puts_it_and_moves_nothing_else():
+    """Under the redirect a move to CUDA lands on the CPU; other moves and calls are untouched;
+    the redirect is entered only for LoftQ on a machine without CUDA."""
+    tensor = torch.ones(2, dtype=torch.float16)
+    with quality._CudaOnTheCpu():
+        assert tensor.to("cuda").device.type == "cpu" and tensor.to(device=torch.device("cuda:0"), dtype=torch.float32).dtype == torch.float32
+        assert tensor.to(torch.float32).dtype == torch.float32 and torch.add(tensor, 1).tolist() == [2.0, 2.0]
+    assert isinstance(quality._loftq_compute_device("loftq"), quality._CudaOnTheCpu) != torch.cuda.is_available()
+    assert not isinstance(quality._loftq_compute_device("pissa"), quality._CudaOnTheCpu)
 
 
 # A planted loss of quality: every nf4 base is stored from weights with noise of their own spread added.
@@ -220,13 +262,13 @@ SWEEPS = Path(__file__).parents[1] / "benchmarks" / "quality"
 @pytest.mark.parametrize("name, dimension, size", [("formats", "quants", 10), ("ranks", "loras", 5), ("learning-rates", "fine_tunes", 5),
                                                    ("inits", "fine_tunes", 5)])
 def test_the_sweeps_are_matrices_that_run_as_they_are(name, dimension, size):
-    """Each claim's sweep file builds (on a GPU's device: LoftQ is one of the inits), its
-    pretrained model replaced by a tiny one so that the check needs no fetched model."""
+    """Each claim's sweep file builds as it is, its pretrained model replaced by a tiny one so
+    that the check needs no fetched model."""
     from pytest_lora import matrix
 
     found = matrix.read_file(SWEEPS / f"{name}.toml", "--lora-matrix")
     layer = {**found.layer, "models": matrix.RawValue((TINY,), "test")}
-    built = matrix.build([matrix.default_layer("cuda"), matrix.default_layer("cuda", "quality"), layer], device="cuda")
+    built = matrix.build([matrix.default_layer("cpu"), matrix.default_layer("cpu", "quality"), layer], device="cpu")
     assert len(getattr(built, dimension)) == size
 
 

@@ -21,7 +21,9 @@ with more points ends where one with fewer does. Only the training steps are tim
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from typing import Any, Callable
 import peft
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..models import build, formats, quantize
 from . import merge, tasks
@@ -106,8 +109,8 @@ def peft_init(init: str) -> dict[str, Any]:
     """``peft.LoraConfig`` arguments of an init of ``specs.INITS``."""
     if init == "default":
         return {"init_lora_weights": True}
-    if init == "loftq":  # pragma: no cover - peft's LoftQ computes on CUDA (the matrix refuses it on the CPU)
-        return {"init_lora_weights": "loftq", "loftq_config": peft.LoftQConfig(loftq_bits=4, loftq_iter=1)}
+    if init == "loftq":  # as a dict, as LoraConfig's __post_init__ leaves it (``_with`` sets fields after it ran)
+        return {"init_lora_weights": "loftq", "loftq_config": vars(peft.LoftQConfig(loftq_bits=4, loftq_iter=1))}
     return {"init_lora_weights": init}
 
 
@@ -123,8 +126,11 @@ def adapted_base(config: dict[str, Any], state: dict[str, torch.Tensor], quant: 
     config_with_init = _with(lora_config, **peft_init(init))
     if init not in ("pissa", "olora", "loftq"):
         return peft.get_peft_model(base_in_format(config, state, quant, device), config_with_init)
-    full = peft.get_peft_model(base_in_format(config, state, _FLOAT32, device), config_with_init)
+    with _loftq_compute_device(init):
+        full = peft.get_peft_model(base_in_format(config, state, _FLOAT32, device), config_with_init)
     _check_rank_fits(full, lora_config.r, init)
+    if init == "loftq":
+        _scale_loftq_adapter(full)
     adapter = {key: value.detach().clone() for key, value in peft.get_peft_model_state_dict(full).items()}
     residual = {name.replace(".base_layer", ""): value.detach().cpu().clone()
                 for name, value in full.get_base_model().state_dict().items() if "lora_" not in name}
@@ -143,6 +149,54 @@ def _check_rank_fits(model: nn.Module, rank: int, init: str) -> None:
         if min(weight.shape) < rank:
             raise ValueError(f"init {init!r} needs a rank of at most the smaller side of every adapted layer: "
                              f"{merge.adapted_module_name(name)} is {tuple(weight.shape)}, rank {rank}")
+
+
+class _CudaOnTheCpu(TorchFunctionMode):
+    """Sends a tensor's moves to CUDA to the CPU instead.
+
+    peft's LoftQ (``peft.utils.loftq_utils.loftq_init``) computes on CUDA whatever device the model
+    is on (``compute_device = "xpu" if is_xpu_available() else "cuda"``): it moves each weight there,
+    quantizes it with bitsandbytes' NF4, dequantizes it and factors the residual by SVD, and moves
+    the results back. All of that runs on the CPU too (bitsandbytes' NF4 included), so on a machine
+    without CUDA this mode redirects the moves and peft's own algorithm runs unchanged, rather than a
+    copy of it that could drift from peft's.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(arg) else arg for arg in args)
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _is_cuda(value: Any) -> bool:
+    return isinstance(value, (str, torch.device)) and torch.device(value).type == "cuda"
+
+
+def _loftq_compute_device(init: str) -> contextlib.AbstractContextManager:
+    """Where peft's LoftQ computes: CUDA where there is one, else the CPU (``_CudaOnTheCpu``)."""
+    return _CudaOnTheCpu() if init == "loftq" and not torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def _scale_loftq_adapter(model: nn.Module) -> None:
+    """Divides LoftQ's adapter by the LoRA scaling ``lora_alpha / r``, a square root on each side.
+
+    LoftQ factors the residual ``W - Q`` as ``B A`` so that ``Q + B A`` approximates ``W``; peft
+    stores ``B`` and ``A`` as they are (``LoraLayer.loftq_init``), and the layer then adds
+    ``s B A``: at ``lora_alpha = 2 r`` the start is ``Q + 2 B A``, no closer to ``W`` than ``Q``
+    alone (``B A`` is the residual's head, orthogonal to its tail, so ``||R - 2 B A|| = ||R||``;
+    peft issue #1982: LoftQ's init ignores the scaling, right only at ``lora_alpha = r``). peft's
+    PiSSA divides by the scaling the same way (``pissa_init``: ``S / scaling``, split as square
+    roots), so LoftQ is compared with the other inits at the matrix's own alpha.
+    """
+    with torch.no_grad():
+        for layer in merge.lora_layers(model).values():
+            for adapter, scaling in layer.scaling.items():
+                root = math.sqrt(scaling)
+                layer.lora_A[adapter].weight.div_(root)
+                layer.lora_B[adapter].weight.div_(root)
 
 
 class _Float32:
