@@ -181,11 +181,12 @@ def option_layer(options: dict[str, tuple[str, str, Path | None]]) -> dict[str, 
     return layer
 
 
-def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None, device: str | None = None) -> Matrix:
+def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None, narrowed: bool = False) -> Matrix:
     """Merge layers (later ones win key by key) and parse every value.
 
-    A relative model path is relative to its layer's directory, else to ``base_dir``; ``device``
-    (``cpu`` or ``cuda``) is where the matrix will run, for what runs on one only.
+    A relative model path is relative to its layer's directory, else to ``base_dir``. ``narrowed``: a
+    test's ``lora_matrix`` marker narrows the session's matrix (the memory suite's 8-bit optimizer
+    test keeps bf16 alone); an init it leaves no format for is its choice, not the user's error.
     """
     merged: dict[str, RawValue] = {}
     for layer in layers:
@@ -227,7 +228,8 @@ def build(layers: Iterable[dict[str, RawValue]], base_dir: Path | None = None, d
     serving = _unique(ServeSpec(*s) for s in itertools.product(prompt_lens, new_tokens, serve_batches))
     lrs = values("learning_rates", (1e-3,), _parse_learning_rate)
     inits = values("inits", ("default",), lambda v, where: _choice(v, where, INITS, "LoRA initialisation"))
-    _check_inits(inits, quants, merged.get("inits"))
+    if not narrowed:
+        _check_inits(inits, quants, merged.get("inits"))
     fine_tunes = _unique(FineTuneSpec(lr, init) for lr, init in itertools.product(lrs, inits))
     full = _unique(FineTuneSpec(lr, "full") for lr in values("full_learning_rates", (), _parse_learning_rate))
     return Matrix(models, quants, loras, workloads, optimizers, serving, fine_tunes, full)

@@ -236,7 +236,7 @@ class LoraSession:
             layers = list(self.layers(suite))
             if overrides:
                 layers.append(matrix_module.mapping_layer(overrides, where, base_dir))
-            return matrix_module.build(layers, base_dir=self.config.invocation_params.dir, device=self.device_kind)
+            return matrix_module.build(layers, base_dir=self.config.invocation_params.dir, narrowed=bool(overrides))
         except MatrixError as error:
             raise pytest.UsageError(str(error)) from None
 

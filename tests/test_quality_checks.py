@@ -153,15 +153,24 @@ def test_bad_values_of_the_quality_dimensions(pytester, args, message):
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
 
 
+def test_loftq_in_the_matrix_collects_every_suite_though_a_test_s_marker_keeps_bf16_alone(pytester):
+    """The memory suite's 8-bit optimizer test narrows the matrix to bf16: LoftQ, which fits nf4,
+    is simply not among that test's cases rather than an error for the whole session."""
+    result = pytester.runpytest("--lora-bench", "--lora-device=cpu", "--lora-inits=default,loftq", "--lora-quant=bf16,nf4", "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*test_step_memory_with_an_8bit_state?llama-3.2-1b-tiny-bf16-*"])
+    result.stdout.fnmatch_lines(["*test_quality_lora?nf4-*-loftq-*"])
+
+
 def test_loftq_needs_an_nf4_base_in_the_matrix():
     from pytest_lora import matrix
     from pytest_lora.specs import MatrixError
 
     layer = matrix.mapping_layer({"models": [TINY], "quant": ["bf16", "int8"], "ranks": [4], "inits": ["loftq"]}, "m.toml")
     with pytest.raises(MatrixError, match="loftq.*needs a format LoftQ's quantizer fits.*allowed: loftq with quant nf4 or nf4-dq"):
-        matrix.build([layer], device="cpu")
+        matrix.build([layer])
     layer["quant"] = matrix.RawValue(("bf16", "nf4"), "m.toml")
-    built = matrix.build([layer], device="cpu")
+    built = matrix.build([layer])
     assert [(f.init, f.takes(q)) for f in built.fine_tunes for q in built.quants] == [("loftq", False), ("loftq", True)]
 
 
@@ -268,7 +277,7 @@ def test_the_sweeps_are_matrices_that_run_as_they_are(name, dimension, size):
 
     found = matrix.read_file(SWEEPS / f"{name}.toml", "--lora-matrix")
     layer = {**found.layer, "models": matrix.RawValue((TINY,), "test")}
-    built = matrix.build([matrix.default_layer("cpu"), matrix.default_layer("cpu", "quality"), layer], device="cpu")
+    built = matrix.build([matrix.default_layer("cpu"), matrix.default_layer("cpu", "quality"), layer])
     assert len(getattr(built, dimension)) == size
 
 
