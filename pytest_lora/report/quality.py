@@ -328,7 +328,8 @@ def inits(runs: Runs) -> list[str]:
         if share is None:
             text = f"no quantization gap to close ({record['quant']} with the default init is not above bf16); {losses}"
         else:
-            text = f"closes {share:.0%} of the quantization gap ({losses}"
+            text = f"closes {share:.0%} of the quantization gap" if share >= 0 else f"widens the quantization gap by {-share:.0%}"
+            text += f" ({losses}"
             text += f"; a gap of {ld - lb:.2g} nats, under the {TOLERANCE_NATS:g}-nat tolerance: the share is noise)" if ld - lb <= TOLERANCE_NATS else ")"
         seeds = min(seeds_of(record), seeds_of(default))
         verdict = judge(li - ld, unpaired_standard_error(metric(record, "quality_loss_std"), metric(default, "quality_loss_std"), seeds))
