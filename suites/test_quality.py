@@ -106,8 +106,11 @@ def describe(lora_bench, task, lora=None, fine_tune=None) -> None:
 
 
 def record_mean(lora_bench, metric: str, values: list[float], unit: str) -> None:
+    """Mean and spread over the seeds, and each seed's value: at a short budget the seeds can part
+    (some past a plateau of the loss, some not), which a mean and a spread alone hide."""
     mean, spread = quality.summary(values)
     lora_bench.record(metric, mean, unit)
+    lora_bench.samples(metric, values)
     lora_bench.record(f"{metric}_std", spread, unit)
 
 

@@ -126,6 +126,10 @@ def test_the_suite_records_the_claims_of_its_configs(bench_run):
         assert samples["curve_loss"][0] == pytest.approx(metrics["quality_loss_before"]) and metrics["quality_loss"] < metrics["quality_loss_before"]
         assert metrics["quality_loss_before"] == pytest.approx(base[quant]["base_loss_b"])
         assert ("quality_minus_reference" in metrics) == (quant != "bf16")  # bf16 is the reference
+        assert len(samples["quality_loss"]) == 2 and quality.summary(samples["quality_loss"]) == (metrics["quality_loss"], metrics["quality_loss_std"])
+        if quant != "bf16":  # each seed's difference is its loss minus the reference's loss on that seed
+            reference = lora["bf16"]["samples"]["quality_loss"]
+            assert samples["quality_minus_reference"] == pytest.approx([a - b for a, b in zip(samples["quality_loss"], reference)])
     assert lora["fp32"]["metrics"]["init_weight_error"] == 0.0
     assert 0 < lora["bf16"]["metrics"]["init_weight_error"] < lora["nf4"]["metrics"]["init_weight_error"]
     assert lora["bf16"]["metrics"]["target_reached"] == 2  # the reference reaches 90% of its own improvement
