@@ -272,7 +272,7 @@ def test_full_finetuning_trains_every_weight_and_gaussian_starts_where_the_defau
 SWEEPS = Path(__file__).parents[1] / "benchmarks" / "quality"
 
 
-@pytest.mark.parametrize("name, dimension, size", [("formats", "quants", 10), ("ranks", "loras", 5), ("learning-rates", "fine_tunes", 5),
+@pytest.mark.parametrize("name, dimension, size", [("formats", "quants", 10), ("ranks", "loras", 9), ("learning-rates", "fine_tunes", 5),
                                                    ("inits", "fine_tunes", 5)])
 def test_the_sweeps_are_matrices_that_run_as_they_are(name, dimension, size):
     """Each claim's sweep file builds as it is, its pretrained model replaced by a tiny one so

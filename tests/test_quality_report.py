@@ -19,8 +19,8 @@ STEPS = [0, 15, 30, 45, 60]
 BEFORE = 2.0  # the held-out loss on the new skill before any training
 
 
-def lora_spec(r: int = 16, targets: str = "all-linear") -> dict:
-    return {"r": r, "alpha": 2 * r, "targets": targets, "dropout": 0.0, "variant": "lora", "bias": "none", "modules_to_save": []}
+def lora_spec(r: int = 16, targets: str = "all-linear", alpha: float | None = None) -> dict:
+    return {"r": r, "alpha": 2 * r if alpha is None else alpha, "targets": targets, "dropout": 0.0, "variant": "lora", "bias": "none", "modules_to_save": []}
 
 
 def curve(final: float, std: float) -> dict:
@@ -39,7 +39,7 @@ def base(quant: str, gap: float, model: str = MODEL) -> dict:
 
 def lora(quant: str, loss: float, std: float = 0.01, seeds: int = 4, r: int = 16, lr: float = 1e-3, init: str = "default",
          minus: float | None = None, minus_std: float | None = None, steps: float | None = 30.0, reached: int | None = None,
-         weight_error: float | None = None, model: str = MODEL, status: str = "ok") -> dict:
+         weight_error: float | None = None, model: str = MODEL, status: str = "ok", alpha: float | None = None) -> dict:
     """A ``quality_lora`` record; ``minus``: its paired difference from the 16-bit reference (none on the reference)."""
     metrics = {"quality_loss": loss, "quality_loss_std": std, "quality_accuracy": 0.5, "quality_accuracy_std": 0.01,
                "quality_loss_before": BEFORE, "seeds": seeds, "fine_tune_lr": lr, "target_loss": 1.3,
@@ -51,7 +51,7 @@ def lora(quant: str, loss: float, std: float = 0.01, seeds: int = 4, r: int = 16
     if weight_error is not None:
         metrics.update(init_weight_error=weight_error, init_weight_error_std=0.0)
     return {"suite": "quality", "test": f"suites/test_quality.py::{catalog.QUALITY_LORA}[{quant}-r{r}-{init}-lr{lr:g}]", "model": model,
-            "quant": quant, "lora": lora_spec(r), "workload": {"steps": 60, "batch": 16, "seq_len": 64, "lr": lr, "init": init},
+            "quant": quant, "lora": lora_spec(r, alpha=alpha), "workload": {"steps": 60, "batch": 16, "seq_len": 64, "lr": lr, "init": init},
             "status": status, "metrics": metrics if status == "ok" else {}, "units": {name: "nats" for name in metrics},
             "samples": curve(loss, std) if status == "ok" else {}, "warnings": [], "error": None if status == "ok" else "CUDA out of memory"}
 
@@ -206,14 +206,31 @@ def test_the_learning_rate_ratio_of_lora_over_full_fine_tuning():
 
 def test_ranks_are_flat_within_the_tolerance_or_two_standard_errors():
     assert quality.ranks(run_of(a_whole_run())) == [  # 1.19 to 1.21: 0.02 is 2.8 standard errors of 0.00707 (std 0.01 each, 4 seeds)
-        "Ranks 1 to 64 at bf16 (lr 0.001, targets all-linear): r1 1.21, r16 1.2, r64 1.19 nats; max - min 0.02 nats "
-        "(2.8 standard errors, over the 0.01-nat tolerance): not flat (LoRA Table 6: rank barely matters)."]
+        "Ranks 1 to 64 at bf16, alpha = 2r (lr 0.001, targets all-linear): r1 1.21, r16 1.2, r64 1.19 nats; max - min 0.02 nats "
+        "(2.8 standard errors, over the 0.01-nat tolerance): not flat (LoRA Table 6, at a fixed alpha: rank barely matters)."]
     flat = run_of([lora("bf16", 1.20, r=1), lora("bf16", 1.204, r=8), lora("bf16", 1.208, r=64)])
     assert quality.ranks(flat) == [
-        "Ranks 1 to 64 at bf16: r1 1.2, r8 1.204, r64 1.208 nats; max - min 0.008 nats (within the 0.01-nat tolerance): flat, as LoRA Table 6."]
+        "Ranks 1 to 64 at bf16, alpha = 2r: r1 1.2, r8 1.204, r64 1.208 nats; max - min 0.008 nats (within the 0.01-nat tolerance): "
+        "flat, as LoRA Table 6."]
     noisy = run_of([lora("bf16", 1.20, r=1, std=0.03), lora("bf16", 1.24, r=64, std=0.03)])  # 0.04 within 2 x 0.0212
     assert quality.ranks(noisy)[0].endswith("(within 2 standard errors): flat, as LoRA Table 6.")
     assert quality.ranks(run_of([REFERENCE, lora("nf4", 1.2, r=64)])) == []  # one rank at bf16: no verdict
+
+
+def test_ranks_are_judged_per_way_alpha_follows_the_rank():
+    """LoRA's Table 6 keeps alpha fixed (the update scaled by alpha / r); alpha = 2r keeps the
+    scale. Both families in one run, r8 a16 in each: two verdicts, the fixed-alpha one first, and
+    a rank with an alpha of neither family (r4 a4) in none."""
+    both = run_of([lora("bf16", 1.40, r=1, alpha=2), lora("bf16", 1.30, r=8), lora("bf16", 1.20, r=64),
+                   lora("bf16", 1.296, r=1, alpha=16), lora("bf16", 1.304, r=64, alpha=16), lora("bf16", 1.9, r=4, alpha=4)])
+    assert quality.ranks(both) == [
+        "Ranks 1 to 64 at bf16, alpha 16 (fixed, as in LoRA's Table 6): r1 1.296, r8 1.3, r64 1.304 nats; max - min 0.008 nats "
+        "(within the 0.01-nat tolerance): flat, as LoRA Table 6.",
+        "Ranks 1 to 64 at bf16, alpha = 2r: r1 1.4, r8 1.3, r64 1.2 nats; max - min 0.2 nats (28.3 standard errors, over the 0.01-nat "
+        "tolerance): not flat (LoRA Table 6, at a fixed alpha: rank barely matters)."]
+    fixed = run_of([lora("bf16", 1.5, r=1, alpha=16), lora("bf16", 1.2, r=64, alpha=16)])
+    assert quality.ranks(fixed)[0].endswith("not flat (LoRA Table 6: rank barely matters).")
+    assert quality.ranks(run_of([lora("bf16", 1.5, r=1, alpha=16), lora("bf16", 1.2, r=64, alpha=32)])) == []  # neither shared
 
 
 def test_an_init_closes_a_share_of_the_quantization_gap():

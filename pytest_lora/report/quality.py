@@ -9,7 +9,8 @@ these sentences and the plots draw the learning curves):
   paired-by-seed difference from the bf16 reference, judged by ``judge``;
 - nf4 is better than fp4 after fine-tuning: their difference, with a conservative standard error;
 - LoRA's best learning rate is about 10x full fine-tuning's (LoRA Without Regret);
-- rank barely matters (LoRA Table 6): the spread of the final loss over ranks;
+- rank barely matters (LoRA Table 6): the spread of the final loss over ranks, per way alpha
+  follows the rank (fixed, as LoRA's; or alpha = k r);
 - an init that starts nearer the float32 weights (PiSSA, OLoRA, LoftQ) closes part of the
   quantization gap: the share it closes, and its initial weight error against the default's;
 - time to a quality target (MLPerf): steps to the target loss per format.
@@ -287,34 +288,59 @@ def learning_rates(runs: Runs, spec: str) -> list[str]:
 
 
 def ranks(runs: Runs) -> list[str]:
-    """The final loss per rank at bf16, default init, one learning rate and one targets set: flat
-    when max - min is within the tolerance or 2 (unpaired) standard errors of those two."""
-    groups: dict[tuple, dict[int, dict[str, Any]]] = {}
+    """The final loss per rank at bf16, default init, one learning rate and one targets set, for
+    each way alpha follows the rank: flat when max - min is within the tolerance or 2 (unpaired)
+    standard errors of those two.
+
+    How alpha follows the rank decides what a rank sweep measures. LoRA scales B A by alpha / r
+    with alpha "a constant in r" (Hu et al. 2021, 4.1): Table 6's ranks share one alpha, so a
+    wider adapter's update is scaled down. At alpha = k r (peft users' common 2r) the scale is
+    the same at every rank and a wider adapter takes larger steps under Adam. Each family of
+    ranks sharing an alpha, or sharing alpha / r, gets its own verdict; a config may be in both
+    (r8 a16 is alpha 16 and alpha = 2r)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in runs.lora:
         lora = record.get("lora") or {}
         if record["quant"] != REFERENCE or init_of(record) != "default" or lora.get("r") is None or metric(record, "quality_loss") is None:
             continue
         rest = json.dumps({k: v for k, v in lora.items() if k not in ("r", "alpha")}, sort_keys=True)
-        groups.setdefault((lr_of(record), rest), {}).setdefault(lora["r"], record)
-    lines = []
+        groups.setdefault((lr_of(record), rest), []).append(record)
     several = len({lr for lr, _ in groups}) > 1 or len({rest for _, rest in groups}) > 1  # name the lr and targets
-    for (lr, _), by_rank in groups.items():
-        if len(by_rank) < 2:
-            continue
-        ordered = sorted(by_rank.items())
-        worst = max(by_rank.values(), key=lambda r: metric(r, "quality_loss"))
-        best = min(by_rank.values(), key=lambda r: metric(r, "quality_loss"))
-        spread = metric(worst, "quality_loss") - metric(best, "quality_loss")
-        seeds = min(seeds_of(worst), seeds_of(best))
-        verdict = judge(spread, unpaired_standard_error(metric(worst, "quality_loss_std"), metric(best, "quality_loss_std"), seeds))
-        targets = (ordered[0][1].get("lora") or {}).get("targets")
-        targets = targets if isinstance(targets, str) else ",".join(targets or ())
-        where = f" (lr {lr:g}, targets {targets})" if several else ""
-        losses = ", ".join(f"r{rank} {loss(metric(record, 'quality_loss'))}" for rank, record in ordered)
-        answer = "flat, as LoRA Table 6" if verdict.answer == "comparable" else "not flat (LoRA Table 6: rank barely matters)"
-        lines.append(f"Ranks {ordered[0][0]} to {ordered[-1][0]} at bf16{where}: {losses} nats; max - min {spread:.2g} nats "
-                     f"({verdict.reason}): {answer}.")
+    lines = []
+    for (lr, _), records in groups.items():
+        for family, by_rank in _alpha_families(records):
+            targets = (records[0].get("lora") or {}).get("targets")
+            targets = targets if isinstance(targets, str) else ",".join(targets or ())
+            lines.append(_rank_verdict(family, by_rank, f" (lr {lr:g}, targets {targets})" if several else ""))
     return lines
+
+
+def _alpha_families(records: list[dict[str, Any]]) -> list[tuple[tuple[str, float], dict[int, dict[str, Any]]]]:
+    """The records by rank in each family of two ranks or more: ("fixed", alpha) for the ranks
+    that share an alpha (LoRA's own sweep), ("ratio", alpha / r) for those that share a scale;
+    fixed-alpha families first."""
+    families: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
+    for record in records:
+        r, alpha = record["lora"]["r"], record["lora"]["alpha"]
+        families.setdefault(("fixed", alpha), {}).setdefault(r, record)
+        families.setdefault(("ratio", alpha / r), {}).setdefault(r, record)
+    return sorted(((key, by_rank) for key, by_rank in families.items() if len(by_rank) > 1), key=lambda kv: (kv[0][0] != "fixed", kv[0][1]))
+
+
+def _rank_verdict(family: tuple[str, float], by_rank: dict[int, dict[str, Any]], where: str) -> str:
+    kind, value = family
+    ordered = sorted(by_rank.items())
+    worst = max(by_rank.values(), key=lambda r: metric(r, "quality_loss"))
+    best = min(by_rank.values(), key=lambda r: metric(r, "quality_loss"))
+    spread = metric(worst, "quality_loss") - metric(best, "quality_loss")
+    seeds = min(seeds_of(worst), seeds_of(best))
+    verdict = judge(spread, unpaired_standard_error(metric(worst, "quality_loss_std"), metric(best, "quality_loss_std"), seeds))
+    alpha = f"alpha {value:g} (fixed, as in LoRA's Table 6)" if kind == "fixed" else f"alpha = {value:g}r"
+    claim = "LoRA Table 6: rank barely matters" if kind == "fixed" else "LoRA Table 6, at a fixed alpha: rank barely matters"
+    answer = "flat, as LoRA Table 6" if verdict.answer == "comparable" else f"not flat ({claim})"
+    losses = ", ".join(f"r{rank} {loss(metric(record, 'quality_loss'))}" for rank, record in ordered)
+    return (f"Ranks {ordered[0][0]} to {ordered[-1][0]} at bf16, {alpha}{where}: {losses} nats; max - min {spread:.2g} nats "
+            f"({verdict.reason}): {answer}.")
 
 
 def inits(runs: Runs) -> list[str]:
