@@ -181,11 +181,41 @@ def best_lr(records: list[dict[str, Any]]) -> tuple[float | None, int]:
     """The learning rate of the lowest final loss among the runs that lowered the held-out loss
     (final below ``quality_loss_before``), and how many learning rates were swept."""
     swept = {lr_of(r) for r in records}
-    learnt = [r for r in records if metric(r, "quality_loss") is not None and metric(r, "quality_loss_before") is not None
-              and metric(r, "quality_loss") < metric(r, "quality_loss_before")]
+    learnt = _learnt(records)
     if not learnt:
         return None, len(swept)
     return lr_of(min(learnt, key=lambda r: metric(r, "quality_loss"))), len(swept)
+
+
+def near_best_lrs(records: list[dict[str, Any]]) -> list[float]:
+    """The learning rates whose final loss the seeds cannot tell from the best one's: their
+    difference from the best, paired by seed, judged comparable (``judge``); the best included.
+    A grid's best by mean is one draw: two rates a seed that stays on a plateau reorders."""
+    learnt = _learnt(records)
+    if not learnt:
+        return []
+    best = min(learnt, key=lambda r: metric(r, "quality_loss"))
+    return sorted(lr_of(r) for r in learnt if judge(*seed_paired_difference(r, best)).answer == "comparable")
+
+
+def seed_paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None]:
+    """Final loss of ``a`` minus ``b`` and its standard error, paired by seed where both keep
+    each seed's value (the same seeds draw the same batches), else as if unpaired."""
+    first, second = ((r.get("samples") or {}).get("quality_loss") for r in (a, b))
+    if first and second and len(first) == len(second) > 1:
+        differences = [x - y for x, y in zip(first, second)]
+        mean = sum(differences) / len(differences)
+        std = math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1))
+        return mean, standard_error(std, len(differences))
+    seeds = min(seeds_of(a), seeds_of(b))
+    return (metric(a, "quality_loss") - metric(b, "quality_loss"),
+            unpaired_standard_error(metric(a, "quality_loss_std"), metric(b, "quality_loss_std"), seeds))
+
+
+def _learnt(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that lowered the held-out loss (a diverged run's NaN is no candidate)."""
+    return [r for r in records if metric(r, "quality_loss") is not None and metric(r, "quality_loss_before") is not None
+            and metric(r, "quality_loss") < metric(r, "quality_loss_before")]
 
 
 # ----------------------------------------------------------------- text
@@ -271,7 +301,8 @@ def nf4_against_fp4(runs: Runs, spec: str, lr: float | None) -> list[str]:
 
 
 def learning_rates(runs: Runs, spec: str) -> list[str]:
-    """LoRA's best learning rate (bf16, default init, this spec) over full fine-tuning's."""
+    """LoRA's best learning rate (bf16, default init, this spec) over full fine-tuning's, and
+    the range of that ratio over the rates each side's seeds cannot tell from its best."""
     lora = [r for r in runs.lora if (r["quant"], spec_key(r), init_of(r)) == (REFERENCE, spec, "default")]
     if not lora or not runs.full:
         return []
@@ -284,7 +315,16 @@ def learning_rates(runs: Runs, spec: str) -> list[str]:
             f"(of {full_swept} swept) = {lora_lr / full_lr:.3g}x (LoRA Without Regret: about 10x)")
     if min(lora_swept, full_swept) < 2:
         line += "; a side swept one learning rate, so this is the ratio of the rates run, not of the best"
+    lora_near, full_near = near_best_lrs(lora), near_best_lrs(runs.full)
+    if len(lora_near) > 1 or len(full_near) > 1:
+        line += (f"; within the seeds' spread (paired by seed: 2 standard errors or {TOLERANCE_NATS:g} nats of the best) LoRA's best is "
+                 f"{_rates(lora_near)} and full fine-tuning's {_rates(full_near)}, a ratio of {min(lora_near) / max(full_near):.3g}x to "
+                 f"{max(lora_near) / min(full_near):.3g}x")
     return [line + "."]
+
+
+def _rates(rates: list[float]) -> str:
+    return f"{rates[0]:g}" if len(rates) == 1 else "any of " + ", ".join(f"{lr:g}" for lr in rates)
 
 
 def ranks(runs: Runs) -> list[str]:
