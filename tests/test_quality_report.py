@@ -416,6 +416,27 @@ def test_the_legend_fits_its_labels_and_a_diverged_run_leaves_the_axis():
     plt.close(figure)
 
 
+def test_no_two_lines_share_a_colour_and_a_style():
+    """A rank sweep on bf16 and nf4 (18 lines in the measured one): a colour per config, a line
+    style per format, full fine-tuning dashed; a formats sweep (one config): a colour per format,
+    from tab20 past ten lines."""
+    specs = dict.fromkeys((r, alpha) for r in (1, 2, 4, 8, 64) for alpha in (16, 2 * r))  # r8 a16 once
+    ranks = [lora(quant, 1.3, r=r, alpha=alpha) for r, alpha in specs for quant in ("bf16", "nf4")]
+    drawn = quality.curves([*ranks, full(1e-5, 1.4)])[MODEL][1]
+    colour, style = plots.curve_styles(drawn)
+    looks = [(colour(curve), style(curve)) for curve in drawn]
+    assert len(drawn) == 19 and len(set(looks)) == 19
+    by_label = {curve.label: look for curve, look in zip(drawn, looks)}
+    assert by_label["LoRA r1 a16 all-linear bf16"][0] == by_label["LoRA r1 a16 all-linear nf4"][0]
+    assert {look[1] for label, look in by_label.items() if label.endswith("nf4")} == {"-."}
+    assert by_label["full fine-tuning, lr 1e-05"][1] == "--"
+    formats = [lora(quant, 1.3) for quant in ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "nf4-dq", "torchao-int8", "hqq-4bit",
+                                              "hqq-2bit", "hqq-8bit")]
+    drawn = quality.curves(formats)[MODEL][1]
+    colour, style = plots.curve_styles(drawn)
+    assert len({colour(curve) for curve in drawn}) == 11 and {style(curve) for curve in drawn} == {"-"}
+
+
 def test_a_curve_without_its_samples_is_not_drawn():
     bare = lora("bf16", 1.2)
     bare["samples"] = {}

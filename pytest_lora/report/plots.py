@@ -298,16 +298,41 @@ LINE_STYLES = ("-", "--", "-.", ":")  # with the colour, so the lines read apart
 DIVERGED = 1.25  # a learning curve's axis ends at this many times the loss before training; a diverged run leaves it
 
 
+def curve_styles(curves: list[quality.Curve]) -> tuple[Callable[[quality.Curve], Any], Callable[[quality.Curve], str]]:
+    """(colour, line style) of each curve, the same for a label in every panel. When several
+    configs each ran on a few formats (a rank sweep on bf16 and nf4), a config keeps its colour
+    and a format its line style, so that no two lines share both; otherwise a colour per label
+    (tab20 past ten). Full fine-tuning is dashed, with square markers."""
+    import matplotlib
+
+    configs = list(dict.fromkeys(curve.config for curve in curves if curve.quant is not None))
+    quants = list(dict.fromkeys(curve.quant for curve in curves if curve.quant is not None))
+    by_config = len(configs) > 1 and 1 < len(quants) <= len(LINE_STYLES) - 1
+    keys = list(dict.fromkeys(curve.config if by_config else curve.label for curve in curves))
+    palette = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"]
+
+    def colour(curve: quality.Curve) -> Any:
+        return palette(keys.index(curve.config if by_config else curve.label) % palette.N)
+
+    def style(curve: quality.Curve) -> str:  # "--" is full fine-tuning's; the formats take the others in turn
+        if curve.quant is None:
+            return LINE_STYLES[1]
+        index = quants.index(curve.quant) if by_config else 0
+        return LINE_STYLES[0] if index == 0 else LINE_STYLES[1 + index]
+
+    return colour, style
+
+
 def draw_quality(plt: Any, by_model: dict[str, tuple[str, list[quality.Curve]]], records: list[dict[str, Any]]) -> Any:
     """Learning curves, one panel per model; a label keeps its colour and marker across panels."""
     figure, axes = _panels(plt, len(by_model), width=6)
-    labels = list(dict.fromkeys(curve.label for _, drawn in by_model.values() for curve in drawn))
+    every = [curve for _, drawn in by_model.values() for curve in drawn]
+    colour_of, style_of = curve_styles(every)
     for axis, (model, (what, drawn)) in zip(axes, by_model.items()):
         for curve in drawn:
-            index = labels.index(curve.label)
-            full = curve.label.startswith("full")
-            colour = f"C{index % 10}"
-            axis.plot(curve.steps, curve.mean, LINE_STYLES[1 if full else 0], color=colour, marker="s" if full else "o", markersize=4,
+            full = curve.quant is None
+            colour = colour_of(curve)
+            axis.plot(curve.steps, curve.mean, style_of(curve), color=colour, marker="s" if full else "o", markersize=4,
                       linewidth=1.6, label=curve.label)
             low = [m - s for m, s in zip(curve.mean, curve.std)]
             high = [m + s for m, s in zip(curve.mean, curve.std)]

@@ -552,15 +552,18 @@ class Curve:
     steps: list[float]
     mean: list[float]
     std: list[float]
+    quant: str | None = None  # the base's format; None for full fine-tuning
+    config: str = ""  # the label without the format: the lines of one config on several formats
 
 
-def curve_of(record: dict[str, Any], label: str) -> Curve | None:
+def curve_of(record: dict[str, Any], label: str, config: str = "") -> Curve | None:
     samples = record.get("samples") or {}
     steps, mean = samples.get("curve_steps"), samples.get("curve_loss")
     if not steps or not mean or len(steps) != len(mean):
         return None
     std = samples.get("curve_loss_std")
-    return Curve(label, list(steps), list(mean), list(std) if std and len(std) == len(mean) else [0.0] * len(mean))
+    std = list(std) if std and len(std) == len(mean) else [0.0] * len(mean)
+    return Curve(label, list(steps), list(mean), std, record.get("quant"), config or label)
 
 
 def curves(records: list[dict[str, Any]]) -> dict[str, tuple[str, list[Curve]]]:
@@ -602,8 +605,9 @@ def _lines(group: list[dict[str, Any]]) -> tuple[str, list[Curve | None]]:
     varying = [name for name, part in LINE_PARTS.items() if len({part(r) for r in group}) > 1]
     shared = [part(group[0]) for name, part in LINE_PARTS.items() if name not in varying]
 
-    def label(record: dict[str, Any]) -> str:
+    def label(record: dict[str, Any], quant: bool = True) -> str:
         before = [LINE_PARTS["spec"](record)] if "spec" in varying else []
-        return " ".join(["LoRA", *before, record["quant"], *(LINE_PARTS[name](record) for name in varying if name != "spec")])
+        format_ = [record["quant"]] if quant else []
+        return " ".join(["LoRA", *before, *format_, *(LINE_PARTS[name](record) for name in varying if name != "spec")])
 
-    return "LoRA " + ", ".join(shared) if shared else "", [curve_of(r, label(r)) for r in group]
+    return "LoRA " + ", ".join(shared) if shared else "", [curve_of(r, label(r), label(r, quant=False)) for r in group]
