@@ -278,6 +278,9 @@ def test_an_init_closes_a_share_of_the_quantization_gap():
     assert "against the default init: comparable (-0.04 nats, within 2 standard errors)" in quality.inits(noisy)[0]
     worse = run_of([REFERENCE, lora("nf4", 1.30), lora("nf4", 1.40, init="loftq")])  # (1.30 - 1.40) / (1.30 - 1.20)
     assert quality.inits(worse)[0].startswith("loftq init on nf4: widens the quantization gap by 100% (loss 1.4 against 1.3 ")
+    beyond = run_of([REFERENCE, lora("nf4", 1.28), lora("nf4", 1.15, init="loftq")])  # 1.15 < 1.20: more than the gap (162%)
+    assert quality.inits(beyond)[0].startswith("loftq init on nf4: closes the whole quantization gap and ends 0.05 nats below bf16 "
+                                               "(loss 1.15 against 1.28 ")
     small = run_of([REFERENCE, lora("nf4", 1.205), lora("nf4", 1.204, init="olora")])
     assert "a gap of 0.005 nats, under the 0.01-nat tolerance: the share is noise" in quality.inits(small)[0]
     none = run_of([REFERENCE, lora("nf4", 1.19), lora("nf4", 1.18, init="loftq")])

@@ -402,7 +402,10 @@ def inits(runs: Runs) -> list[str]:
         if share is None:
             text = f"no quantization gap to close ({record['quant']} with the default init is not above bf16); {losses}"
         else:
-            text = f"closes {share:.0%} of the quantization gap" if share >= 0 else f"widens the quantization gap by {-share:.0%}"
+            if share > 1:  # below 16-bit LoRA: "closes 249%" would read as a bigger share of a gap
+                text = f"closes the whole quantization gap and ends {lb - li:.2g} nats below bf16"
+            else:
+                text = f"closes {share:.0%} of the quantization gap" if share >= 0 else f"widens the quantization gap by {-share:.0%}"
             text += f" ({losses}"
             text += f"; a gap of {ld - lb:.2g} nats, under the {TOLERANCE_NATS:g}-nat tolerance: the share is noise)" if ld - lb <= TOLERANCE_NATS else ")"
         seeds = min(seeds_of(record), seeds_of(default))
